@@ -1,0 +1,153 @@
+"""Command line: argument parsing only. Errors become one clear message and exit code 2.
+
+    rlhf-pg train RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
+    rlhf-pg eval RECIPE [--model DIR] [key=value ...]
+
+``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
+    rlhf-pg build-base [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import TrainingInterrupted, UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a UserError (exit 2, one message)."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path of a YAML recipe, e.g. recipes/quickstart.yaml")
+    parser.add_argument("--output-dir", help="where the run is written (default: the recipe's output_dir or runs/<recipe name>)")
+    parser.add_argument("--max-steps", type=_positive_int, help="override train.steps")
+    parser.add_argument("--seed", type=_int, help="override the recipe's seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlhf-pg", description="Policy-gradient fine-tuning of causal language models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="REINFORCE fine-tuning from a recipe")
+    _add_run_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on a recipe's held-out prompts")
+    evaluate.add_argument("recipe", help="path of a YAML recipe")
+    evaluate.add_argument("--model", help="model directory (default: the recipe's model), e.g. runs/quickstart/final")
+    evaluate.add_argument("--seed", type=_int, help="override the recipe's seed")
+
+    build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
+    build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` words anywhere after the command are recipe overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    unknown = [word for word in extra if word not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and args.command not in ("train", "eval"):
+        parser.error(f"{args.command} takes no key=value overrides (got {' '.join(overrides)})")
+    args.overrides = overrides
+    return args
+
+
+def _recipe(args):
+    from .config import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "max_steps", None) is not None:
+        overrides.append(f"train.steps={args.max_steps}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    return load_recipe(args.recipe, overrides)
+
+
+def _output_dir(args, recipe) -> Path:
+    if getattr(args, "output_dir", None):
+        return Path(args.output_dir)
+    if recipe.output_dir:
+        return Path(recipe.output_dir)
+    return Path("runs") / Path(args.recipe).stem
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        from .trainer import train
+
+        recipe = _recipe(args)
+        summary = train(recipe, _output_dir(args, recipe), resume=args.resume, overwrite=args.overwrite,
+                        show_progress=not args.no_progress)
+        shown = {k: v for k, v in summary.items() if k != "examples"}
+        print(json.dumps(shown, indent=2))
+        return 0
+    if args.command == "eval":
+        from .trainer import evaluate_model
+
+        result = evaluate_model(_recipe(args), args.model)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.command == "build-base":
+        from .builtin import builtin_path
+
+        print(builtin_path("arith-gpt", progress=not args.no_progress, force=args.force))
+        return 0
+    raise UserError(f"unknown command {args.command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or bool(os.environ.get("RLHF_PG_DEBUG"))
+    try:
+        args = parse_args(argv)
+        return _run(args)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingInterrupted as interrupted:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint written for the step in progress)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

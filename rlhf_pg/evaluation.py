@@ -1,0 +1,47 @@
+"""Held-out evaluation: decode every eval prompt (greedy by default) and score it with the rewards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .rewards import RewardScorer
+from .rollout import SamplingParams, rollout
+
+
+@torch.no_grad()
+def evaluate(
+    model, tokenizer, prompts: list[str], columns: dict[str, list[Any]], scorer: RewardScorer,
+    params: SamplingParams, batch_size: int = 256, seed: int = 0,
+) -> dict[str, Any]:
+    """Mean reward over ``prompts`` (one completion each), per-reward means and a few examples.
+
+    Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "examples": [...]}``.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    totals: list[float] = []
+    per_reward: dict[str, list[float]] = {label: [] for label in scorer.labels}
+    examples: list[dict[str, Any]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = prompts[start : start + batch_size]
+        batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
+        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator)
+        total, scores = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
+        totals.extend(total)
+        for label, values in scores.items():
+            per_reward[label].extend(values)
+        if len(examples) < 8:
+            examples.extend(
+                {"prompt": p, "completion": c, "reward": r}
+                for p, c, r in zip(batch.prompts[:8], batch.completions[:8], total[:8])
+            )
+    if was_training:
+        model.train()
+    result: dict[str, Any] = {"reward": sum(totals) / max(len(totals), 1)}
+    for label, values in per_reward.items():
+        result[f"reward/{label}"] = sum(values) / max(len(values), 1)
+    result["examples"] = examples[:8]
+    return result

@@ -1,0 +1,88 @@
+"""Loading policies and tokenizers with plain ``from_pretrained`` (built-in names resolve to a local cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str, progress: bool = True) -> str:
+    """``builtin:NAME`` -> its cached directory (built on first use); anything else unchanged."""
+    if name_or_path.startswith("builtin:"):
+        from .builtin import BUILTIN_MODELS, builtin_path
+
+        name = name_or_path.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"model: unknown built-in model {name_or_path!r}; available: "
+                            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        return str(builtin_path(name, progress=progress))
+    local = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not local.exists():
+        raise UserError(f"model: {name_or_path!r} does not exist; give a directory written by save_pretrained")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise UserError(f"model: {name_or_path!r} has no config.json; is it a directory written by save_pretrained?")
+    return str(local) if local.exists() else name_or_path
+
+
+def _offline_hint() -> str:
+    return " (offline: HF_HUB_OFFLINE is set, so only local directories work)" if os.environ.get("HF_HUB_OFFLINE") else ""
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token guaranteed (EOS is used when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"model: cannot load the tokenizer of {path!r}: {type(error).__name__}: {error}{_offline_hint()}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model: the tokenizer of {path!r} has no EOS token; completions could never end. "
+                        "Save the tokenizer with an eos_token set")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # standard fix-up; padded positions are masked anyway
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig, path: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype and options."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(config.name_or_path)
+    kwargs = {"dtype": DTYPES[config.dtype], "revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"model: cannot load {path!r} as a causal LM: {type(error).__name__}: {error}{_offline_hint()}") from None
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_policy(config: ModelConfig):
+    """``(model, tokenizer, resolved path)`` for the recipe's ``model`` section."""
+    path = resolve_model_path(config.name_or_path)
+    tokenizer = load_tokenizer(path, config.revision, config.trust_remote_code)
+    model = load_causal_lm(config, path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length, when its config says."""
+    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

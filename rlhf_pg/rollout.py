@@ -1,0 +1,186 @@
+"""Sample completions from a causal-LM policy, and recompute their log-probabilities for the update.
+
+Sampling is a plain loop over decode steps with the model's KV cache: one prefill forward over the
+left-padded prompts, then one single-token forward per step, stopping as soon as every sequence has
+emitted EOS. The policy pi_theta(a | s) is ``softmax(logits(s) / temperature)``; the same
+temperature is used when the update recomputes log-probabilities, so both sides agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .errors import UserError
+from .mdp import Rollout
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SamplingParams:
+    """How completions are drawn. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[tokens]`` without materializing the full log-softmax.
+
+    ``logits``: ``[..., V]``, ``tokens``: ``[...]``. Computed as ``logit[token] - logsumexp(logits)``
+    in float32 one row-block at a time, so no second ``[..., V]`` float32 tensor is kept.
+    """
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk = 4096
+    lse = torch.cat([torch.logsumexp(flat[i : i + chunk].float(), dim=-1) for i in range(0, flat.shape[0], chunk)])
+    return picked - lse.view(picked.shape)
+
+
+def _choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]``: greedy, or sampled (temperature, top-p)."""
+    if params.temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # Exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from p (cheaper than multinomial).
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    params: SamplingParams,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draw one completion per prompt row. Returns ``(completion_ids, completion_mask, logprobs, finished)``.
+
+    ``prompt_ids``, ``prompt_mask``: ``[B, P]``, left-padded. ``completion_ids`` ``[B, T]`` is
+    right-padded with ``pad_token_id`` after EOS; ``completion_mask`` is 1 up to and including EOS;
+    ``logprobs[b, t] = log pi(a_t | s_t)`` of the drawn token; ``finished[b]`` says EOS was emitted.
+    T <= max_new_tokens: the loop stops once every row has finished.
+    """
+    batch_size = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attention_mask = prompt_mask.long()
+    positions = positions_from_mask(attention_mask)
+    cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    next_position = positions[:, -1] + 1  # [B]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    tokens, logprobs, masks = [], [], []
+    for step in range(params.max_new_tokens):
+        if step < params.min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        action = _choose_tokens(logits, params, generator)
+        action = torch.where(finished, torch.full_like(action, pad_token_id), action)
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        logprobs.append(token_logprobs(logits, action, temperature))
+        masks.append((~finished).float())
+        tokens.append(action)
+        finished = finished | (action == eos_token_id)
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = model(
+            input_ids=action[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+            cache=cache, use_cache=True,
+        ).logits[:, -1]
+        next_position = next_position + 1
+    completion_mask = torch.stack(masks, 1)
+    return torch.stack(tokens, 1), completion_mask, torch.stack(logprobs, 1) * completion_mask, finished
+
+
+def completion_logprobs(
+    model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``log pi_theta(a_t | s_t)`` ``[B, T]`` for given completions, with gradients; 0 where the mask is 0.
+
+    One forward over ``[prompt | completion]``; logits are computed only at the T positions that
+    predict completion tokens (``logits_to_keep``), never at prompt positions.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    num_actions = completion_ids.shape[1]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+        logits_to_keep=num_actions + 1, use_cache=False,
+    ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
+    return token_logprobs(logits, completion_ids, temperature if temperature > 0 else 1.0) * completion_mask
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Left-padded ``(prompt_ids, prompt_mask)`` ``[B, P]`` with the tokenizer's own special tokens."""
+    encoded = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].float().to(device)
+
+
+def decode_completions(tokenizer, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
+    """Completion texts without special tokens (EOS, padding)."""
+    rows = [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(-1))]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def rollout(
+    model, tokenizer, prompts: list[str], completions_per_prompt: int, params: SamplingParams,
+    extras: dict[str, list] | None = None, generator: torch.Generator | None = None,
+    group_offset: int = 0, max_context: int | None = None,
+) -> Rollout:
+    """Sample ``completions_per_prompt`` completions for each prompt and package them as a ``Rollout``.
+
+    Group ids are ``group_offset + index of the prompt``; ``extras`` (dataset columns, one value per
+    prompt) are repeated for each completion. ``max_context``: the model's longest sequence; a prompt
+    that leaves no room for ``max_new_tokens`` is a ``UserError``.
+    """
+    device = next(model.parameters()).device
+    repeated = [p for p in prompts for _ in range(completions_per_prompt)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, device)
+    if max_context is not None and prompt_ids.shape[1] + params.max_new_tokens > max_context:
+        longest = int(prompt_mask.sum(-1).argmax())
+        raise UserError(
+            f"prompt {repeated[longest]!r} is {int(prompt_mask[longest].sum())} tokens; with max_new_tokens="
+            f"{params.max_new_tokens} it exceeds the model's context of {max_context} tokens. Shorten the prompts "
+            "or lower rollout.max_new_tokens"
+        )
+    completion_ids, completion_mask, logprobs, finished = sample_completions(
+        model, prompt_ids, prompt_mask, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+    )
+    group_ids = torch.arange(len(prompts), device=device).repeat_interleave(completions_per_prompt) + group_offset
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logprobs=logprobs,
+        group_ids=group_ids,
+        prompts=repeated,
+        completions=decode_completions(tokenizer, completion_ids, completion_mask),
+        finished=finished,
+        extras={key: [v for v in column for _ in range(completions_per_prompt)] for key, column in (extras or {}).items()},
+    )
