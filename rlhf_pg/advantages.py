@@ -35,6 +35,16 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     return returns * mask
 
 
+def total_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """The whole trajectory's return at every step: ``R[b, t] = G[b, 0]`` where mask is 1, else 0.
+
+    Weighting every action by the total return (instead of the reward-to-go) is the plain
+    REINFORCE estimator; it is unbiased too, but every action also carries the noise of the rewards
+    that came *before* it.
+    """
+    return discounted_returns(rewards, mask, gamma)[:, :1] * mask
+
+
 def _group_sums(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row sum and count of ``values`` over the rows sharing its group id. ``values``: ``[B]``."""
     _, inverse = torch.unique(group_ids, return_inverse=True)

@@ -282,7 +282,7 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
             if cls is RewardSpec:
                 extra[key] = value  # reward keyword arguments, checked against the function later
                 continue
-            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
             raise RecipeError(f"unknown recipe key '{path}'{hint}")
         values[key] = _coerce(value, hints[key], path)
@@ -355,6 +355,9 @@ def load_yaml(path: str | Path) -> Any:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+            problem += f" ({context} that starts at line {context_mark.line + 1})"
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
@@ -398,7 +401,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if dataclasses.is_dataclass(cls) and cls is not RewardSpec:
                 names = [f.name for f in dataclasses.fields(cls)]
                 if part not in names:
-                    close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+                    close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
                     hint = f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close else ""
                     raise RecipeError(f"override {text!r}: unknown recipe key '{where}'{hint}")
                 cls = _section_type(typing.get_type_hints(cls)[part])

@@ -1,0 +1,83 @@
+"""Sampling semantics and log-probability consistency on a tiny local model."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_pg.rollout import SamplingParams, completion_logprobs, encode_prompts, rollout, sample_completions
+
+
+def load(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_mask_covers_tokens_up_to_and_including_eos_and_padding_after(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    # make EOS likely so that sequences end at different steps
+    eos_logit_boost = torch.zeros(len(tokenizer))
+    eos_logit_boost[tokenizer.eos_token_id] = 3.0
+    model.lm_head.register_forward_hook(lambda module, args, output: output + eos_logit_boost)
+    ids, mask = encode_prompts(tokenizer, ["1+2=", "33+44=", "5+6="] * 10)
+    generator = torch.Generator().manual_seed(0)
+    completion, completion_mask, logprobs, finished = sample_completions(
+        model, ids, mask, SamplingParams(max_new_tokens=12), tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+    )
+    for row in range(completion.shape[0]):
+        length = int(completion_mask[row].sum())
+        assert torch.all(completion_mask[row, :length] == 1) and torch.all(completion_mask[row, length:] == 0)
+        eos_positions = (completion[row] == tokenizer.eos_token_id).nonzero().flatten().tolist()
+        if finished[row]:
+            assert eos_positions == [length - 1]  # exactly one EOS, the last real token
+            assert torch.all(completion[row, length:] == tokenizer.pad_token_id)
+        else:
+            assert eos_positions == [] and length == 12
+        assert torch.all(logprobs[row, length:] == 0)
+    lengths = completion_mask.sum(-1)
+    assert bool(finished.any()) and bool((~finished).any()) and len(set(lengths.tolist())) > 2
+
+
+def test_sampled_logprobs_equal_a_fresh_forward_and_do_not_depend_on_padding(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = ["1+2=", "33+44=", "7+80="]
+    batch = rollout(model, tokenizer, prompts, 2, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(3))
+    recomputed = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    assert torch.allclose(recomputed, batch.logprobs, atol=1e-5)
+    for row in range(len(batch)):  # each row alone, without any padding
+        ids, mask = encode_prompts(tokenizer, [batch.prompts[row]])
+        length = int(batch.completion_mask[row].sum())
+        alone = completion_logprobs(model, ids, mask, batch.completion_ids[row : row + 1, :length],
+                                    batch.completion_mask[row : row + 1, :length])
+        assert torch.allclose(alone[0], batch.logprobs[row, :length], atol=1e-5)
+
+
+def test_group_ids_and_extras_follow_their_prompt(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    batch = rollout(model, tokenizer, ["1+2=", "3+4="], 3, SamplingParams(max_new_tokens=3),
+                    extras={"answer": ["3", "7"]}, group_offset=10)
+    assert batch.group_ids.tolist() == [10, 10, 10, 11, 11, 11]
+    assert batch.prompts == ["1+2="] * 3 + ["3+4="] * 3
+    assert batch.extras["answer"] == ["3"] * 3 + ["7"] * 3
+
+
+def test_greedy_matches_hf_generate(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = ["12+7=", "5+5=", "99+99="]
+    ids, mask = encode_prompts(tokenizer, prompts)
+    completion, completion_mask, _, _ = sample_completions(
+        model, ids, mask, SamplingParams(max_new_tokens=5, temperature=0.0), tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    for row, prompt in enumerate(prompts):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        generated = model.generate(**encoded, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = generated[0, encoded["input_ids"].shape[1]:].tolist()
+        length = int(completion_mask[row].sum())
+        assert completion[row, :length].tolist() == expected[:length]
+
+
+def test_top_p_keeps_only_the_nucleus(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    ids, mask = encode_prompts(tokenizer, ["1+1="] * 200)
+    greedy, _, _, _ = sample_completions(model, ids[:1], mask[:1], SamplingParams(1, temperature=0.0),
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampled, _, _, _ = sample_completions(model, ids, mask, SamplingParams(1, top_p=1e-6),
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    assert torch.all(sampled[:, 0] == greedy[0, 0])
