@@ -22,7 +22,8 @@ import torch
 from .errors import UserError
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "config.json")
+REQUIRED_FILES = ("trainer_state.json", "optimizer.pt")
+MODEL_FILES = ("config.json", "adapter_config.json")  # a full model or a LoRA adapter
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,6 +79,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint, or a ``UserError`` saying it is corrupt and what to do."""
     missing = [name for name in REQUIRED_FILES if not (checkpoint / name).exists()]
+    if not any((checkpoint / name).exists() for name in MODEL_FILES):
+        missing.append(" or ".join(MODEL_FILES))
     if missing:
         raise UserError(
             f"checkpoint {checkpoint} is incomplete (missing {', '.join(missing)}); delete it to resume from an "

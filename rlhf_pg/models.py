@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, PeftConfig
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,3 +86,33 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def apply_lora(model, config: PeftConfig):
+    """Wrap ``model`` with LoRA adapters (``peft``); only adapter parameters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise UserError(f"peft: cannot add LoRA adapters: {error}. Set peft.target_modules to module names of this "
+                        "model (e.g. ['c_attn'] for GPT-2, ['q_proj', 'v_proj'] for Llama)") from None
+
+
+def load_lora_checkpoint(model, checkpoint: str):
+    """The base ``model`` with the trainable adapter saved in ``checkpoint``."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"checkpoint {checkpoint} has no usable LoRA adapter ({type(error).__name__}: {error}); "
+                        "resume with the recipe that wrote it, or start again with --overwrite") from None
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

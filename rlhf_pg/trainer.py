@@ -37,7 +37,7 @@ from .kl_control import KLController
 from .losses import aggregate, clipped_policy_loss, kl_estimate, policy_gradient_loss
 from .mdp import Rollout, terminal_rewards
 from .metrics import MetricsLogger, progress_bar
-from .models import context_length, load_causal_lm, load_policy
+from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
 from .rewards import RewardScorer
 from .rollout import SamplingParams, completion_logprobs, rollout
 
@@ -223,194 +223,266 @@ def _differing_keys(old: Any, new: Any, ignore: set[str], prefix: str = "") -> l
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          show_progress: bool = True) -> dict[str, Any]:
-    """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    recipe: Recipe
+    accelerator: Any
+    output_dir: Path
+    policy: Any  # prepared by accelerate (DDP-wrapped when distributed)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: PromptSampler
+    scorer: RewardScorer
+    eval_scorer: RewardScorer
+    eval_prompts: list[str]
+    eval_columns: dict[str, list[Any]]
+    kl: KLController
+    reference: Any  # frozen copy of the initial policy, "adapter" (LoRA: adapter disabled), or None
+    max_context: int | None
+    counters: dict[str, Any]  # step-independent totals kept in checkpoints
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    def sampling(self) -> SamplingParams:
+        r = self.recipe.rollout
+        return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens)
+
+
+def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> tuple[Run, Path | None]:
+    """Load policy, reference, data and rewards; restore a checkpoint when resuming."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
-    is_main = accelerator.is_main_process
     output_dir = Path(output_dir)
-    resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, is_main)
-    if is_main:
+    resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     set_seed(recipe.seed)
-
-    # the policy, its reference, data and rewards
-    policy, tokenizer, model_path = load_policy(recipe.model)
-    previous_state: dict[str, Any] = {}
-    if resume_from is not None:
-        previous_state = ckpt.read_trainer_state(resume_from)
-        policy = load_causal_lm(recipe.model, str(resume_from))
-    train_set, eval_set = load_prompt_datasets(recipe.data)
     world = accelerator.num_processes
     if recipe.rollout.prompts_per_step % world:
         raise UserError(f"rollout.prompts_per_step={recipe.rollout.prompts_per_step} must be divisible by the "
                         f"number of processes ({world})")
-    sampler = PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
+
+    policy, tokenizer, model_path = load_policy(recipe.model)
+    counters: dict[str, Any] = {}
+    if resume_from is not None:
+        counters = ckpt.read_trainer_state(resume_from)
+    reference = None
+    if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
+        reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
+    if recipe.peft is not None:
+        policy = load_lora_checkpoint(policy, str(resume_from)) if resume_from else apply_lora(policy, recipe.peft)
+        reference = "adapter" if recipe.algorithm.kl_coef > 0 else None
+    elif resume_from is not None:
+        policy = load_causal_lm(recipe.model, str(resume_from))
+    train_set, eval_set = load_prompt_datasets(recipe.data)
     eval_prompts, eval_columns = columns_of(eval_set)
     scorer = RewardScorer(recipe.rewards)
-    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
-    kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
-    reference = None
-    if recipe.algorithm.kl_coef > 0:
-        reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
-    sampling = SamplingParams(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
-                              recipe.rollout.min_new_tokens)
-    eval_sampling = SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature)
-    max_context = context_length(policy)
-
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=recipe.optim.lr, betas=(recipe.optim.beta1, recipe.optim.beta2),
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=(recipe.optim.beta1, recipe.optim.beta2),
                                   weight_decay=recipe.optim.weight_decay)
     scheduler = _scheduler(optimizer, recipe)
+    max_context = context_length(policy)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:
+    if isinstance(reference, torch.nn.Module):
         reference = reference.to(accelerator.device)
-    start_step = 0
+    kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, optimizer, scheduler)
-        start_step = int(previous_state["global_step"])
-        if "kl_controller" in previous_state:
-            kl.load_state_dict(previous_state["kl_controller"])
-    unwrapped = accelerator.unwrap_model(policy)
+        kl.load_state_dict(counters.get("kl_controller", kl.state_dict()))
+    run = Run(
+        recipe=recipe, accelerator=accelerator, output_dir=output_dir, policy=policy, tokenizer=tokenizer,
+        optimizer=optimizer, scheduler=scheduler,
+        sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
+        scorer=scorer, eval_scorer=RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer,
+        eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl, reference=reference, max_context=max_context,
+        counters={key: counters.get(key, default) for key, default in COUNTER_DEFAULTS.items()},
+    )
+    return run, resume_from
 
-    def run_eval() -> dict[str, Any]:
-        return evaluate(unwrapped, tokenizer, eval_prompts, eval_columns, eval_scorer, eval_sampling,
-                        recipe.eval.batch_size, seed=recipe.seed)
 
-    logger = MetricsLogger(output_dir, enabled=is_main, tensorboard=recipe.train.tensorboard,
-                           resume_step=start_step if resume_from is not None else None)
-    eval_before = previous_state.get("eval_reward_before")
-    if eval_before is None:
-        eval_before = run_eval()["reward"]
-        logger.log(0, {"eval/reward": eval_before})
-    history: dict[str, Any] = {"eval_reward_before": eval_before, "last_eval": previous_state.get("last_eval")}
-    nonfinite_in_a_row = int(previous_state.get("nonfinite_in_a_row", 0))
-    skipped_total = int(previous_state.get("skipped_updates", 0))
-    train_time = float(previous_state.get("train_time_s", 0.0))
-    tokens_total = int(previous_state.get("tokens_total", 0))
+COUNTER_DEFAULTS = {"global_step": 0, "eval_reward_before": None, "last_eval": None, "nonfinite_in_a_row": 0,
+                    "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0}
+
+
+def reference_logprobs(run: Run, batch: Rollout) -> torch.Tensor:
+    """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off)."""
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, run.recipe.rollout.temperature)
+    with torch.no_grad():
+        if run.reference == "adapter":
+            with run.unwrapped.disable_adapter():
+                return completion_logprobs(run.unwrapped, *args)
+        return completion_logprobs(run.reference, *args)
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One step: rollout -> reward (+ KL penalty) -> advantages -> update. Returns the step's metrics."""
+    recipe, accelerator = run.recipe, run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
     started = time.perf_counter()
+    # 1. rollout: this process's share of the step's prompts, K completions each (a group stays on one process)
     per_process = recipe.rollout.prompts_per_step // world
-    last_checkpoint: Path | None = resume_from
+    prompts, columns = run.sampler.batch(step)
+    mine = slice(rank * per_process, (rank + 1) * per_process)
+    generator = torch.Generator(device=accelerator.device).manual_seed((recipe.seed * 1_000_003 + step) * 997 + rank)
+    run.unwrapped.eval()
+    batch = rollout(run.unwrapped, run.tokenizer, prompts[mine], recipe.rollout.completions_per_prompt, run.sampling(),
+                    {k: v[mine] for k, v in columns.items()}, generator, group_offset=mine.start,
+                    max_context=run.max_context)
+    run.unwrapped.train()
+    # 2. reward r(tau) on the last token; optional per-token KL penalty r_t -= beta * KL_t
+    scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
+    mask = batch.completion_mask
+    batch.rewards = terminal_rewards(torch.tensor(scores, device=mask.device), mask)
+    kl_stats: dict[str, float] = {}
+    if run.reference is not None:
+        batch.ref_logprobs = reference_logprobs(run, batch)
+        per_token_kl = kl_estimate(batch.logprobs, batch.ref_logprobs, recipe.algorithm.kl_estimator) * mask
+        kl_stats = {"kl/ref": float(accelerator.reduce(per_token_kl.sum(-1).mean(), "mean")), "kl/coef": run.kl.coef}
+        if recipe.algorithm.kl_mode == "reward":
+            batch.rewards = batch.rewards - run.kl.coef * per_token_kl
+    # 3. advantages A_t = G_t - b_t over the global batch
+    advantages = compute_advantages(batch, recipe, accelerator)
+    # 4. policy update(s)
+    global_tokens = float(accelerator.reduce(mask.sum(), "sum"))
+    results = policy_update(run.policy, run.optimizer, accelerator, batch, advantages, recipe, run.kl.coef,
+                            (float(len(batch)), global_tokens / world))
+    run.scheduler.step()
+    if kl_stats:
+        run.kl.update(kl_stats["kl/ref"], len(batch) * world)
+    step_time = time.perf_counter() - started
+    metrics = _step_metrics(accelerator, batch, scores, per_reward, advantages, results, global_tokens, step_time,
+                            run.scheduler.get_last_lr()[0])
+    metrics.update(kl_stats)
+    skipped = sum(not r.applied for r in results)
+    if skipped:
+        metrics["train/skipped_updates"] = skipped
+    counters = run.counters
+    counters["skipped_updates"] += skipped
+    counters["nonfinite_in_a_row"] = counters["nonfinite_in_a_row"] + 1 if skipped == len(results) else 0
+    counters["train_time_s"] += step_time
+    counters["tokens_total"] += int(global_tokens)
+    return metrics
 
-    def save(step: int) -> Path | None:
-        state = {"recipe": recipe.to_dict(), "eval_reward_before": eval_before, "last_eval": history["last_eval"],
-                 "kl_controller": kl.state_dict(), "nonfinite_in_a_row": nonfinite_in_a_row,
-                 "skipped_updates": skipped_total, "train_time_s": train_time, "tokens_total": tokens_total}
-        accelerator.wait_for_everyone()
-        path = None
-        if is_main:
-            path = ckpt.save_checkpoint(output_dir, step, accelerator.unwrap_model(policy), tokenizer, optimizer,
-                                        scheduler, state, recipe.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
 
+def run_evaluation(run: Run) -> dict[str, Any]:
+    """Held-out evaluation; each process decodes its share of the prompts, results are gathered."""
+    accelerator = run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    prompts = run.eval_prompts[rank::world]
+    columns = {key: values[rank::world] for key, values in run.eval_columns.items()}
+    eval_config = run.recipe.eval
+    params = SamplingParams(eval_config.max_new_tokens or run.recipe.rollout.max_new_tokens, eval_config.temperature)
+    result = evaluate(run.unwrapped, run.tokenizer, prompts, columns, run.eval_scorer, params, eval_config.batch_size,
+                      seed=run.recipe.seed + rank)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(len(prompts), {k: v for k, v in result.items() if k != "examples"})])
+        total = sum(n for n, _ in parts)
+        result = {**{key: sum(n * part[key] for n, part in parts) / total for key in parts[0][1]},
+                  "examples": result["examples"]}
+    return result
+
+
+def save_run_checkpoint(run: Run, step: int) -> Path | None:
+    """Checkpoint on the main process (all processes wait)."""
+    run.counters["global_step"] = step
+    run.accelerator.wait_for_everyone()
+    path = None
+    if run.accelerator.is_main_process:
+        state = {**run.counters, "recipe": run.recipe.to_dict(), "kl_controller": run.kl.state_dict()}
+        path = ckpt.save_checkpoint(run.output_dir, step, run.unwrapped, run.tokenizer, run.optimizer, run.scheduler,
+                                    state, run.recipe.train.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          show_progress: bool = True) -> dict[str, Any]:
+    """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+    run, resume_from = setup(recipe, output_dir, resume, overwrite)
+    counters, is_main = run.counters, run.accelerator.is_main_process
+    start_step = int(counters["global_step"])
+    logger = MetricsLogger(run.output_dir, enabled=is_main, tensorboard=recipe.train.tensorboard,
+                           resume_step=start_step if resume_from is not None else None)
+    if counters["eval_reward_before"] is None:
+        counters["eval_reward_before"] = run_evaluation(run)["reward"]
+        logger.log(0, {"eval/reward": counters["eval_reward_before"]})
+    started = time.perf_counter()
     with _StopFlag() as stop, progress_bar(show_progress and is_main) as bar:
-        task = bar.add_task("training", total=recipe.train.steps, completed=start_step, status=f"eval {eval_before:.3f}")
+        task = bar.add_task("training", total=recipe.train.steps, completed=start_step, status="")
         for step in range(start_step, recipe.train.steps):
-            step_started = time.perf_counter()
-            # 1. rollout: this process's prompts, K completions each, from the current policy
-            prompts, columns = sampler.batch(step)
-            mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-            prompts, columns = prompts[mine], {k: v[mine] for k, v in columns.items()}
-            generator = torch.Generator(device=accelerator.device).manual_seed(
-                (recipe.seed * 1_000_003 + step) * 997 + accelerator.process_index)
-            unwrapped.eval()
-            batch = rollout(unwrapped, tokenizer, prompts, recipe.rollout.completions_per_prompt, sampling, columns,
-                            generator, group_offset=mine.start, max_context=max_context)
-            unwrapped.train()
-            # 2. reward on the last token, optional KL penalty per token
-            scores, per_reward = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
-            batch.rewards = terminal_rewards(torch.tensor(scores, device=batch.completion_mask.device), batch.completion_mask)
-            kl_stats: dict[str, float] = {}
-            if reference is not None:
-                with torch.no_grad():
-                    batch.ref_logprobs = completion_logprobs(reference, batch.prompt_ids, batch.prompt_mask,
-                                                             batch.completion_ids, batch.completion_mask,
-                                                             recipe.rollout.temperature)
-                per_token_kl = kl_estimate(batch.logprobs, batch.ref_logprobs, recipe.algorithm.kl_estimator)
-                kl_per_sequence = (per_token_kl * batch.completion_mask).sum(-1)
-                kl_stats["kl/ref"] = float(accelerator.reduce(kl_per_sequence.mean(), "mean"))
-                kl_stats["kl/coef"] = kl.coef
-                if recipe.algorithm.kl_mode == "reward":
-                    batch.rewards = batch.rewards - kl.coef * per_token_kl * batch.completion_mask
-            # 3. advantages over the global batch
-            advantages = compute_advantages(batch, recipe, accelerator)
-            # 4. update
-            local_tokens = batch.completion_mask.sum()
-            global_tokens = float(accelerator.reduce(local_tokens, "sum"))
-            counts = (float(len(batch)), global_tokens / world)
-            results = policy_update(policy, optimizer, accelerator, batch, advantages, recipe, kl.coef, counts)
-            scheduler.step()
-            if kl_stats:
-                kl.update(kl_stats["kl/ref"], len(batch) * world)
-            skipped = sum(not r.applied for r in results)
-            skipped_total += skipped
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped == len(results) else 0
-            step_time = time.perf_counter() - step_started
-            train_time += step_time
-            tokens_total += int(global_tokens)
-            # 5. metrics (reduced over processes)
-            metrics = _step_metrics(accelerator, batch, scores, per_reward, advantages, results, global_tokens,
-                                    step_time, scheduler.get_last_lr()[0])
-            metrics.update(kl_stats)
-            if skipped:
-                metrics["train/skipped_updates"] = skipped
+            metrics = train_step(run, step)
             done = step + 1
             if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done < recipe.train.steps:
-                history["last_eval"] = run_eval()["reward"]
-                metrics["eval/reward"] = history["last_eval"]
-                bar.console.log(f"step {done}: eval reward {history['last_eval']:.3f}")
+                counters["last_eval"] = metrics["eval/reward"] = run_evaluation(run)["reward"]
+                bar.console.log(f"step {done}: eval reward {counters['last_eval']:.3f}")
             logger.log(done, metrics)
-            bar.update(task, completed=done, status=(
-                f"reward {metrics['reward/mean']:.3f} | eval {history['last_eval'] if history['last_eval'] is not None else eval_before:.3f}"
-                f" | {metrics['perf/tokens_per_s']:.0f} tok/s"))
-            if nonfinite_in_a_row >= recipe.train.max_nonfinite_steps:
+            shown_eval = counters["last_eval"] if counters["last_eval"] is not None else counters["eval_reward_before"]
+            bar.update(task, completed=done, status=f"reward {metrics['reward/mean']:.3f} | eval {shown_eval:.3f} | "
+                                                    f"{metrics['perf/tokens_per_s']:.0f} tok/s")
+            if counters["nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
                 raise NonFiniteError(
-                    f"{nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient (last at step {done}); "
-                    "lower optim.lr, enable optim.max_grad_norm, or check the reward scale"
-                )
-            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
-                last_checkpoint = save(done)
+                    f"{counters['nonfinite_in_a_row']} consecutive updates had a non-finite loss or gradient (last at "
+                    f"step {done}); lower optim.lr, enable optim.max_grad_norm, or check the reward scale")
             if stop.signal_name is not None:
-                last_checkpoint = save(done)
+                counters["wall_time_s"] += time.perf_counter() - started
+                path = save_run_checkpoint(run, done)
                 logger.close()
                 raise TrainingInterrupted(
-                    f"stopped by {stop.signal_name} after step {done}; checkpoint written to {last_checkpoint}. "
-                    f"Resume with: rlhf-pg train RECIPE --output-dir {output_dir} --resume", str(last_checkpoint))
-
-    final_eval = run_eval()
+                    f"stopped by {stop.signal_name} after step {done}; checkpoint written to {path}. "
+                    f"Resume with: rlhf-pg train RECIPE --output-dir {run.output_dir} --resume", str(path))
+            if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
+                save_run_checkpoint(run, done)
+    final_eval = run_evaluation(run)
     logger.log(recipe.train.steps, {"eval/reward": final_eval["reward"],
                                     **{f"eval/{k}": v for k, v in final_eval.items() if k.startswith("reward/")}})
     logger.close()
     summary = {
-        "eval_reward_before": eval_before,
+        "eval_reward_before": counters["eval_reward_before"],
         "eval_reward_after": final_eval["reward"],
         **{f"eval_{k.replace('/', '_')}_after": v for k, v in final_eval.items() if k.startswith("reward/")},
         "steps": recipe.train.steps,
-        "wall_time_s": round(time.perf_counter() - started + float(previous_state.get("wall_time_s", 0.0)), 3),
-        "train_time_s": round(train_time, 3),
-        "tokens_per_s": round(tokens_total / train_time, 1) if train_time > 0 else None,
-        "completion_tokens": tokens_total,
-        "world_size": world,
-        "resumed_from_step": int(previous_state["global_step"]) if resume_from is not None else None,
-        "skipped_updates": skipped_total,
+        "wall_time_s": round(counters["wall_time_s"] + time.perf_counter() - started, 3),
+        "train_time_s": round(counters["train_time_s"], 3),
+        "tokens_per_s": round(counters["tokens_total"] / counters["train_time_s"], 1) if counters["train_time_s"] else None,
+        "completion_tokens": counters["tokens_total"],
+        "world_size": run.accelerator.num_processes,
+        "resumed_from_step": start_step if resume_from is not None else None,
+        "skipped_updates": counters["skipped_updates"],
         "model": recipe.model.name_or_path,
-        "final_model_dir": str(output_dir / "final"),
+        "final_model_dir": str(run.output_dir / "final"),
         "examples": final_eval["examples"],
     }
-    accelerator.wait_for_everyone()
-    if is_main:
-        final_dir = output_dir / "final"
-        accelerator.unwrap_model(policy).save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
+    save_final(run, summary)
     return summary
+
+
+def save_final(run: Run, summary: dict[str, Any]) -> None:
+    """``DIR/final/`` (model or LoRA adapter + tokenizer; ``final/merged`` when peft.merge) and ``summary.json``."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        final_dir = run.output_dir / "final"
+        model = run.unwrapped
+        model.save_pretrained(final_dir)
+        run.tokenizer.save_pretrained(final_dir)
+        if run.recipe.peft is not None and run.recipe.peft.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(final_dir / "merged")
+            run.tokenizer.save_pretrained(final_dir / "merged")
+            summary["merged_model_dir"] = str(final_dir / "merged")
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.accelerator.wait_for_everyone()
 
 
 def _scheduler(optimizer, recipe: Recipe):

@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from rlhf_pg.builtin import char_tokenizer
 from rlhf_pg.tasks.arithmetic import flawed_sum, parse_prompt, split_problems

@@ -1,7 +1,6 @@
 """The training loop end to end on a tiny local model: it learns, writes what it promises, resumes exactly."""
 
 import json
-import os
 import signal
 
 import pytest
