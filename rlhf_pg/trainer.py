@@ -253,6 +253,13 @@ class Run:
         return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens)
 
 
+def cpu_only() -> bool:
+    """No GPU-like device: tell accelerate so, which makes `accelerate launch --multi_gpu` / `torchrun`
+    run several CPU processes with the gloo backend instead of several independent single processes."""
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
+
+
 def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> tuple[Run, Path | None]:
     """Load policy, reference, data and rewards; restore a checkpoint when resuming."""
     from accelerate import Accelerator
@@ -260,7 +267,7 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
 
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu_only())
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:
