@@ -13,7 +13,7 @@ from .rollout import SamplingParams, rollout
 @torch.no_grad()
 def evaluate(
     model, tokenizer, prompts: list[str], columns: dict[str, list[Any]], scorer: RewardScorer,
-    params: SamplingParams, batch_size: int = 256, seed: int = 0,
+    params: SamplingParams, batch_size: int = 256, seed: int = 0, all_finished=None,
 ) -> dict[str, Any]:
     """Mean reward over ``prompts`` (one completion each), per-reward means and a few examples.
 
@@ -28,7 +28,7 @@ def evaluate(
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
-        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator)
+        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished)
         total, scores = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
         totals.extend(total)
         for label, values in scores.items():

@@ -9,6 +9,7 @@ temperature is used when the update recomputes log-probabilities, so both sides 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -74,14 +75,18 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    all_finished: Callable[[Tensor], bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw one completion per prompt row. Returns ``(completion_ids, completion_mask, logprobs, finished)``.
 
     ``prompt_ids``, ``prompt_mask``: ``[B, P]``, left-padded. ``completion_ids`` ``[B, T]`` is
     right-padded with ``pad_token_id`` after EOS; ``completion_mask`` is 1 up to and including EOS;
     ``logprobs[b, t] = log pi(a_t | s_t)`` of the drawn token; ``finished[b]`` says EOS was emitted.
-    T <= max_new_tokens: the loop stops once every row has finished.
+    T <= max_new_tokens: the loop stops once every row has finished (``all_finished(finished)``; with
+    sharded parameters (ZeRO-3, FSDP) every process must run the same number of forwards, so the
+    trainer passes a check that all-reduces across processes).
     """
+    all_finished = all_finished or (lambda done: bool(done.all()))
     batch_size = prompt_ids.shape[0]
     device = prompt_ids.device
     attention_mask = prompt_mask.long()
@@ -104,7 +109,7 @@ def sample_completions(
         masks.append((~finished).float())
         tokens.append(action)
         finished = finished | (action == eos_token_id)
-        if bool(finished.all()) or step == params.max_new_tokens - 1:
+        if all_finished(finished) or step == params.max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         logits = model(
@@ -150,7 +155,7 @@ def decode_completions(tokenizer, completion_ids: Tensor, completion_mask: Tenso
 def rollout(
     model, tokenizer, prompts: list[str], completions_per_prompt: int, params: SamplingParams,
     extras: dict[str, list] | None = None, generator: torch.Generator | None = None,
-    group_offset: int = 0, max_context: int | None = None,
+    group_offset: int = 0, max_context: int | None = None, all_finished: Callable[[Tensor], bool] | None = None,
 ) -> Rollout:
     """Sample ``completions_per_prompt`` completions for each prompt and package them as a ``Rollout``.
 
@@ -169,7 +174,7 @@ def rollout(
             "or lower rollout.max_new_tokens"
         )
     completion_ids, completion_mask, logprobs, finished = sample_completions(
-        model, prompt_ids, prompt_mask, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+        model, prompt_ids, prompt_mask, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator, all_finished
     )
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(completions_per_prompt) + group_offset
     return Rollout(

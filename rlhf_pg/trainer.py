@@ -108,7 +108,10 @@ def policy_update(
         for index, rows in enumerate(chunks):
             part = batch.select(rows)
             part_adv = advantages[rows]
-            sync = accelerator.no_sync(model) if index < len(chunks) - 1 else contextlib.nullcontext()
+            last_chunk = index == len(chunks) - 1
+            # gradient accumulation: no all-reduce (DDP) and no optimizer step (DeepSpeed) before the last chunk
+            accelerator.gradient_state._set_sync_gradients(last_chunk)
+            sync = contextlib.nullcontext() if last_chunk else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 logprobs = completion_logprobs(
                     model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, temperature
@@ -129,6 +132,7 @@ def policy_update(
                     loss = loss + kl_coef * aggregate(kl, mask, algorithm.aggregation, num_sequences, num_tokens)
                 accelerator.backward(loss)
             total_loss += float(loss.detach())
+        accelerator.gradient_state._set_sync_gradients(True)
         result = _optimizer_step(model, optimizer, accelerator, total_loss, recipe.optim.max_grad_norm)
         if ratio_stats:
             result.stats = {
@@ -244,6 +248,15 @@ class Run:
     max_context: int | None
     counters: dict[str, Any]  # step-independent totals kept in checkpoints
 
+    def all_finished(self, finished: torch.Tensor) -> bool:
+        """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return bool(finished.all())
+        pending = (~finished).sum().reshape(1)
+        return int(self.accelerator.reduce(pending, "sum")) == 0
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy)
@@ -344,7 +357,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.unwrapped.eval()
     batch = rollout(run.unwrapped, run.tokenizer, prompts[mine], recipe.rollout.completions_per_prompt, run.sampling(),
                     {k: v[mine] for k, v in columns.items()}, generator, group_offset=mine.start,
-                    max_context=run.max_context)
+                    max_context=run.max_context, all_finished=run.all_finished)
     run.unwrapped.train()
     # 2. reward r(tau) on the last token; optional per-token KL penalty r_t -= beta * KL_t
     scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
@@ -390,7 +403,7 @@ def run_evaluation(run: Run) -> dict[str, Any]:
     eval_config = run.recipe.eval
     params = SamplingParams(eval_config.max_new_tokens or run.recipe.rollout.max_new_tokens, eval_config.temperature)
     result = evaluate(run.unwrapped, run.tokenizer, prompts, columns, run.eval_scorer, params, eval_config.batch_size,
-                      seed=run.recipe.seed + rank)
+                      seed=run.recipe.seed + rank, all_finished=run.all_finished)
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -141,3 +141,34 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tiny_model_dir, tmp_pat
     recipe = tiny_recipe(tiny_model_dir, data={"task": None, "path": str(data), "num_eval": 1})
     with pytest.raises(UserError, match="exceeds the model's context of 64 tokens"):
         train(recipe, tmp_path / "run", show_progress=False)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_model_dir, tmp_path):
+    summary = train(tiny_recipe(tiny_model_dir, train={"steps": 2, "mixed_precision": "bf16", "save_every": 0}),
+                    tmp_path, show_progress=False)
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/policy" in r]
+    assert summary["skipped_updates"] == 0 and len(records) == 2
+    assert all(abs(r["loss/policy"]) < 1e3 for r in records)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
+    from rlhf_pg.config import ModelConfig
+    from rlhf_pg.models import load_causal_lm
+    from rlhf_pg.rollout import SamplingParams, completion_logprobs, rollout
+    from rlhf_pg.losses import policy_gradient_loss
+
+    grads = []
+    for checkpointing in (False, True):
+        model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing))
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        model.eval()
+        batch = rollout(model, tokenizer, ["1+2=", "33+4="], 3, SamplingParams(max_new_tokens=4),
+                        generator=torch.Generator().manual_seed(0))
+        model.train()
+        logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                       batch.completion_mask)
+        policy_gradient_loss(logprobs, torch.linspace(-1, 1, 6)[:, None].expand_as(logprobs), batch.completion_mask).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert model.is_gradient_checkpointing
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

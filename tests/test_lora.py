@@ -1,0 +1,82 @@
+"""LoRA through peft: the reference is the policy with its adapter off; only adapter weights train."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.losses import kl_estimate
+from rlhf_pg.metrics import read_metrics
+from rlhf_pg.rollout import completion_logprobs
+from rlhf_pg.trainer import reference_logprobs, setup, train, train_step
+
+
+def lora_recipe(model_dir, **train_options):
+    return recipe_from_dict({
+        "model": model_dir,
+        "data": {"task": "arithmetic", "max_operand": 20, "num_eval": 8},
+        "rewards": [{"name": "rewards_for_tests:sevens"}],
+        "rollout": {"prompts_per_step": 4, "completions_per_prompt": 4, "max_new_tokens": 4},
+        "algorithm": {"kl_coef": 0.05, "kl_estimator": "k1"},
+        "optim": {"lr": 0.01},
+        "peft": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"], "merge": True},
+        "train": {"steps": 4, "eval_every": 0, "save_every": 2, "tensorboard": False, **train_options},
+    })
+
+
+def test_kl_to_reference_is_exactly_zero_before_the_first_update(tiny_model_dir, tmp_path):
+    run, _ = setup(lora_recipe(tiny_model_dir), tmp_path)
+    assert run.reference == "adapter"  # no second copy of the model
+    from rlhf_pg.rollout import SamplingParams, rollout
+
+    batch = rollout(run.unwrapped, run.tokenizer, ["1+2=", "3+4="], 4, SamplingParams(max_new_tokens=4),
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        policy = completion_logprobs(run.unwrapped, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                     batch.completion_mask)
+    reference = reference_logprobs(run, batch)
+    for estimator in ("k1", "k2", "k3"):
+        assert torch.equal(kl_estimate(policy, reference, estimator) * batch.completion_mask,
+                           torch.zeros_like(policy))
+    metrics = train_step(run, 0)
+    assert abs(metrics["kl/ref"]) < 1e-5  # sampled log-probs (KV cache) vs a fresh forward: float noise only
+    metrics = train_step(run, 1)
+    assert metrics["kl/ref"] != 0.0  # after an update the adapter moved the policy
+
+
+def test_only_adapter_parameters_change_and_final_holds_adapter_and_merged_model(tiny_model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    summary = train(lora_recipe(tiny_model_dir), tmp_path, show_progress=False)
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name)  # B starts at 0
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged_model_dir"]).state_dict()
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(any(m in name for m in ("c_attn", "c_fc")) for name in changed)
+    # plain transformers loads the adapter directory too (peft integration), same outputs as merged
+    adapted = AutoModelForCausalLM.from_pretrained(final)
+    merged_model = AutoModelForCausalLM.from_pretrained(summary["merged_model_dir"])
+    ids = torch.tensor([[1, 5, 76, 6, 84]])
+    assert torch.allclose(adapted(ids).logits, merged_model(ids).logits, atol=1e-5)
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "kl/ref" in r]
+    assert len(records) == 4  # kl/ref logged every step
+
+
+def test_lora_run_resumes_from_an_adapter_checkpoint(tiny_model_dir, tmp_path):
+    train(lora_recipe(tiny_model_dir), tmp_path / "a", show_progress=False)
+    assert (tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    # resuming a finished run from its step-2 checkpoint must redo steps 3-4 exactly
+    resumed = train(lora_recipe(tiny_model_dir), tmp_path / "a", resume=True, show_progress=False)
+    (tmp_path / "b").mkdir()
+    assert resumed["resumed_from_step"] == 2
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["resumed_from_step"] == 2
+    fresh = train(lora_recipe(tiny_model_dir), tmp_path / "b", overwrite=True, show_progress=False)
+    strip = lambda path: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(path)]
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+    assert fresh["eval_reward_after"] == resumed["eval_reward_after"]
