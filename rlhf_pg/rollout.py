@@ -1,8 +1,8 @@
 """Sample completions from a causal-LM policy, and recompute their log-probabilities for the update.
 
-Sampling is a plain loop over decode steps with the model's KV cache: one prefill forward over the
-left-padded prompts, then one single-token forward per step, stopping as soon as every sequence has
-emitted EOS. The policy pi_theta(a | s) is ``softmax(logits(s) / temperature)``; the same
+Sampling is a plain loop over decode steps with a KV cache (``decoder``): one prefill forward over
+the left-padded prompts, then one single-token forward per step, stopping as soon as every sequence
+has emitted EOS. The policy pi_theta(a | s) is ``softmax(logits(s) / temperature)``; the same
 temperature is used when the update recomputes log-probabilities, so both sides agree.
 """
 
@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
-
+from .decoder import make_decoder, positions_from_mask
 from .errors import UserError
 from .mdp import Rollout
 
@@ -28,11 +27,6 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     min_new_tokens: int = 0
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -76,6 +70,7 @@ def sample_completions(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     all_finished: Callable[[Tensor], bool] | None = None,
+    lean: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw one completion per prompt row. Returns ``(completion_ids, completion_mask, logprobs, finished)``.
 
@@ -84,40 +79,29 @@ def sample_completions(
     ``logprobs[b, t] = log pi(a_t | s_t)`` of the drawn token; ``finished[b]`` says EOS was emitted.
     T <= max_new_tokens: the loop stops once every row has finished (``all_finished(finished)``; with
     sharded parameters (ZeRO-3, FSDP) every process must run the same number of forwards, so the
-    trainer passes a check that all-reduces across processes).
+    trainer passes a check that all-reduces across processes). ``lean=False`` forces transformers'
+    own forward (see ``decoder``).
     """
     all_finished = all_finished or (lambda done: bool(done.all()))
     batch_size = prompt_ids.shape[0]
-    device = prompt_ids.device
-    attention_mask = prompt_mask.long()
-    positions = positions_from_mask(attention_mask)
-    cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    next_position = positions[:, -1] + 1  # [B]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    decoder = make_decoder(model, batch_size, prompt_ids.shape[1] + params.max_new_tokens, lean=lean)
+    logits = decoder.prefill(prompt_ids, prompt_mask)
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):
         if step < params.min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         action = _choose_tokens(logits, params, generator)
-        action = torch.where(finished, torch.full_like(action, pad_token_id), action)
-        temperature = params.temperature if params.temperature > 0 else 1.0
+        action = action.masked_fill(finished, pad_token_id)
         logprobs.append(token_logprobs(logits, action, temperature))
-        masks.append((~finished).float())
+        masks.append(~finished)
         tokens.append(action)
         finished = finished | (action == eos_token_id)
-        if all_finished(finished) or step == params.max_new_tokens - 1:
+        if step == params.max_new_tokens - 1 or all_finished(finished):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model(
-            input_ids=action[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
-            cache=cache, use_cache=True,
-        ).logits[:, -1]
-        next_position = next_position + 1
-    completion_mask = torch.stack(masks, 1)
+        logits = decoder.step(action)
+    completion_mask = torch.stack(masks, 1).float()
     return torch.stack(tokens, 1), completion_mask, torch.stack(logprobs, 1) * completion_mask, finished
 
 

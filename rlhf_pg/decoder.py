@@ -1,0 +1,176 @@
+"""Decoding one token at a time with a KV cache: a lean path for common architectures, HF's as fallback.
+
+Sampling spends most of its time in per-step overhead, not arithmetic: for a small model, a
+transformers forward with its cache object costs several times the matrix work it does. The lean
+decoders below call the model's *own* submodules (embeddings, layer norms, projections, MLPs — so
+LoRA layers and any dtype still apply) and hand-write only what surrounds them: a preallocated KV
+cache ``[layers, B, heads, S, head_dim]`` written in place, and the attention over it.
+
+    decoder = make_decoder(model, batch_size, max_length)   # lean for GPT-2 / Llama-family, else HF
+    logits = decoder.prefill(prompt_ids, prompt_mask)         # [B, V] at each prompt's last position
+    logits = decoder.step(tokens)                             # [B, V] after appending tokens [B]
+
+Both return the same logits as ``model(...)`` (tested to float tolerance against the HF forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+Tensor = torch.Tensor
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class HFDecoder:
+    """Any causal LM through its own forward and a ``DynamicCache`` (the general fallback)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        self.attention_mask = prompt_mask.long()
+        positions = positions_from_mask(self.attention_mask)
+        self.cache = DynamicCache(config=self.model.config)
+        self.next_position = positions[:, -1] + 1
+        return self.model(input_ids=prompt_ids, attention_mask=self.attention_mask, position_ids=positions,
+                          cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
+        logits = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                            position_ids=self.next_position[:, None], cache=self.cache, use_cache=True).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return logits
+
+
+class _KVCacheDecoder:
+    """Shared part of the lean decoders: the cache, positions and masked attention."""
+
+    def __init__(self, model, num_layers: int, kv_heads: int, head_dim: int, batch_size: int, max_length: int):
+        parameter = next(model.parameters())
+        shape = (num_layers, batch_size, kv_heads, max_length, head_dim)
+        self.keys = torch.empty(shape, dtype=parameter.dtype, device=parameter.device)
+        self.values = torch.empty(shape, dtype=parameter.dtype, device=parameter.device)
+        self.key_valid = torch.ones(batch_size, 1, 1, max_length, dtype=torch.bool, device=parameter.device)
+        self.length = 0  # cache slots filled so far (the same for every row)
+        self.model = model
+
+    def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Write ``key``/``value`` ``[B, Hkv, L, D]`` to the cache, attend with ``query`` ``[B, H, L, D]``.
+
+        Returns ``[B, L, H * D]``. Padding keys are masked; within a prefill the mask is also causal.
+        """
+        new = key.shape[2]
+        end = self.length + new
+        self.keys[layer, :, :, self.length : end] = key
+        self.values[layer, :, :, self.length : end] = value
+        mask = self.key_valid[..., :end]
+        if new > 1:  # prefill (cache empty): causal, and every query sees itself (all-pad rows are not all-masked)
+            causal = torch.ones(new, new, dtype=torch.bool, device=query.device).tril()
+            mask = (mask & causal) | torch.eye(new, dtype=torch.bool, device=query.device)
+        output = F.scaled_dot_product_attention(
+            query, self.keys[layer, :, :, :end], self.values[layer, :, :, :end], attn_mask=mask, scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return output.transpose(1, 2).reshape(query.shape[0], new, -1)
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        self.length = 0
+        self.key_valid[:, 0, 0, : prompt_ids.shape[1]] = prompt_mask.bool()
+        positions = positions_from_mask(prompt_mask)
+        self.next_position = positions[:, -1:] + 1
+        logits = self.forward(prompt_ids, positions)
+        self.length = prompt_ids.shape[1]
+        return logits
+
+    def step(self, tokens: Tensor) -> Tensor:
+        logits = self.forward(tokens[:, None], self.next_position)
+        self.length += 1
+        self.next_position = self.next_position + 1
+        return logits
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GPT2Decoder(_KVCacheDecoder):
+    """GPT-2: h = wte + wpe; per block h += attn(ln_1(h)); h += mlp(ln_2(h)); logits = lm_head(ln_f(h))."""
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        config = model.config
+        super().__init__(model, config.n_layer, config.n_head, config.n_embd // config.n_head, batch_size, max_length)
+        self.body = model.transformer
+        self.num_heads, self.head_dim = config.n_head, config.n_embd // config.n_head
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        body = self.body
+        hidden = body.wte(input_ids) + body.wpe(positions)  # [B, L, C]
+        batch, length, width = hidden.shape
+        for index, block in enumerate(body.h):
+            query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=-1)
+            query, key, value = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                                 for t in (query, key, value))
+            hidden = hidden + block.attn.c_proj(self.attend(index, query, key, value, block.attn.scaling))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        return self.model.lm_head(body.ln_f(hidden[:, -1]))
+
+
+class LlamaDecoder(_KVCacheDecoder):
+    """Llama-family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, grouped-query attention, gated MLP."""
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        super().__init__(model, config.num_hidden_layers, kv_heads, head_dim, batch_size, max_length)
+        self.body = model.model
+        self.head_dim = head_dim
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.apply_rotary = apply_rotary_pos_emb
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        body = self.body
+        hidden = body.embed_tokens(input_ids)
+        batch, length, _ = hidden.shape
+        cos, sin = body.rotary_emb(hidden, positions)
+        for index, layer in enumerate(body.layers):
+            attention = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            query, key, value = (projection(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+                                 for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+            query, key = self.apply_rotary(query, key, cos, sin)
+            hidden = hidden + attention.o_proj(self.attend(index, query, key, value, attention.scaling))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(body.norm(hidden[:, -1]))
+
+
+def _lean_decoder_class(model):
+    """The lean decoder for this model's architecture, or None when only HF's forward is safe."""
+    config = model.config
+    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None  # sharded parameters (ZeRO-3, FSDP): gathering happens in the model's own forward
+    if config.model_type == "gpt2":
+        if getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False):
+            return None
+        return GPT2Decoder
+    if config.model_type in ("llama", "mistral", "qwen2"):
+        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+            return None
+        return LlamaDecoder
+    return None
+
+
+def make_decoder(model, batch_size: int, max_length: int, lean: bool = True):
+    """A decoder for ``model`` (a PEFT-wrapped model decodes through its base model's modules, adapters included)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder_class = _lean_decoder_class(base) if lean else None
+    if decoder_class is None:
+        return HFDecoder(model)
+    return decoder_class(base, batch_size, max_length)
