@@ -273,14 +273,25 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
+def new_accelerator(mixed_precision: str):
+    """An ``Accelerator`` for this run. Several runs in one process (``compare``, tests) may each pick
+    their own precision: accelerate keeps one global state, so it is reset between runs (the process
+    group, if any, is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only())
+
+
 def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> tuple[Run, Path | None]:
     """Load policy, reference, data and rewards; restore a checkpoint when resuming."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu_only())
+    accelerator = new_accelerator(recipe.train.mixed_precision)
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+
+from rlhf_pg.trainer import new_accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +32,7 @@ def test_two_process_gradient_equals_single_process_gradient(tiny_model_dir, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     distributed = json.loads(out.read_text())
     assert distributed["world_size"] == 2
-    accelerator = Accelerator(cpu=True)
+    accelerator = new_accelerator("no")  # fresh state: earlier tests in this process may have used bf16
     every_row = list(range(len(distributed_worker.PROMPTS) * distributed_worker.COMPLETIONS_PER_PROMPT))
     for (algorithm, micro), two_process in zip(distributed_worker.CONFIGS, distributed["results"]):
         single = distributed_worker.gradients(tiny_model_dir, algorithm, None, accelerator, every_row)
