@@ -94,20 +94,27 @@ def policy_update(
     log-probs of the first pass (so the first step's ratio is exactly 1), stopping early once the
     approximate KL to pi_old exceeds ``max_approx_kl``. ``global_counts`` = (sequences, tokens) of the
     whole batch per process, so micro-batch and per-process losses add up to the full-batch loss.
+
+    Completions whose advantage is 0 at every token contribute exactly 0 to the loss and its gradient
+    (e.g. a group whose completions all got the same reward), so they are not run through the model:
+    the gradient is unchanged, the update is cheaper. (Not with a KL loss term, which they do feed.)
     """
     algorithm, train = recipe.algorithm, recipe.train
     num_sequences, num_tokens = global_counts
-    size = len(batch)
-    micro = train.micro_batch_size or size
-    chunks = [list(range(start, min(start + micro, size))) for start in range(0, size, micro)]
+    rows = list(range(len(batch)))
+    if not (kl_coef > 0 and algorithm.kl_mode == "loss"):
+        active = (advantages != 0).any(-1).nonzero().flatten().tolist()
+        rows = active or rows[:1]  # keep one row so every process still joins the gradient all-reduce
+    micro = train.micro_batch_size or len(rows)
+    chunks = [rows[start : start + micro] for start in range(0, len(rows), micro)]
     temperature = recipe.rollout.temperature
     old_logprobs = torch.zeros_like(batch.completion_mask)
     results = []
     for epoch in range(algorithm.updates_per_batch):
         total_loss, ratio_stats = 0.0, []
-        for index, rows in enumerate(chunks):
-            part = batch.select(rows)
-            part_adv = advantages[rows]
+        for index, chunk in enumerate(chunks):
+            part = batch.select(chunk)
+            part_adv = advantages[chunk]
             last_chunk = index == len(chunks) - 1
             # gradient accumulation: no all-reduce (DDP) and no optimizer step (DeepSpeed) before the last chunk
             accelerator.gradient_state._set_sync_gradients(last_chunk)
@@ -118,12 +125,12 @@ def policy_update(
                 )
                 mask = part.completion_mask
                 if epoch == 0:
-                    old_logprobs[rows] = logprobs.detach()
+                    old_logprobs[chunk] = logprobs.detach()
                 if algorithm.updates_per_batch == 1:
                     loss = policy_gradient_loss(logprobs, part_adv, mask, algorithm.aggregation, num_sequences, num_tokens)
                 else:
                     loss, stats = clipped_policy_loss(
-                        logprobs, old_logprobs[rows], part_adv, mask, algorithm.clip_eps, algorithm.clip_eps_high,
+                        logprobs, old_logprobs[chunk], part_adv, mask, algorithm.clip_eps, algorithm.clip_eps_high,
                         algorithm.ratio_level, algorithm.aggregation, num_sequences, num_tokens,
                     )
                     ratio_stats.append(stats)

@@ -172,3 +172,40 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
     assert model.is_gradient_checkpointing
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_model_dir):
+    from accelerate import Accelerator
+
+    from rlhf_pg.mdp import terminal_rewards
+    from rlhf_pg.rollout import SamplingParams, rollout
+    from rlhf_pg.trainer import compute_advantages, policy_update
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = rollout(model, tokenizer, ["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5),
+                    generator=torch.Generator().manual_seed(0))
+    # group 0 all rewarded, group 1 mixed, group 2 all unrewarded: only group 1 has non-zero advantages
+    batch.rewards = terminal_rewards(torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), batch.completion_mask)
+    recipe = tiny_recipe(tiny_model_dir, algorithm={"aggregation": "token-mean"})
+    accelerator = Accelerator(cpu=True)
+    advantages = compute_advantages(batch, recipe, accelerator)
+    assert (advantages.abs().sum(-1) > 0).tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    counts = (float(len(batch)), float(batch.completion_mask.sum()))
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, output: seen.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    skipped = {}
+    optimizer.step = lambda: skipped.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    policy_update(model, optimizer, accelerator, batch, advantages, recipe, 0.0, counts)
+    assert seen == [4]  # only the mixed group went through the model
+    # the full-batch loss, every row included, has the same gradient
+    from rlhf_pg.losses import policy_gradient_loss
+    from rlhf_pg.rollout import completion_logprobs
+
+    model.zero_grad()
+    logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    policy_gradient_loss(logprobs, advantages, batch.completion_mask, "token-mean").backward()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, skipped[name], atol=1e-7), name
