@@ -1,0 +1,84 @@
+"""Where does one rlhf-pg training step spend its time? Phase timings and a torch.profiler table.
+
+    HF_HUB_OFFLINE=1 python benchmarks/profile_step.py                  # the throughput settings
+    HF_HUB_OFFLINE=1 python benchmarks/profile_step.py --quickstart     # recipes/quickstart.yaml
+    HF_HUB_OFFLINE=1 python benchmarks/profile_step.py --hf-decoder     # transformers' forward for decoding
+
+Phases: rollout (sampling), reward, update (forward + backward + optimizer), rest (advantages,
+metrics). The profiler table lists the operators with the most self CPU time over a few steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import rlhf_pg.rollout
+import rlhf_pg.trainer as trainer
+from rlhf_pg.config import load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(phases, name, function):
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            phases[name].append(time.perf_counter() - started)
+
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quickstart", action="store_true", help="profile recipes/quickstart.yaml's step")
+    parser.add_argument("--hf-decoder", action="store_true", help="decode with transformers' forward + DynamicCache")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quickstart:
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["train.tensorboard=false"])
+    else:
+        recipe = recipe_from_dict({
+            "rollout": {"prompts_per_step": 16, "completions_per_prompt": 4, "max_new_tokens": 32, "min_new_tokens": 32},
+            "algorithm": {"baseline": "group_mean"}, "optim": {"lr": 1e-4}, "train": {"tensorboard": False},
+        })
+    if args.hf_decoder:
+        original = rlhf_pg.rollout.sample_completions
+        rlhf_pg.rollout.sample_completions = lambda *a, **k: original(*a, **{**k, "lean": False})
+    phases: dict[str, list[float]] = defaultdict(list)
+    trainer.rollout = timed(phases, "rollout", trainer.rollout)
+    trainer.policy_update = timed(phases, "update", trainer.policy_update)
+    run, _ = trainer.setup(recipe, tempfile.mkdtemp())
+    run.scorer = timed(phases, "reward", run.scorer)
+    totals = []
+    for step in range(args.steps):
+        started = time.perf_counter()
+        trainer.train_step(run, step)
+        totals.append(time.perf_counter() - started)
+    warm = slice(2, None)
+    step_time = statistics.median(totals[warm])
+    print(f"median step {step_time * 1000:.1f} ms over {len(totals[warm])} steps (after 2 warm-up steps)")
+    accounted = 0.0
+    for name in ("rollout", "reward", "update"):
+        value = statistics.median(phases[name][warm])
+        accounted += value
+        print(f"  {name:8s} {value * 1000:7.1f} ms  {100 * value / step_time:5.1f} %")
+    print(f"  {'rest':8s} {(step_time - accounted) * 1000:7.1f} ms  {100 * (step_time - accounted) / step_time:5.1f} %")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for step in range(args.steps, args.steps + 3):
+            trainer.train_step(run, step)
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()
