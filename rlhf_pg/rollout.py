@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
 from .decoder import make_decoder, positions_from_mask
 from .errors import UserError
 from .mdp import Rollout
@@ -90,9 +91,10 @@ def sample_completions(
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):
-        if step < params.min_new_tokens:
-            logits[:, eos_token_id] = float("-inf")
-        action = _choose_tokens(logits, params, generator)
+        # min_new_tokens constrains the *sampler*; the recorded log-probs stay those of the policy
+        allowed = logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), float("-inf")) \
+            if step < params.min_new_tokens else logits
+        action = _choose_tokens(allowed, params, generator)
         action = action.masked_fill(finished, pad_token_id)
         logprobs.append(token_logprobs(logits, action, temperature))
         masks.append(~finished)
