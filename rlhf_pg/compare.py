@@ -110,16 +110,14 @@ def compare(recipe: Recipe, output_dir: str | Path, overwrite: bool = False, sho
     """Run every arm of ``recipe.compare.arms``; write the report; return ``summary.json``'s content."""
     output_dir = Path(output_dir)
     arms = list(recipe.compare.arms)
-    if recipe.sft.batch_size is not None and recipe.sft.batch_size != sft_batch_size(dataclasses.replace(
-            recipe, sft=dataclasses.replace(recipe.sft, batch_size=None))):
+    samples_per_step = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
+    if recipe.sft.batch_size not in (None, samples_per_step):
         raise RecipeError(
             f"sft.batch_size={recipe.sft.batch_size}: compare matches budgets, so SFT takes as many samples per step as "
-            f"RL draws (rollout.prompts_per_step x completions_per_prompt = "
-            f"{recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt}); remove sft.batch_size")
+            f"RL draws (rollout.prompts_per_step x completions_per_prompt = {samples_per_step}); remove sft.batch_size")
     recipes = {arm: arm_recipe(recipe, arm) for arm in arms}  # validates every arm before anything runs
     _check_output_dir(output_dir, arms, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    samples_per_step = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
 
     results: dict[str, Any] = {}
     load_before = _load_average()

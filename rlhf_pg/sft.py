@@ -92,6 +92,15 @@ def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], ba
     return total / max(count, 1.0)
 
 
+def _as_completion(dataset, column: str):
+    """``dataset`` with ``column`` renamed to ``completion`` (replacing a ``completion`` column it may have)."""
+    if column == "completion":
+        return dataset
+    if "completion" in dataset.column_names:
+        dataset = dataset.remove_columns("completion")
+    return dataset.rename_column(column, "completion")
+
+
 class Demonstrations:
     """Prompt/completion pairs for each step, and the held-out pairs.
 
@@ -118,9 +127,7 @@ class Demonstrations:
                 if bad is not None:
                     raise UserError(f"data: {name} row {bad} of {recipe.data.path!r} has {column}={dataset[bad][column]!r}; "
                                     "every completion must be a string")
-            if column != "completion":
-                train_set = train_set.rename_column(column, "completion")
-                eval_set = eval_set.rename_column(column, "completion")
+            train_set, eval_set = _as_completion(train_set, column), _as_completion(eval_set, column)
         self.sampler = PromptSampler(train_set, batch_size, recipe.data.shuffle_seed + recipe.seed)
         self.eval_prompts, self.eval_columns = columns_of(eval_set)
         self.eval_completions = self._complete(self.eval_prompts, self.eval_columns, random.Random(recipe.data.shuffle_seed))

@@ -103,13 +103,16 @@ def test_demonstrations_mask_completion_tokens_and_eos_only(tiny_model_dir):
 
 
 def copy_digit_dataset(path, rows=240, seed=0):
-    """Prompts like 'qk7=' whose completion is the digit: easy for a tiny model, checked by arithmetic_exact's answer column."""
+    """Prompts like 'qk7=' whose target is the digit: easy for a tiny model, checked by arithmetic_exact's answer column.
+
+    A decoy ``completion`` column makes sure ``data.completion_column: target`` is the one learnt.
+    """
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(rows):
             digit = str(rng.randrange(10))
             prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(2)) + digit + "="
-            handle.write(json.dumps({"prompt": prompt, "target": digit, "answer": digit}) + "\n")
+            handle.write(json.dumps({"prompt": prompt, "target": digit, "answer": digit, "completion": "x"}) + "\n")
     return path
 
 
@@ -177,3 +180,17 @@ def test_builtin_demonstrators_write_the_sum_exactly_or_with_forgotten_carries(t
         right = [str(s) == c for s, c in zip(sums, completions)]
         assert all(right) if expect_exact else 0.2 < sum(right) / len(right) < 0.45  # no-carry problems only
         assert not set(prompts) & set(demos.eval_prompts)  # held-out problems are never demonstrated
+
+
+def test_sft_command_line_runs_and_refuses_resume_without_a_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from rlhf_pg.cli import main
+
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\ndata: {{max_operand: 9, num_eval: 8}}\nsft: {{demonstrator: exact}}\n"
+                      "rollout: {max_new_tokens: 3}\ntrain: {steps: 2, eval_every: 0, save_every: 0, tensorboard: false, "
+                      "num_threads: 1}\n")
+    assert main(["--no-progress", "sft", str(recipe), "--output-dir", str(tmp_path / "run"), "sft.batch_size=4"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples_seen"] == 8 and summary["demonstrations"] == "arithmetic task, exact demonstrator"
+    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "other"), "--resume"]) == 2
+    assert "has no checkpoint-<step> directory" in capsys.readouterr().err
