@@ -128,6 +128,19 @@ def apply_baseline(returns: Tensor, mask: Tensor, kind: str, group_ids: Tensor |
     return (returns - baseline) * mask
 
 
+def filtered_weights(returns: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """Filtered behaviour cloning (rejection-sampling fine-tuning): ``A_it = 1[G_i,0 >= threshold]``.
+
+    ``returns``, ``mask``: ``[B, T]``. Every action of a trajectory whose total return passes the
+    threshold gets weight 1, every other one 0; with these weights the policy-gradient loss is
+    maximum likelihood on the kept samples (scaled by the kept fraction). With a 0/1 reward and
+    ``threshold = 1`` this is REINFORCE with ``baseline = none``; what a baseline adds is pushing
+    *down* the rejected samples.
+    """
+    kept = (returns[:, :1] >= threshold).to(returns.dtype)  # [B, 1]
+    return kept * mask
+
+
 def whiten_advantages(advantages: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(A - mean) / (std + eps)`` over the real tokens of the batch (mean kept when ``shift_mean=False``).
 

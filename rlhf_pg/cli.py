@@ -2,6 +2,8 @@
 
     rlhf-pg train RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
+    rlhf-pg sft RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
+    rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
     rlhf-pg build-base [--force]
@@ -68,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model directory (default: the recipe's model), e.g. runs/quickstart/final")
     evaluate.add_argument("--seed", type=_int, help="override the recipe's seed")
 
+    sft = commands.add_parser("sft", help="maximum-likelihood fine-tuning on prompt/completion pairs")
+    _add_run_arguments(sft)
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    sft.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+
+    compare = commands.add_parser("compare", help="SFT on demonstrations vs REINFORCE from the same model, same budget")
+    _add_run_arguments(compare)
+    compare.add_argument("--overwrite", action="store_true", help="replace a comparison already in the output dir")
+
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     return parser
@@ -81,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [word for word in extra if word not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "eval"):
+    if overrides and args.command not in ("train", "eval", "sft", "compare"):
         parser.error(f"{args.command} takes no key=value overrides (got {' '.join(overrides)})")
     args.overrides = overrides
     return args
@@ -121,6 +132,23 @@ def _run(args) -> int:
 
         result = evaluate_model(_recipe(args), args.model)
         print(json.dumps(result, indent=2))
+        return 0
+    if args.command == "sft":
+        from .sft import train_sft
+
+        recipe = _recipe(args)
+        summary = train_sft(recipe, _output_dir(args, recipe), resume=args.resume, overwrite=args.overwrite,
+                            show_progress=not args.no_progress)
+        print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
+        return 0
+    if args.command == "compare":
+        from .compare import compare
+
+        recipe = _recipe(args)
+        output_dir = _output_dir(args, recipe)
+        summary = compare(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        print(f"report: {output_dir / 'report.md'}")
         return 0
     if args.command == "build-base":
         from .builtin import builtin_path

@@ -55,6 +55,7 @@ class DataConfig:
     split: str = _field("train", help="split of `path` used for training")
     eval_split: str | None = _field(None, help="split used for evaluation; default: hold out num_eval rows of `split`")
     prompt_column: str = _field("prompt", help="column holding the prompt text")
+    completion_column: str = _field("completion", help="sft/compare: column holding the target completion text")
     shuffle_seed: int = _field(0, help="seed of the held-out split and the prompt order")
 
 
@@ -83,6 +84,10 @@ class RolloutConfig:
 class AlgorithmConfig:
     """The estimator: returns, baseline, loss aggregation, KL control, off-policy reuse."""
 
+    estimator: Literal["reinforce", "filtered_bc"] = _field(
+        "reinforce", help="trajectory weights: 'reinforce' A = G - b; 'filtered_bc' A = 1[R >= reward_threshold] "
+        "(maximum likelihood on the policy's own good samples; baseline is not used)")
+    reward_threshold: float = _field(1.0, help="filtered_bc: keep a sample when its return R >= this")
     gamma: float = _field(1.0, min=0.0, max=1.0, help="discount in the reward-to-go")
     baseline: Literal["none", "batch_mean", "group_mean", "leave_one_out", "timestep_mean"] = _field(
         "leave_one_out", help="baseline subtracted from the reward-to-go")
@@ -151,6 +156,28 @@ class PeftConfig:
 
 
 @dataclass
+class SftConfig:
+    """Maximum likelihood on demonstrations (``rlhf-pg sft``, and the SFT arms of ``rlhf-pg compare``)."""
+
+    batch_size: int | None = _field(None, min=1, help="demonstrations per optimizer step "
+                                    "(None = rollout.prompts_per_step * rollout.completions_per_prompt, as many as RL samples)")
+    demonstrator: Literal["flawed", "exact"] = _field(
+        "flawed", help="built-in arithmetic task: who writes the completions ('flawed' forgets carries, 'exact' never does)")
+    forget_carry: float = _field(0.7, min=0.0, max=1.0, help="flawed demonstrator: probability of dropping each carry "
+                                 "(0.7 is the demonstrator builtin:arith-gpt imitates)")
+
+
+@dataclass
+class CompareConfig:
+    """``rlhf-pg compare``: which arms run from the same model with the same budget."""
+
+    arms: list[Literal["sft", "sft_exact", "filtered_bc", "rl"]] = _field(
+        help="'sft' (the recipe's demonstrator), 'sft_exact' (exact demonstrator, arithmetic only), "
+        "'filtered_bc' (ML on own samples with R >= algorithm.reward_threshold), 'rl' (REINFORCE)",
+        factory=lambda: ["sft", "rl"])
+
+
+@dataclass
 class Recipe:
     """A whole run."""
 
@@ -163,6 +190,8 @@ class Recipe:
     train: TrainConfig = _field(help="run length, checkpoints", factory=TrainConfig)
     eval: EvalConfig = _field(help="held-out evaluation", factory=EvalConfig)
     peft: PeftConfig | None = _field(None, help="LoRA adapters (null = full fine-tuning)")
+    sft: SftConfig = _field(help="maximum likelihood on demonstrations (rlhf-pg sft)", factory=SftConfig)
+    compare: CompareConfig = _field(help="arms of rlhf-pg compare", factory=CompareConfig)
     seed: int = _field(0, help="seed for sampling, data order and initialization")
     output_dir: str | None = _field(None, help="where the run is written (default runs/<recipe name>)")
 
@@ -315,7 +344,15 @@ def _check_consistency(recipe: Recipe) -> None:
         raise RecipeError("data.min_operand must be <= data.max_operand")
     if recipe.rollout.min_new_tokens > recipe.rollout.max_new_tokens:
         raise RecipeError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
-    if recipe.algorithm.baseline in ("leave_one_out",) and recipe.rollout.completions_per_prompt < 2:
+    if recipe.algorithm.estimator == "filtered_bc" and recipe.algorithm.whiten:
+        raise RecipeError("algorithm.whiten must be false with algorithm.estimator 'filtered_bc' "
+                          "(its weights are 0/1 by definition)")
+    if not recipe.compare.arms:
+        raise RecipeError("compare.arms: list at least one arm, e.g. [sft, rl]")
+    if len(set(recipe.compare.arms)) != len(recipe.compare.arms):
+        raise RecipeError(f"compare.arms: {recipe.compare.arms} lists an arm twice; list each arm once")
+    if (recipe.algorithm.estimator == "reinforce" and recipe.algorithm.baseline in ("leave_one_out",)
+            and recipe.rollout.completions_per_prompt < 2):
         raise RecipeError(
             "algorithm.baseline 'leave_one_out' needs rollout.completions_per_prompt >= 2 "
             "(it averages the other completions of the same prompt)"

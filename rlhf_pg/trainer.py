@@ -6,6 +6,7 @@
         r(tau_i)           <- weighted reward functions, on the last token          (rewards.py)
         r_t               -= beta * KL_t(pi_theta || pi_ref)  (optional penalty)    (losses.py)
         G_t, A_t           <- reward-to-go and baseline over the *global* batch     (advantages.py)
+                              (filtered_bc: A_t = 1[G_0 >= threshold], ML on the good samples)
         theta              <- theta - lr * grad[-(1/N) sum_i sum_t log pi(a_it|s_it) A_it]   (losses.py)
 
 The same code runs on CPU, one GPU or many (``accelerate launch``); only the main process writes.
@@ -28,7 +29,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from .advantages import apply_baseline, discounted_returns, whiten_advantages
+from .advantages import apply_baseline, discounted_returns, filtered_weights, whiten_advantages
 from .config import Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import NonFiniteError, TrainingInterrupted, UserError
@@ -63,9 +64,12 @@ def compute_advantages(batch: Rollout, recipe: Recipe, accelerator) -> torch.Ten
         mask = accelerator.gather(_pad_to(mask, width))
         group_ids = accelerator.gather(group_ids)
     returns = discounted_returns(rewards, mask, algorithm.gamma)
-    advantages = apply_baseline(returns, mask, algorithm.baseline, group_ids)
-    if algorithm.whiten:
-        advantages = whiten_advantages(advantages, mask)
+    if algorithm.estimator == "filtered_bc":  # maximum likelihood on the samples that pass the threshold
+        advantages = filtered_weights(returns, mask, algorithm.reward_threshold)
+    else:
+        advantages = apply_baseline(returns, mask, algorithm.baseline, group_ids)
+        if algorithm.whiten:
+            advantages = whiten_advantages(advantages, mask)
     if accelerator.num_processes > 1:
         start = accelerator.process_index * local_rows
         advantages = advantages[start : start + local_rows, : batch.completion_mask.shape[1]]

@@ -41,6 +41,46 @@ def flawed_sum(a: int, b: int, forget_carry: float, rng: random.Random) -> int:
     return result
 
 
+def demonstrator_distribution(a: int, b: int, forget_carry: float) -> dict[int, float]:
+    """Exact distribution of ``flawed_sum(a, b, forget_carry, rng)``: ``{answer: probability}``.
+
+    Enumerates the keep/forget choice at every carry of the column addition (at most one per column).
+    """
+    outcomes: dict[int, float] = {}
+
+    def walk(a: int, b: int, carry: int, result: int, place: int, probability: float) -> None:
+        if probability == 0.0:
+            return
+        if not (a > 0 or b > 0 or carry):
+            outcomes[result] = outcomes.get(result, 0.0) + probability
+            return
+        column = a % 10 + b % 10 + carry
+        result += (column % 10) * place
+        if column // 10:
+            walk(a // 10, b // 10, 1, result, place * 10, probability * (1.0 - forget_carry))
+            walk(a // 10, b // 10, 0, result, place * 10, probability * forget_carry)
+        else:
+            walk(a // 10, b // 10, 0, result, place * 10, probability)
+
+    walk(a, b, 0, 0, 1, 1.0)
+    return outcomes
+
+
+def demonstrator_accuracy(problems: list[tuple[int, int]], forget_carry: float) -> tuple[float, float]:
+    """``(sampled, mode)`` accuracy of the demonstrator on ``problems``, exactly (no sampling).
+
+    ``sampled`` = mean P(flawed_sum = a + b): how often one of its answers is right. ``mode`` = the
+    fraction of problems whose *most likely* answer is right: the greedy accuracy of a perfect
+    imitator, which is what maximum likelihood on this demonstrator converges to under greedy decoding.
+    """
+    sampled = mode = 0.0
+    for a, b in problems:
+        distribution = demonstrator_distribution(a, b, forget_carry)
+        sampled += distribution.get(a + b, 0.0)
+        mode += float(max(distribution, key=distribution.get) == a + b)
+    return sampled / len(problems), mode / len(problems)
+
+
 def all_problems(max_operand: int, min_operand: int = 0) -> list[tuple[int, int]]:
     """Every ``(a, b)`` with both operands in ``[min_operand, max_operand]``."""
     span = range(min_operand, max_operand + 1)
