@@ -10,8 +10,8 @@ built model (builtin:arith-gpt, 0.8M-parameter GPT-2), tokenizer, prompts, rewar
 
 Throughput at equal settings: B = 64 completions (16 prompts x 4), exactly 32 new tokens
 (min_new_tokens = max_new_tokens = 32), no reference model, lr 1e-4, fp32, no gradient
-checkpointing; warm-up steps excluded; the contenders are interleaved (ours, TRL, naive, ours, ...)
-and medians reported.
+checkpointing, reward = fraction of digits in the completion (see ``digit_fraction``); warm-up steps
+excluded; the contenders are interleaved (ours, TRL, naive, ours, ...) and medians reported.
 
 Time to target: wall time of training (evaluation excluded) until held-out greedy accuracy >= 0.9,
 with the same evaluation (500 held-out problems, greedy) every K steps, for rlhf-pg's quickstart
@@ -63,6 +63,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def digit_fraction(prompts, completions, **kwargs):
+    """Throughput reward: the fraction of a completion's characters that are digits.
+
+    Dense and varied, so every contender does the full update. (With exactly 32 forced tokens the
+    arithmetic reward is 0 for every sample, every advantage is 0, and rlhf-pg would skip the
+    forward/backward altogether — an exact optimization, but it would make the comparison moot.)
+    """
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+
+
 def trl_reward(prompts, completions, completion_ids=None, answer=None, **kwargs):
     """``arithmetic_exact`` with ``finished`` taken from TRL's completion ids (EOS present)."""
     from reward_models.rules import arithmetic_exact
@@ -93,13 +103,17 @@ def _greedy_accuracy(model, tokenizer, eval_set) -> float:
 
 
 def throughput_ours(steps: int) -> list[float]:
+    from reward_models import register_reward
+
     from rlhf_pg.config import recipe_from_dict
     from rlhf_pg.trainer import setup, train_step
     import tempfile
 
+    register_reward("digit_fraction")(digit_fraction)
     recipe = recipe_from_dict({
         "model": "builtin:arith-gpt",
         "data": {"num_eval": 500},
+        "rewards": [{"name": "digit_fraction"}],
         "rollout": {"prompts_per_step": 16, "completions_per_prompt": 4, "max_new_tokens": 32, "min_new_tokens": 32},
         "algorithm": {"baseline": "group_mean"},
         "optim": {"lr": 1e-4, "max_grad_norm": 1.0},
@@ -119,8 +133,6 @@ def throughput_naive(steps: int) -> list[float]:
     torch = _setup_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reward_models.rules import arithmetic_exact
-
     path = _model_path()
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -139,7 +151,7 @@ def throughput_naive(steps: int) -> list[float]:
         model.train()
         completion = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-        rewards = torch.tensor(arithmetic_exact(prompts, texts))
+        rewards = torch.tensor(digit_fraction(prompts, texts))
         advantages = rewards.view(16, 4) - rewards.view(16, 4).mean(1, keepdim=True)
         attention = torch.cat([encoded["attention_mask"], torch.ones_like(completion)], dim=1)
         logits = model(input_ids=output, attention_mask=attention).logits[:, encoded["input_ids"].shape[1] - 1:-1]
@@ -153,7 +165,8 @@ def throughput_naive(steps: int) -> list[float]:
     return times
 
 
-def _trl_trainer(learning_rate: float, batch: int, new_tokens: int, min_new_tokens: int, max_steps: int, callbacks):
+def _trl_trainer(learning_rate: float, batch: int, new_tokens: int, min_new_tokens: int, max_steps: int, callbacks,
+                 reward=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
     import tempfile
@@ -167,7 +180,7 @@ def _trl_trainer(learning_rate: float, batch: int, new_tokens: int, min_new_toke
         max_steps=max_steps, logging_steps=10_000, save_strategy="no", report_to=[], lr_scheduler_type="constant",
         max_grad_norm=1.0, dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
-    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=trl_reward, args=args,
+    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward or trl_reward, args=args,
                        train_dataset=train_set, processing_class=AutoTokenizer.from_pretrained(path),
                        callbacks=callbacks)
 
@@ -185,7 +198,7 @@ def throughput_trl(steps: int) -> list[float]:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.started)
 
-    trainer = _trl_trainer(1e-4, 64, 32, 32, steps, [Timer()])
+    trainer = _trl_trainer(1e-4, 64, 32, 32, steps, [Timer()], reward=digit_fraction)
     trainer.train()
     return times
 
