@@ -197,7 +197,9 @@ def prepare_output_dir(output_dir: Path, recipe: Recipe, resume: bool, overwrite
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output dir {output_dir} is a file; choose a directory with --output-dir")
     marker = output_dir / RUN_MARKER
-    holds_run = marker.exists() or ckpt.list_checkpoints(output_dir) or (output_dir / "metrics.jsonl").exists()
+    # a run = some progress: a start that failed in setup or in the first evaluation can simply be retried
+    holds_run = bool(ckpt.list_checkpoints(output_dir)) or any(
+        (output_dir / name).exists() for name in ("metrics.jsonl", "summary.json"))
     if is_main:
         ckpt.clean_staging(output_dir)  # half-written checkpoints of a crashed run
     if resume:
@@ -296,22 +298,18 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu_only())
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        except OSError as error:
-            raise UserError(f"cannot write to output dir {output_dir}: {error}; choose another --output-dir") from None
     set_seed(recipe.seed)
     world = accelerator.num_processes
     if recipe.rollout.prompts_per_step % world:
         raise UserError(f"rollout.prompts_per_step={recipe.rollout.prompts_per_step} must be divisible by the "
                         f"number of processes ({world})")
-
-    policy, tokenizer, model_path = load_policy(recipe.model)
     counters: dict[str, Any] = {}
     if resume_from is not None:
         counters = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from)
+    scorer = RewardScorer(recipe.rewards)  # before the slow loading: a misspelt reward fails at once
+    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
+
+    policy, tokenizer, model_path = load_policy(recipe.model)
     reference = None
     if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
         reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
@@ -327,7 +325,6 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
                          "rollout.max_new_tokens")
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
-    scorer = RewardScorer(recipe.rewards)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=(recipe.optim.beta1, recipe.optim.beta2),
                                   weight_decay=recipe.optim.weight_decay)
@@ -343,10 +340,17 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         recipe=recipe, accelerator=accelerator, output_dir=output_dir, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler,
         sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
-        scorer=scorer, eval_scorer=RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer,
+        scorer=scorer, eval_scorer=eval_scorer,
         eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl, reference=reference, max_context=max_context,
         counters={key: counters.get(key, default) for key, default in COUNTER_DEFAULTS.items()},
     )
+    if accelerator.is_main_process:  # written once everything loaded: a start that failed leaves no run behind
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        except OSError as error:
+            raise UserError(f"cannot write to output dir {output_dir}: {error}; choose another --output-dir") from None
+    accelerator.wait_for_everyone()
     return run, resume_from
 
 
@@ -514,9 +518,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
             bar.update(task, completed=done, status=f"reward {metrics['reward/mean']:.3f} | eval {shown_eval:.3f} | "
                                                     f"{metrics['perf/tokens_per_s']:.0f} tok/s")
             if metrics.get("train/skipped_updates"):
-                bar.console.log(f"step {done}: non-finite loss ({metrics['loss/policy']}) or gradient norm "
-                                f"({metrics['grad/norm']}); update skipped ({counters['nonfinite_in_a_row']} in a row, "
-                                f"the run stops at {recipe.train.max_nonfinite_steps})")
+                bar.console.print(f"step {done}: non-finite loss ({metrics['loss/policy']}) or gradient norm "
+                                  f"({metrics['grad/norm']}); update skipped ({counters['nonfinite_in_a_row']} in a "
+                                  f"row, the run stops at {recipe.train.max_nonfinite_steps})",
+                                  soft_wrap=True, markup=False, highlight=False)
             if counters["nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
                 logger.close()
                 raise NonFiniteError(

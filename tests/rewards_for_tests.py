@@ -12,11 +12,22 @@ def sevens(prompts, completions, **kwargs):
 
 
 def sevens_then_interrupt(prompts, completions, **kwargs):
-    """Like ``sevens``, but sends SIGINT to this process on call number $INTERRUPT_AT_CALL."""
+    """Like ``sevens``, but on call number $INTERRUPT_AT_CALL sends $INTERRUPT_SIGNAL (default SIGINT) to this
+    process, and on call number $CRASH_AT_CALL raises (a run dying mid-way, without a checkpoint)."""
     calls["count"] += 1
     if str(calls["count"]) == os.environ.get("INTERRUPT_AT_CALL"):
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.Signals[os.environ.get("INTERRUPT_SIGNAL", "SIGINT")])
+    if str(calls["count"]) == os.environ.get("CRASH_AT_CALL"):
+        raise RuntimeError("simulated crash")
     return sevens(prompts, completions)
+
+
+def infinite(prompts, completions, **kwargs):
+    return [float("inf")] * len(completions)
+
+
+def not_a_list(prompts, completions, **kwargs):
+    return None
 
 
 def raises_on_long(prompts, completions, **kwargs):
