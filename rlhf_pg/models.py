@@ -119,8 +119,7 @@ def load_lora_checkpoint(model, checkpoint: str):
     try:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"checkpoint {checkpoint} has no usable LoRA adapter ({type(error).__name__}: {error}); "
-                        "resume with the recipe that wrote it, or start again with --overwrite") from None
+        raise UserError(f"no usable LoRA adapter in {checkpoint}: {_first_line(error)}") from None
 
 
 def is_lora(model) -> bool:

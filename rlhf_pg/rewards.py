@@ -103,8 +103,8 @@ def _checked_call(term: _Term, prompts: list[str], completions: list[str], colum
         where = _describe(prompts, completions, index) if index is not None else "the batch"
         raise RewardFunctionError(
             f"reward function {term.name!r} raised {type(error).__name__}: {error} on {where}; "
-            "fix the function so it returns one float per completion"
-        ) from None
+            "fix the function (rlhf-pg --debug shows the traceback into it)"
+        ) from error
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):

@@ -314,7 +314,7 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
         reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
     if recipe.peft is not None:
-        policy = load_lora_checkpoint(policy, str(resume_from)) if resume_from else apply_lora(policy, recipe.peft)
+        policy = _checkpoint_adapter(policy, resume_from) if resume_from else apply_lora(policy, recipe.peft)
         reference = "adapter" if recipe.algorithm.kl_coef > 0 else None
     elif resume_from is not None:
         policy = _checkpoint_policy(recipe, resume_from, policy)
@@ -380,6 +380,13 @@ def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]
     if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef):
         raise ckpt.unusable(checkpoint, f"has a corrupt trainer_state.json (kl_controller={controller!r:.40})")
     return state
+
+
+def _checkpoint_adapter(base, checkpoint: Path):
+    try:
+        return load_lora_checkpoint(base, str(checkpoint))
+    except UserError as error:
+        raise ckpt.unusable(checkpoint, f"is unusable ({error})", mismatch=True) from None
 
 
 def _checkpoint_policy(recipe: Recipe, checkpoint: Path, base):
@@ -497,6 +504,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     run, resume_from = setup(recipe, output_dir, resume, overwrite)
     counters, is_main = run.counters, run.accelerator.is_main_process
     start_step = int(counters["global_step"])
+    if start_step > recipe.train.steps:
+        raise UserError(f"--resume: {resume_from} is at step {start_step}, past train.steps={recipe.train.steps}; "
+                        f"give --max-steps {start_step} or more")
     logger = MetricsLogger(run.output_dir, enabled=is_main, tensorboard=recipe.train.tensorboard,
                            resume_step=start_step if resume_from is not None else None)
     started = time.perf_counter()

@@ -13,10 +13,12 @@ def sevens(prompts, completions, **kwargs):
 
 def sevens_then_interrupt(prompts, completions, **kwargs):
     """Like ``sevens``, but on call number $INTERRUPT_AT_CALL sends $INTERRUPT_SIGNAL (default SIGINT) to this
-    process, and on call number $CRASH_AT_CALL raises (a run dying mid-way, without a checkpoint)."""
+    process $INTERRUPT_TIMES times (default 1), and on call number $CRASH_AT_CALL raises (a run dying mid-way,
+    without a checkpoint)."""
     calls["count"] += 1
     if str(calls["count"]) == os.environ.get("INTERRUPT_AT_CALL"):
-        os.kill(os.getpid(), signal.Signals[os.environ.get("INTERRUPT_SIGNAL", "SIGINT")])
+        for _ in range(int(os.environ.get("INTERRUPT_TIMES", "1"))):  # twice = a second Ctrl-C: abort at once
+            os.kill(os.getpid(), signal.Signals[os.environ.get("INTERRUPT_SIGNAL", "SIGINT")])
     if str(calls["count"]) == os.environ.get("CRASH_AT_CALL"):
         raise RuntimeError("simulated crash")
     return sevens(prompts, completions)

@@ -206,7 +206,7 @@ def test_the_cli_answers_every_malformed_recipe_with_exit_2_and_one_message(tmp_
 
 
 @pytest.mark.parametrize("text,message", [
-    ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ("a: " + "[" * 1200 + "]" * 1200 + "\n", "nested too deeply"),
     ("a: &x [*x]\n", "unknown recipe key 'a'"),
     ("rewards: [{name: arithmetic_exact, 3: 1}]\n", "not a valid keyword argument name"),
     ("!!python/object/apply:os.system ['true']\n", "malformed YAML"),
@@ -222,7 +222,7 @@ def test_hostile_recipes_found_by_fuzzing(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.steps=" + "[" * 3000 + "]" * 3000, "nested too deeply"),
+    ("train.steps=" + "[" * 1200 + "]" * 1200, "nested too deeply"),
     ("model.name_or_path.x=1", "'model.name_or_path' is a value, not a section"),
     ("seed.x=1", "'seed' is a value, not a section"),
     ("=3", "empty key"),

@@ -78,6 +78,15 @@ def assert_user_error(capsys, args, *fragments):
     return message
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is 10x faster than two fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _reset_reward_calls():
     rewards_for_tests.calls["count"] = 0
@@ -471,7 +480,7 @@ def _cli_env():
             "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_sigterm_to_the_cli_checkpoints_says_how_to_resume_and_the_resume_finishes(tiny_model_dir, tmp_path):
+def test_sigterm_to_the_cli_checkpoints_says_how_to_resume_and_the_resume_finishes(tiny_model_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train={"steps": 400})
     run_dir = tmp_path / "run"
     args = ["--no-progress", "train", str(recipe), "--output-dir", str(run_dir), "optim.lr=0.005"]
@@ -491,10 +500,10 @@ def test_sigterm_to_the_cli_checkpoints_says_how_to_resume_and_the_resume_finish
     assert step >= 2 and (run_dir / f"checkpoint-{step}").is_dir()
     command = last.split("Resume with: ")[1]
     assert command == f"rlhf-pg --no-progress train {recipe} --output-dir {run_dir} optim.lr=0.005 --resume"
-    # resume with exactly that command (fewer steps, so the test is short: train.steps may change on resume)
-    resumed = subprocess.run([sys.executable, "-m", "rlhf_pg", *shlex.split(command)[1:], "--max-steps", str(step + 2)],
-                             capture_output=True, text=True, env=_cli_env(), cwd=tmp_path, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
+    # resume with exactly that command, in this process to save a start-up (fewer steps, so the test is short:
+    # train.steps may change on resume)
+    code = cli.main([*shlex.split(command)[1:], "--max-steps", str(step + 2)])
+    assert code == 0, capsys.readouterr().err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == step + 2
     steps = [r["step"] for r in read_metrics(metrics) if "loss/policy" in r]
@@ -561,3 +570,34 @@ def test_consecutive_nonfinite_updates_stop_the_cli_with_exit_2(tiny_model_dir, 
                       "train.max_nonfinite_steps=3", "lower optim.lr")
     skipped = [r["train/skipped_updates"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss/policy" in r]
     assert skipped == [1, 1, 1]
+
+
+def test_a_second_signal_aborts_at_once_and_the_last_checkpoint_stays_usable(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, rewards=[{"name": "rewards_for_tests:sevens_then_interrupt"}],
+                          train={"steps": 4, "save_every": 1})
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("INTERRUPT_AT_CALL", "4")  # 1: first evaluation, 2-4: steps 1-3
+    monkeypatch.setenv("INTERRUPT_TIMES", "2")
+    code, message = run_main(capsys, "train", recipe, "--output-dir", run_dir)
+    assert code == 130, message
+    assert message.startswith("interrupted; the run's earlier checkpoints (if any) are intact") and "--resume" in message
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.delenv("INTERRUPT_AT_CALL")
+    code, _ = run_main(capsys, "train", recipe, "--output-dir", run_dir, "--resume")
+    assert code == 0
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == 2
+    # resuming with fewer steps than the checkpoint already has is refused, not silently "finished"
+    assert_user_error(capsys, ["train", recipe, "--output-dir", run_dir, "--resume", "--max-steps", "2"],
+                      "is at step 3, past train.steps=2; give --max-steps 3 or more")
+
+
+def test_corrupt_lora_adapter_checkpoint_on_resume(tiny_model_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, peft={"r": 2, "target_modules": ["c_attn"]},
+                          train={"steps": 2, "save_every": 1})
+    run_dir = tmp_path / "run"
+    assert run_main(capsys, "train", recipe, "--output-dir", run_dir)[0] == 0
+    adapter = run_dir / "checkpoint-1" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:64])
+    assert_user_error(capsys, ["train", recipe, "--output-dir", run_dir, "--resume"],
+                      "checkpoint-1 is unusable (no usable LoRA adapter in", "start again with --overwrite")
