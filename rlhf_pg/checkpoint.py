@@ -173,6 +173,12 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
                                        f"({_first_line(error)})", mismatch=True) from None
 
 
+def restore_rng_state(checkpoint: Path) -> None:
+    """Set the global RNGs to the states saved in ``checkpoint`` (no-op for a checkpoint without them)."""
+    if (checkpoint / "rng_state.pth").exists():
+        set_rng_state(torch.load(checkpoint / "rng_state.pth", weights_only=False))
+
+
 def _load_optimizer(optimizer, state: dict[str, Any]) -> None:
     optimizer.load_state_dict(state)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer

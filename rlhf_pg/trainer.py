@@ -498,9 +498,54 @@ def save_run_checkpoint(run: Run, step: int) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path):
+    """Hold ``DIR/.lock`` for the whole run so that two runs never write into one directory.
+
+    An OS file lock (``flock``): the OS releases it when the process ends, however it ends, so a
+    crashed run never leaves a stale lock. Only the first process of a distributed run takes it; on
+    systems without ``fcntl`` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or os.environ.get("RANK", "0") != "0" or (output_dir.exists() and not output_dir.is_dir()):
+        yield  # (a file in the way is reported by prepare_output_dir)
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / ".lock", "a+")
+    except OSError as error:
+        raise UserError(f"cannot write to output dir {output_dir}: {error}; choose another --output-dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise UserError(f"another rlhf-pg run{f' (pid {owner})' if owner else ''} is writing to {output_dir}; wait for "
+                        "it to finish, stop it, or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+    with output_dir_lock(Path(output_dir)):
+        return _train(recipe, output_dir, resume, overwrite, show_progress)
+
+
+def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool, show_progress: bool) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
     run, resume_from = setup(recipe, output_dir, resume, overwrite)
     counters, is_main = run.counters, run.accelerator.is_main_process
     start_step = int(counters["global_step"])
@@ -511,6 +556,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
                            resume_step=start_step if resume_from is not None else None)
     started = time.perf_counter()
     with _StopFlag() as stop, progress_bar(show_progress and is_main) as bar:
+        # seed (or restore the checkpoint's RNG states) only now: importing some libraries (rich) draws from
+        # python's global generator, and a fresh process imports them after setup
+        if resume_from is None:
+            set_seed(recipe.seed)
+        else:
+            ckpt.restore_rng_state(resume_from)
         if counters["eval_reward_before"] is None:
             counters["eval_reward_before"] = run_evaluation(run)["reward"]
             logger.log(0, {"eval/reward": counters["eval_reward_before"]})

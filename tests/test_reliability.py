@@ -387,9 +387,10 @@ def dropout_model_dir(tmp_path_factory):
 
 
 # every feature whose state a resume must restore: eval and checkpoints interleaved, 2 updates per batch
-# (clipped ratios), micro-batches, a cosine schedule with warm-up, an adaptive KL controller, dropout
+# (clipped ratios), micro-batches, a cosine schedule with warm-up, an adaptive KL controller, dropout (torch
+# RNG) and a reward drawing from python's and numpy's RNGs
 RICH = {
-    "rewards": [{"name": "rewards_for_tests:sevens_then_interrupt"}],
+    "rewards": [{"name": "rewards_for_tests:sevens_then_interrupt"}, {"name": "rewards_for_tests:noise", "weight": 0.01}],
     "rollout": {"prompts_per_step": 4, "completions_per_prompt": 2, "max_new_tokens": 3},
     "algorithm": {"updates_per_batch": 2, "clip_eps": 0.2, "kl_coef": 0.05, "kl_target": 0.001, "kl_horizon": 50},
     "optim": {"lr": 0.02, "schedule": "cosine", "warmup_steps": 1},
@@ -490,6 +491,9 @@ def test_sigterm_to_the_cli_checkpoints_says_how_to_resume_and_the_resume_finish
     while not (metrics.exists() and metrics.read_text().count('"loss/policy"') >= 2):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+    # meanwhile, a second run into the same directory is refused (the first holds DIR/.lock)
+    assert_user_error(capsys, ["train", recipe, "--output-dir", run_dir, "--resume"],
+                      f"another rlhf-pg run (pid {process.pid}) is writing to {run_dir}")
     process.send_signal(signal.SIGTERM)  # from outside, mid-run
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -601,3 +605,23 @@ def test_corrupt_lora_adapter_checkpoint_on_resume(tiny_model_dir, tmp_path, cap
     adapter.write_bytes(adapter.read_bytes()[:64])
     assert_user_error(capsys, ["train", recipe, "--output-dir", run_dir, "--resume"],
                       "checkpoint-1 is unusable (no usable LoRA adapter in", "start again with --overwrite")
+
+
+@pytest.mark.slow
+def test_resume_in_a_fresh_cli_process_matches_an_uninterrupted_cli_run(dropout_model_dir, tmp_path):
+    """The exact-resume property across processes (what users do): import-time side effects included."""
+    recipe = write_recipe(tmp_path / "r.yaml", dropout_model_dir, **RICH)
+
+    def cli_run(run_dir, *extra, **env):
+        return subprocess.run([sys.executable, "-m", "rlhf_pg", "--no-progress", "train", str(recipe), "--output-dir",
+                               str(run_dir), *extra], capture_output=True, text=True, env={**_cli_env(), **env},
+                              timeout=600)
+
+    stopped = cli_run(tmp_path / "b", INTERRUPT_AT_CALL="5", INTERRUPT_SIGNAL="SIGTERM")
+    assert stopped.returncode == 143 and "after step 3" in stopped.stderr, stopped.stderr
+    assert cli_run(tmp_path / "b", "--resume").returncode == 0
+    assert cli_run(tmp_path / "a").returncode == 0
+    a, b = (_comparable(read_metrics(tmp_path / name / "metrics.jsonl")) for name in "ab")
+    assert a == b
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["resumed_from_step"] == 3
+    assert all(torch.equal(x, _final_weights(tmp_path / "b")[k]) for k, x in _final_weights(tmp_path / "a").items())
