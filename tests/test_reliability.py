@@ -446,7 +446,7 @@ def test_crash_without_checkpoint_resumes_from_the_last_one_exactly(dropout_mode
                                                                    monkeypatch):
     """A run that dies (here: at step 6) after logging step 5 resumes from checkpoint-4: the metrics logged
     after it, a line cut in half and a half-written checkpoint are dropped, and steps 5-6 come out the same."""
-    reference, reference_records, reference_weights = uninterrupted
+    _, reference_records, reference_weights = uninterrupted
     recipe = recipe_from_dict(recipe_dict(dropout_model_dir, **RICH))
     monkeypatch.setenv("CRASH_AT_CALL", "9")
     with pytest.raises(UserError, match="simulated crash"):
