@@ -2,8 +2,8 @@
 
 Each holds the model and tokenizer (``save_pretrained``), ``trainer_state.json`` (step, recipe,
 metrics so far), ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pth``. A checkpoint is written to
-a temporary directory and renamed into place, so a crash never leaves a half-written one; only the
-last ``keep`` are kept.
+a temporary directory and renamed into place, so a crash never leaves a half-written one (a leftover
+``.checkpoint-<step>.tmp`` is ignored, and removed by ``clean_staging``); only the last ``keep`` are kept.
 """
 
 from __future__ import annotations
@@ -22,41 +22,84 @@ import torch
 from .errors import UserError
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")
 REQUIRED_FILES = ("trainer_state.json", "optimizer.pt")
 MODEL_FILES = ("config.json", "adapter_config.json")  # a full model or a LoRA adapter
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Global RNG states: python, numpy, torch CPU and (when present) every CUDA device (dropout draws from these)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(
     output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict[str, Any], keep: int,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and prune older ones beyond ``keep``."""
+    """Write ``checkpoint-<step>`` atomically (temp dir + rename) and prune older ones beyond ``keep``.
+
+    A failure while writing (disk full, permissions) leaves the earlier checkpoints as they were and is
+    a ``UserError``.
+    """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng_state(), staging / "rng_state.pth")
-    (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **trainer_state}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_state(), staging / "rng_state.pth")
+        (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **trainer_state}, indent=2))
+        if final.exists():  # the same step written again: swap, so some complete copy exists at every moment
+            previous = output_dir / f".checkpoint-{step}.old"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+            os.replace(staging, final)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final}: {error}; free some disk space or choose another "
+                        "--output-dir (the earlier checkpoints are intact)") from None
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_staging(output_dir: Path) -> list[str]:
+    """Remove what an interrupted ``save_checkpoint`` left behind; returns the names removed.
+
+    ``.checkpoint-<step>.tmp`` is a half-written checkpoint: deleted. ``.checkpoint-<step>.old`` is a
+    complete one that was being replaced: deleted if its replacement exists, else renamed back.
+    """
+    removed = []
+    if not output_dir.is_dir():
+        return removed
+    for child in sorted(output_dir.iterdir()):
+        match = _STAGING_RE.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        final = output_dir / f"checkpoint-{match.group(1)}"
+        if match.group(2) == "old" and not final.exists():
+            os.replace(child, final)
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child.name)
+    return removed
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -76,35 +119,74 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def unusable(checkpoint: Path, problem: str, mismatch: bool = False) -> UserError:
+    """The error for a checkpoint that cannot be resumed: what is wrong and the ways out."""
+    earlier = [path for path in list_checkpoints(checkpoint.parent) if path != checkpoint]
+    ways = ["resume with the recipe that wrote it"] if mismatch else []
+    if earlier:
+        ways.append(f"delete it to resume from {earlier[-1].name}")
+    ways.append("start again with --overwrite" + ("" if earlier else " (there is no earlier checkpoint)"))
+    return UserError(f"checkpoint {checkpoint} {problem}; {', or '.join(ways)}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint, or a ``UserError`` saying it is corrupt and what to do."""
     missing = [name for name in REQUIRED_FILES if not (checkpoint / name).exists()]
     if not any((checkpoint / name).exists() for name in MODEL_FILES):
         missing.append(" or ".join(MODEL_FILES))
     if missing:
-        raise UserError(
-            f"checkpoint {checkpoint} is incomplete (missing {', '.join(missing)}); delete it to resume from an "
-            "earlier one, or start again with --overwrite"
-        )
+        raise unusable(checkpoint, f"is incomplete (missing {', '.join(missing)})")
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        int(state["global_step"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"checkpoint {checkpoint} has a corrupt trainer_state.json ({error}); delete the checkpoint "
-                        "or start again with --overwrite") from None
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a JSON object, got {type(state).__name__}")
+        step = state["global_step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"global_step={step!r} is not a step number")
+        named = _CHECKPOINT_RE.match(checkpoint.name)
+        if named and int(named.group(1)) != step:
+            raise ValueError(f"global_step={step} but the directory is {checkpoint.name}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise unusable(checkpoint, f"has a corrupt trainer_state.json ({_first_line(error)})") from None
     return state
 
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
-    """Restore optimizer, scheduler and RNG states (the model is loaded with ``from_pretrained``)."""
-    try:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        if (checkpoint / "scheduler.pt").exists():
-            scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        if (checkpoint / "rng_state.pth").exists():
-            set_rng_state(torch.load(checkpoint / "rng_state.pth", weights_only=False))
-    except Exception as error:  # noqa: BLE001 - any failure here means the checkpoint does not fit this run
-        raise UserError(
-            f"checkpoint {checkpoint} does not match this recipe ({type(error).__name__}: {error}); resume with the "
-            "recipe that wrote it, or start again with --overwrite"
-        ) from None
+    """Restore optimizer, scheduler and RNG states (the model is loaded with ``from_pretrained``).
+
+    The optimizer state is checked against the parameters' shapes, which ``load_state_dict`` does not
+    do (a state from another model would otherwise fail only at the first step).
+    """
+    for name, restore in (("optimizer.pt", lambda state: _load_optimizer(optimizer, state)),
+                          ("scheduler.pt", scheduler.load_state_dict), ("rng_state.pth", set_rng_state)):
+        if name != "optimizer.pt" and not (checkpoint / name).exists():
+            continue
+        try:
+            restore(torch.load(checkpoint / name, weights_only=False))
+        except Exception as error:  # noqa: BLE001 - any failure here means the checkpoint does not fit this run
+            raise unusable(checkpoint, f"has an unusable {name}, corrupt or written for another model "
+                                       f"({_first_line(error)})", mismatch=True) from None
+
+
+def restore_rng_state(checkpoint: Path) -> None:
+    """Set the global RNGs to the states saved in ``checkpoint`` (no-op for a checkpoint without them)."""
+    if (checkpoint / "rng_state.pth").exists():
+        set_rng_state(torch.load(checkpoint / "rng_state.pth", weights_only=False))
+
+
+def _load_optimizer(optimizer, state: dict[str, Any]) -> None:
+    optimizer.load_state_dict(state)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        return  # e.g. DeepSpeed's optimizer: its own checks apply
+    for group in inner.param_groups:
+        for param in group["params"]:
+            for key, value in inner.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its {key} has shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}")

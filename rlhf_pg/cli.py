@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 from .errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a stop by SIGTERM exits with 143 (128 + SIGTERM), as shells expect
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,11 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingInterrupted as interrupted:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"interrupted: {interrupted.reason}. Resume with: {resume_command(argv)}", file=sys.stderr)
+        number = getattr(signal.Signals, interrupted.signal_name or "SIGINT", signal.SIGINT)
+        return 128 + int(number)
     except KeyboardInterrupt:
-        print("interrupted (no checkpoint written for the step in progress)", file=sys.stderr)
+        hint = (f"; the run's earlier checkpoints (if any) are intact and --resume continues from the latest: "
+                f"{resume_command(argv)}") if "train" in argv else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same words, without --overwrite, with --resume."""
+    words = [word for word in argv if word != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["rlhf-pg", *words])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ def _field(default: Any = None, *, help: str, min: float | None = None, max: flo
     return field(default=default, metadata=metadata)
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate seeds python, numpy and torch with the same value)
+MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
+
+
 @dataclass
 class ModelConfig:
     """The policy to fine-tune (any Hugging Face causal LM)."""
@@ -56,7 +60,7 @@ class DataConfig:
     eval_split: str | None = _field(None, help="split used for evaluation; default: hold out num_eval rows of `split`")
     prompt_column: str = _field("prompt", help="column holding the prompt text")
     completion_column: str = _field("completion", help="sft/compare: column holding the target completion text")
-    shuffle_seed: int = _field(0, help="seed of the held-out split and the prompt order")
+    shuffle_seed: int = _field(0, min=0, max=SEED_MAX, help="seed of the held-out split and the prompt order")
 
 
 @dataclass
@@ -192,7 +196,7 @@ class Recipe:
     peft: PeftConfig | None = _field(None, help="LoRA adapters (null = full fine-tuning)")
     sft: SftConfig = _field(help="maximum likelihood on demonstrations (rlhf-pg sft)", factory=SftConfig)
     compare: CompareConfig = _field(help="arms of rlhf-pg compare", factory=CompareConfig)
-    seed: int = _field(0, help="seed for sampling, data order and initialization")
+    seed: int = _field(0, min=0, max=SEED_MAX, help="seed for sampling, data order and initialization")
     output_dir: str | None = _field(None, help="where the run is written (default runs/<recipe name>)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +230,12 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """``value`` converted to type ``tp`` or a ``RecipeError`` naming ``where``."""
     origin = typing.get_origin(tp)
@@ -241,22 +251,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except RecipeError as error:
                 errors.append(error)
-        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        if len(errors) == 1:
+            raise errors[0]  # `X | None`: X's own message is the precise one (e.g. the item of a list)
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, choices))}{hint}")
+        raise RecipeError(f"{where}: {_short(value)} is not allowed; choose one of {', '.join(map(repr, choices))}{hint}")
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
         (item_type,) = typing.get_args(tp)
         return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{where}: expected a mapping, got {_short(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return _dataclass_from_dict(tp, value, where)
@@ -265,13 +277,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        raise RecipeError(f"{where}: expected true or false, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        raise RecipeError(f"{where}: expected an integer, got {_short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
@@ -279,16 +291,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 number = float(value)  # YAML reads 1e-3 (no dot) as a string
             except ValueError:
-                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+                raise RecipeError(f"{where}: expected a number, got {_short(value)}") from None
         else:
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
+            raise RecipeError(f"{where}: expected a number, got {_short(value)}")
         if not math.isfinite(number):
-            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+            raise RecipeError(f"{where}: expected a finite number, got {_short(value)}")
         return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise RecipeError(f"{where}: expected a string, got {value!r}")
+        raise RecipeError(f"{where}: expected a string, got {_short(value)}")
     raise TypeError(f"unsupported recipe type {tp!r} at {where}")  # a bug in the schema, not user input
 
 
@@ -300,7 +312,7 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys to values, got {data!r}")
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys to values, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -309,11 +321,13 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in known or (cls is RewardSpec and key == "params"):
             if cls is RewardSpec:
+                if not isinstance(key, str) or not key.isidentifier():
+                    raise RecipeError(f"{where}: {_short(key)} is not a valid keyword argument name for a reward function")
                 extra[key] = value  # reward keyword arguments, checked against the function later
                 continue
             close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
-            raise RecipeError(f"unknown recipe key '{path}'{hint}")
+            raise RecipeError(f"unknown recipe key {_short(path)}{hint}")
         values[key] = _coerce(value, hints[key], path)
     if cls is RewardSpec:
         values["params"] = extra
@@ -331,9 +345,9 @@ def _check_ranges(instance: Any, where: str) -> None:
         path = f"{where}.{f.name}" if where else f.name
         if low is not None and (value < low or (f.metadata.get("min_exclusive") and value == low)):
             relation = ">" if f.metadata.get("min_exclusive") else ">="
-            raise RecipeError(f"{path}: {value!r} is out of range; it must be {relation} {low}")
+            raise RecipeError(f"{path}: {_short(value)} is out of range; it must be {relation} {low}")
         if high is not None and value > high:
-            raise RecipeError(f"{path}: {value!r} is out of range; it must be <= {high}")
+            raise RecipeError(f"{path}: {_short(value)} is out of range; it must be <= {high}")
 
 
 def _check_consistency(recipe: Recipe) -> None:
@@ -342,6 +356,16 @@ def _check_consistency(recipe: Recipe) -> None:
         raise RecipeError("data: set either data.task (a built-in task) or data.path (a dataset file or name)")
     if recipe.data.min_operand > recipe.data.max_operand:
         raise RecipeError("data.min_operand must be <= data.max_operand")
+    if recipe.data.path is None:
+        problems = (recipe.data.max_operand - recipe.data.min_operand + 1) ** 2
+        if problems > MAX_ARITHMETIC_PROBLEMS:
+            raise RecipeError(
+                f"data.max_operand={recipe.data.max_operand}: the arithmetic task would enumerate {problems:,} problems "
+                f"(at most {MAX_ARITHMETIC_PROBLEMS:,}); lower data.max_operand or raise data.min_operand")
+        if recipe.data.num_eval >= problems:
+            raise RecipeError(
+                f"data.num_eval={recipe.data.num_eval} leaves no training problems: operands {recipe.data.min_operand}.."
+                f"{recipe.data.max_operand} give only {problems} problems; lower data.num_eval or raise data.max_operand")
     if recipe.rollout.min_new_tokens > recipe.rollout.max_new_tokens:
         raise RecipeError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
     if recipe.algorithm.estimator == "filtered_bc" and recipe.algorithm.whiten:
@@ -388,28 +412,32 @@ def load_yaml(path: str | Path) -> Any:
         raise RecipeError(f"cannot read recipe {path}: {error}") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: malformed YAML: nested too deeply to be a recipe") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = " ".join((getattr(error, "problem", None) or str(error).splitlines()[0]).split())
         context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
         if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
-            problem += f" ({context} that starts at line {context_mark.line + 1})"
+            problem += f" ({' '.join(context.split())} that starts at line {context_mark.line + 1})"
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=1e-3"`` -> ``(["optim", "lr"], 0.001)``; the value is parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r} must look like key=value, e.g. optim.lr=0.001")
+        raise RecipeError(f"override {_short(text)} must look like key=value, e.g. optim.lr=0.001")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override {text!r} has an empty key; write e.g. train.steps=50")
+        raise RecipeError(f"override {_short(text)} has an empty key; write e.g. train.steps=50")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise RecipeError(f"override {_short(text)}: the value is nested too deeply") from None
     return key.split("."), value
 
 
@@ -427,7 +455,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             where = ".".join(parts[: depth + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override {text!r}: {where} is not an item of the list (it has {len(node)})")
+                    raise RecipeError(f"override {_short(text)}: {_short(where)} is not an item of the list (it has {len(node)})")
                 index = int(part)
                 if last:
                     node[index] = value
@@ -440,10 +468,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if part not in names:
                     close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
                     hint = f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close else ""
-                    raise RecipeError(f"override {text!r}: unknown recipe key '{where}'{hint}")
+                    raise RecipeError(f"override {_short(text)}: unknown recipe key {_short(where)}{hint}")
                 cls = _section_type(typing.get_type_hints(cls)[part])
+                if not last and not (dataclasses.is_dataclass(cls) or cls is list):
+                    raise RecipeError(f"override {_short(text)}: '{where}' is a value, not a section; write {where}=VALUE")
             if not isinstance(node, dict):
-                raise RecipeError(f"override {text!r}: {'.'.join(parts[:depth])} is not a section")
+                raise RecipeError(f"override {_short(text)}: {_short('.'.join(parts[:depth]))} is not a section")
             if last:
                 node[part] = value
             else:

@@ -30,23 +30,31 @@ def _load_path(path: str, split: str):
             builder = _BUILDERS.get(local.suffix.lower())
             if builder is None:
                 raise UserError(f"data.path {path!r}: unsupported file type {local.suffix!r}; use one of {', '.join(_BUILDERS)}")
+            if local.stat().st_size == 0:
+                raise UserError(f"data.path {path!r} is an empty file; it needs one prompt per row")
             return datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
         if local.is_dir():
             if (local / "dataset_info.json").exists() or (local / "state.json").exists():
                 loaded = datasets.load_from_disk(str(local))
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(str(local), split=split)
-        if path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path):
+        if path.startswith((".", "/", "~")) or local.suffix.lower() in _BUILDERS or (os.sep in path and not _looks_like_hub_name(path)):
             raise UserError(f"data.path {path!r} does not exist; give an existing file or directory")
         return datasets.load_dataset(path, split=split)
     except UserError:
         raise
     except ValueError as error:
-        raise UserError(f"data: cannot load split {split!r} of {path!r}: {error}") from None
+        raise UserError(f"data: cannot load split {split!r} of {path!r}: {_first_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - network, format and hub errors all need the same answer
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        hint = " (offline mode is on: use a local file)" if offline else ""
-        raise UserError(f"data: cannot load dataset {path!r}: {type(error).__name__}: {error}{hint}") from None
+        hint = " (offline mode is on: use a local file)" if offline and not local.exists() else ""
+        cause = f" ({type(error.__cause__).__name__}: {_first_line(error.__cause__)})" if error.__cause__ else ""
+        raise UserError(f"data: cannot load dataset {path!r}: {type(error).__name__}: {_first_line(error)}{cause}{hint}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -65,22 +73,13 @@ def load_prompt_datasets(config: DataConfig):
             datasets.Dataset.from_dict(arithmetic.as_records(train_problems)),
             datasets.Dataset.from_dict(arithmetic.as_records(eval_problems)),
         )
-    train = _load_path(config.path, config.split)
-    if config.prompt_column not in train.column_names:
-        raise UserError(
-            f"data: dataset {config.path!r} has no column {config.prompt_column!r} (columns: {', '.join(train.column_names)}); "
-            "set data.prompt_column to the column that holds the prompts"
-        )
-    if config.prompt_column != "prompt":
-        if "prompt" in train.column_names:
-            train = train.remove_columns("prompt")
-        train = train.rename_column(config.prompt_column, "prompt")
-    if len(train) == 0:
-        raise UserError(f"data: dataset {config.path!r} split {config.split!r} has no rows")
+    train = _prompt_column(_load_path(config.path, config.split), config, config.split)
     if config.eval_split is not None:
-        held_out = _load_path(config.path, config.eval_split)
-        if config.prompt_column != "prompt":
-            held_out = held_out.rename_column(config.prompt_column, "prompt")
+        if Path(config.path).expanduser().is_file():
+            raise UserError(f"data.eval_split={config.eval_split!r}: {config.path!r} is a single file, so every split of it "
+                            "is the same rows; set eval_split to null (data.num_eval rows are held out) or point "
+                            "data.path at a directory or dataset that has that split")
+        held_out = _prompt_column(_load_path(config.path, config.eval_split), config, config.eval_split)
         return train, held_out
     if len(train) <= config.num_eval:
         raise UserError(
@@ -89,6 +88,27 @@ def load_prompt_datasets(config: DataConfig):
         )
     split = train.train_test_split(test_size=config.num_eval, seed=config.shuffle_seed, shuffle=True)
     return split["train"], split["test"]
+
+
+def _prompt_column(dataset, config: DataConfig, split: str):
+    """``dataset`` with its prompts in a ``prompt`` column of non-empty strings, or a ``UserError``."""
+    column = config.prompt_column
+    if column not in dataset.column_names:
+        raise UserError(
+            f"data: split {split!r} of {config.path!r} has no column {column!r} (columns: {', '.join(dataset.column_names)}); "
+            "set data.prompt_column to the column that holds the prompts"
+        )
+    if len(dataset) == 0:
+        raise UserError(f"data: split {split!r} of {config.path!r} has no rows")
+    for index, prompt in enumerate(dataset[column]):
+        if not isinstance(prompt, str):
+            raise UserError(f"data: row {index} of split {split!r} of {config.path!r} has {column}={prompt!r:.60}; "
+                            "every prompt must be text (fix or drop that row)")
+    if column != "prompt":
+        if "prompt" in dataset.column_names:
+            dataset = dataset.remove_columns("prompt")
+        dataset = dataset.rename_column(column, "prompt")
+    return dataset
 
 
 class PromptSampler:

@@ -14,11 +14,20 @@ class RewardFunctionError(UserError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was written."""
+    """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was written.
 
-    def __init__(self, message: str, checkpoint: str | None):
-        super().__init__(message)
+    ``reason`` says what happened, ``hint`` how to resume (the message is both); the CLI replaces the
+    hint by the exact command line and exits with 128 + the signal's number.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None, signal_name: str | None = None,
+                 output_dir: str | None = None, hint: str | None = None):
+        super().__init__(f"{message}. {hint}" if hint else message)
+        self.reason = message
         self.checkpoint = checkpoint
+        self.signal_name = signal_name
+        self.output_dir = output_dir
+        self.hint = hint
 
 
 class NonFiniteError(UserError):

@@ -27,7 +27,7 @@ class MetricsLogger:
             return
         if resume_step is not None and self.path.exists():
             # drop records written after the checkpoint we resume from: they will be written again
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -53,6 +53,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        record = json.loads(line)
+        return record.get("step", 0) if isinstance(record, dict) else math.inf
+    except ValueError:
+        return math.inf
 
 
 def _plain(value: Any) -> Any:

@@ -31,8 +31,17 @@ def resolve_model_path(name_or_path: str, progress: bool = True) -> str:
     return str(local) if local.exists() else name_or_path
 
 
-def _offline_hint() -> str:
-    return " (offline: HF_HUB_OFFLINE is set, so only local directories work)" if os.environ.get("HF_HUB_OFFLINE") else ""
+def _offline_hint(path: str) -> str:
+    if Path(path).expanduser().exists():
+        return ""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return f" ({path!r} is not a local directory, and HF_HUB_OFFLINE is set so the hub is not asked)"
+    return f" (no local directory {path!r} exists either)"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -42,7 +51,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"model: cannot load the tokenizer of {path!r}: {type(error).__name__}: {error}{_offline_hint()}") from None
+        raise UserError(f"model: cannot load the tokenizer of {path!r}: {_first_line(error)}{_offline_hint(path)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"model: the tokenizer of {path!r} has no EOS token; completions could never end. "
                         "Save the tokenizer with an eos_token set")
@@ -62,7 +71,7 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"model: cannot load {path!r} as a causal LM: {type(error).__name__}: {error}{_offline_hint()}") from None
+        raise UserError(f"model: cannot load {path!r} as a causal LM: {_first_line(error)}{_offline_hint(path)}") from None
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -110,8 +119,7 @@ def load_lora_checkpoint(model, checkpoint: str):
     try:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"checkpoint {checkpoint} has no usable LoRA adapter ({type(error).__name__}: {error}); "
-                        "resume with the recipe that wrote it, or start again with --overwrite") from None
+        raise UserError(f"no usable LoRA adapter in {checkpoint}: {_first_line(error)}") from None
 
 
 def is_lora(model) -> bool:

@@ -9,6 +9,7 @@ first offending sample (``RewardFunctionError``, exit code 2 from the CLI).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ def _accepts(function: Callable[..., Any], keyword: str) -> bool:
     return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
+def _parameter_names(function: Callable[..., Any]) -> list[str]:
+    try:
+        return [name for name in inspect.signature(function).parameters if name not in ("prompts", "completions")]
+    except (TypeError, ValueError):
+        return []
+
+
 class RewardScorer:
     """Callable ``(prompts, completions, **columns) -> (total, {label: scores})`` for a list of specs."""
 
@@ -48,11 +56,19 @@ class RewardScorer:
                 function = resolve_reward(spec.name)
             except LookupError as error:
                 raise RecipeError(f"{where}[{index}].name: {error}") from None
+            declared = _parameter_names(function)
             for keyword in spec.params:
                 if not _accepts(function, keyword):
+                    close = difflib.get_close_matches(keyword, [*declared, "name", "weight"], n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else "remove the key or fix its spelling"
                     raise RecipeError(
-                        f"{where}[{index}]: reward function {spec.name!r} takes no argument {keyword!r}; "
-                        "remove the key or fix its spelling"
+                        f"{where}[{index}]: reward function {spec.name!r} takes no argument {keyword!r}; {hint}"
+                    )
+                # a **kwargs function accepts anything: a near-miss of a real key is a typo, not an argument
+                near = difflib.get_close_matches(keyword, [*declared, "name", "weight"], n=1, cutoff=0.8)
+                if keyword not in declared and near:
+                    raise RecipeError(
+                        f"{where}[{index}]: {keyword!r} is not a key of reward {spec.name!r}; did you mean {near[0]!r}?"
                     )
             label = spec.name.rsplit(":", 1)[-1]
             seen[label] = seen.get(label, 0) + 1
@@ -87,8 +103,8 @@ def _checked_call(term: _Term, prompts: list[str], completions: list[str], colum
         where = _describe(prompts, completions, index) if index is not None else "the batch"
         raise RewardFunctionError(
             f"reward function {term.name!r} raised {type(error).__name__}: {error} on {where}; "
-            "fix the function so it returns one float per completion"
-        ) from None
+            "fix the function (rlhf-pg --debug shows the traceback into it)"
+        ) from error
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):

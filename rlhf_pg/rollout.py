@@ -132,6 +132,33 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "
     return encoded["input_ids"].to(device), encoded["attention_mask"].float().to(device)
 
 
+def check_prompt_lengths(tokenizer, prompts: list[str], max_new_tokens: int, max_context: int | None,
+                         limit_key: str = "rollout.max_new_tokens") -> None:
+    """A ``UserError`` naming the longest prompt when some prompt + ``max_new_tokens`` exceeds ``max_context``.
+
+    Checked once before training, so a long prompt met at step 900 cannot end the run. Only prompts
+    that might not fit are tokenized: a token covers at least one UTF-8 byte, so a prompt of b bytes
+    has at most b tokens plus the tokenizer's special tokens. (``rollout`` checks every batch too.)
+    """
+    if max_context is None:
+        return
+    room = max_context - max_new_tokens
+    special = len(tokenizer("")["input_ids"])
+    suspects = [p for p in prompts if len(p.encode("utf-8")) + special + 1 > room]
+    if not suspects:
+        return
+    lengths = [len(ids) for ids in tokenizer(suspects)["input_ids"]]
+    too_long = [(n, p) for n, p in zip(lengths, suspects) if n > room]
+    if too_long:
+        tokens, prompt = max(too_long, key=lambda pair: pair[0])
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        raise UserError(
+            f"prompt {shown!r} is {tokens} tokens; with {limit_key}={max_new_tokens} it exceeds the model's context "
+            f"of {max_context} tokens ({len(too_long)} of {len(prompts)} prompts do). Drop or shorten those prompts, "
+            f"or lower {limit_key}"
+        )
+
+
 def decode_completions(tokenizer, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
     """Completion texts without special tokens (EOS, padding)."""
     rows = [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(-1))]

@@ -18,8 +18,10 @@ import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from .mdp import Rollout, terminal_rewards
 from .metrics import MetricsLogger, progress_bar
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
 from .rewards import RewardScorer
-from .rollout import SamplingParams, completion_logprobs, rollout
+from .rollout import SamplingParams, check_prompt_lengths, completion_logprobs, rollout
 
 RUN_MARKER = "recipe.yaml"
 
@@ -178,6 +180,7 @@ class _StopFlag:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.then = "finishing the current step, then writing a checkpoint"  # said when the first signal arrives
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -192,6 +195,7 @@ class _StopFlag:
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: {self.then} (send it again to abort at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -201,15 +205,25 @@ class _StopFlag:
 
 def prepare_output_dir(output_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
     """Refuse to mix runs; return the checkpoint to resume from (or None)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output dir {output_dir} is a file; choose a directory with --output-dir")
     marker = output_dir / RUN_MARKER
-    holds_run = marker.exists() or ckpt.list_checkpoints(output_dir) or (output_dir / "metrics.jsonl").exists()
+    # a run = some progress: a start that failed in setup or in the first evaluation can simply be retried
+    holds_run = bool(ckpt.list_checkpoints(output_dir)) or any(
+        (output_dir / name).exists() for name in ("metrics.jsonl", "summary.json"))
+    if is_main:
+        ckpt.clean_staging(output_dir)  # half-written checkpoints of a crashed run
     if resume:
         latest = ckpt.latest_checkpoint(output_dir)
         if latest is None:
-            raise UserError(f"--resume: {output_dir} has no checkpoint-<step> directory to resume from; "
-                            "drop --resume to start a new run")
+            start = ("it holds a run that stopped before its first checkpoint: use --overwrite to start it again"
+                     if holds_run else "drop --resume to start a new run")
+            raise UserError(f"--resume: {output_dir} has no checkpoint-<step> directory to resume from; {start}")
         if marker.exists():
-            previous = yaml.safe_load(marker.read_text()) or {}
+            try:
+                previous = yaml.safe_load(marker.read_text()) or {}
+            except yaml.YAMLError:
+                previous = {}  # a damaged copy: the checkpoints are checked on their own
             current = recipe.to_dict()
             differing = _differing_keys(previous, current, ignore={"train.steps", "output_dir"})
             if differing:
@@ -220,8 +234,8 @@ def prepare_output_dir(output_dir: Path, recipe: Recipe, resume: bool, overwrite
         raise UserError(f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
                         "it, or choose another --output-dir")
     if holds_run and overwrite and is_main:
-        for child in ckpt.list_checkpoints(output_dir):
-            shutil.rmtree(child)
+        for child in [*ckpt.list_checkpoints(output_dir), output_dir / "final", output_dir / "tensorboard"]:
+            shutil.rmtree(child, ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json", RUN_MARKER):
             (output_dir / name).unlink(missing_ok=True)
     return None
@@ -305,35 +319,37 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     accelerator = new_accelerator(recipe.train.mixed_precision)
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     set_seed(recipe.seed)
     world = accelerator.num_processes
     if recipe.rollout.prompts_per_step % world:
         raise UserError(f"rollout.prompts_per_step={recipe.rollout.prompts_per_step} must be divisible by the "
                         f"number of processes ({world})")
-
-    policy, tokenizer, model_path = load_policy(recipe.model)
     counters: dict[str, Any] = {}
     if resume_from is not None:
-        counters = ckpt.read_trainer_state(resume_from)
+        counters = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from)
+    scorer = RewardScorer(recipe.rewards)  # before the slow loading: a misspelt reward fails at once
+    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
+
+    policy, tokenizer, model_path = load_policy(recipe.model)
     reference = None
     if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
         reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
     if recipe.peft is not None:
-        policy = load_lora_checkpoint(policy, str(resume_from)) if resume_from else apply_lora(policy, recipe.peft)
+        policy = _checkpoint_adapter(policy, resume_from) if resume_from else apply_lora(policy, recipe.peft)
         reference = "adapter" if recipe.algorithm.kl_coef > 0 else None
     elif resume_from is not None:
-        policy = load_causal_lm(recipe.model, str(resume_from))
+        policy = _checkpoint_policy(recipe, resume_from, policy)
     train_set, eval_set = load_prompt_datasets(recipe.data)
     eval_prompts, eval_columns = columns_of(eval_set)
-    scorer = RewardScorer(recipe.rewards)
+    max_context = context_length(policy)
+    check_prompt_lengths(tokenizer, train_set["prompt"], recipe.rollout.max_new_tokens, max_context,
+                         "rollout.max_new_tokens")
+    check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
+                         max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=(recipe.optim.beta1, recipe.optim.beta2),
                                   weight_decay=recipe.optim.weight_decay)
     scheduler = _scheduler(optimizer, recipe)
-    max_context = context_length(policy)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if isinstance(reference, torch.nn.Module):
         reference = reference.to(accelerator.device)
@@ -345,15 +361,59 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         recipe=recipe, accelerator=accelerator, output_dir=output_dir, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler,
         sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
-        scorer=scorer, eval_scorer=RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer,
+        scorer=scorer, eval_scorer=eval_scorer,
         eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl, reference=reference, max_context=max_context,
         counters={key: counters.get(key, default) for key, default in COUNTER_DEFAULTS.items()},
     )
+    if accelerator.is_main_process:  # written once everything loaded: a start that failed leaves no run behind
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        except OSError as error:
+            raise UserError(f"cannot write to output dir {output_dir}: {error}; choose another --output-dir") from None
+    accelerator.wait_for_everyone()
     return run, resume_from
 
 
 COUNTER_DEFAULTS = {"global_step": 0, "eval_reward_before": None, "last_eval": None, "nonfinite_in_a_row": 0,
                     "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0}
+
+
+def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The counters of ``trainer_state.json``, each a number (or null where allowed), else a clear error."""
+    for key, default in COUNTER_DEFAULTS.items():
+        value = state.get(key, default)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number or (default is None and value is None)):
+            raise ckpt.unusable(checkpoint, f"has a corrupt trainer_state.json ({key}={value!r:.40})")
+    controller = state.get("kl_controller", {"coef": 0.0})
+    coef = controller.get("coef") if isinstance(controller, dict) else None
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef):
+        raise ckpt.unusable(checkpoint, f"has a corrupt trainer_state.json (kl_controller={controller!r:.40})")
+    return state
+
+
+def _checkpoint_adapter(base, checkpoint: Path):
+    try:
+        return load_lora_checkpoint(base, str(checkpoint))
+    except UserError as error:
+        raise ckpt.unusable(checkpoint, f"is unusable ({error})", mismatch=True) from None
+
+
+def _checkpoint_policy(recipe: Recipe, checkpoint: Path, base):
+    """The full model saved in ``checkpoint``; it must have the shapes of the recipe's model ``base``."""
+    try:
+        policy = load_causal_lm(recipe.model, str(checkpoint))
+    except UserError as error:
+        raise ckpt.unusable(checkpoint, f"holds a model that does not load ({error})") from None
+    expected = {name: tuple(t.shape) for name, t in base.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in policy.state_dict().items()}
+    if expected != found:
+        name = next((n for n in expected if found.get(n) != expected[n]), None) or next(iter(set(found) - set(expected)))
+        raise ckpt.unusable(checkpoint, f"holds a different model than {recipe.model.name_or_path!r} ({name}: "
+                                        f"{found.get(name)} there, {expected.get(name)} in the recipe's model)",
+                            mismatch=True)
+    return policy
 
 
 def reference_logprobs(run: Run, batch: Rollout) -> torch.Tensor:
@@ -449,19 +509,75 @@ def save_run_checkpoint(run: Run, step: int) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path):
+    """Hold ``DIR/.lock`` for the whole run so that two runs never write into one directory.
+
+    An OS file lock (``flock``): the OS releases it when the process ends, however it ends, so a
+    crashed run never leaves a stale lock. Only the first process of a distributed run takes it; on
+    systems without ``fcntl`` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or os.environ.get("RANK", "0") != "0" or (output_dir.exists() and not output_dir.is_dir()):
+        yield  # (a file in the way is reported by prepare_output_dir)
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / ".lock", "a+")
+    except OSError as error:
+        raise UserError(f"cannot write to output dir {output_dir}: {error}; choose another --output-dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise UserError(f"another rlhf-pg run{f' (pid {owner})' if owner else ''} is writing to {output_dir}; wait for "
+                        "it to finish, stop it, or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+    with output_dir_lock(Path(output_dir)):
+        return _train(recipe, output_dir, resume, overwrite, show_progress)
+
+
+def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool, show_progress: bool) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
     run, resume_from = setup(recipe, output_dir, resume, overwrite)
     counters, is_main = run.counters, run.accelerator.is_main_process
     start_step = int(counters["global_step"])
+    if start_step > recipe.train.steps:
+        raise UserError(f"--resume: {resume_from} is at step {start_step}, past train.steps={recipe.train.steps}; "
+                        f"give --max-steps {start_step} or more")
     logger = MetricsLogger(run.output_dir, enabled=is_main, tensorboard=recipe.train.tensorboard,
                            resume_step=start_step if resume_from is not None else None)
-    if counters["eval_reward_before"] is None:
-        counters["eval_reward_before"] = run_evaluation(run)["reward"]
-        logger.log(0, {"eval/reward": counters["eval_reward_before"]})
     started = time.perf_counter()
     with _StopFlag() as stop, progress_bar(show_progress and is_main) as bar:
+        # seed (or restore the checkpoint's RNG states) only now: importing some libraries (rich) draws from
+        # python's global generator, and a fresh process imports them after setup
+        if resume_from is None:
+            set_seed(recipe.seed)
+        else:
+            ckpt.restore_rng_state(resume_from)
+        if counters["eval_reward_before"] is None:
+            counters["eval_reward_before"] = run_evaluation(run)["reward"]
+            logger.log(0, {"eval/reward": counters["eval_reward_before"]})
+        if stop.signal_name is not None:  # arrived during the first evaluation: keep it (checkpoint at this step)
+            _stop(run, start_step, stop.signal_name, logger, started)
         task = bar.add_task("training", total=recipe.train.steps, completed=start_step, status="")
         for step in range(start_step, recipe.train.steps):
             metrics = train_step(run, step)
@@ -473,20 +589,24 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
             shown_eval = counters["last_eval"] if counters["last_eval"] is not None else counters["eval_reward_before"]
             bar.update(task, completed=done, status=f"reward {metrics['reward/mean']:.3f} | eval {shown_eval:.3f} | "
                                                     f"{metrics['perf/tokens_per_s']:.0f} tok/s")
+            if metrics.get("train/skipped_updates"):
+                bar.console.print(f"step {done}: non-finite loss ({metrics['loss/policy']}) or gradient norm "
+                                  f"({metrics['grad/norm']}); update skipped ({counters['nonfinite_in_a_row']} in a "
+                                  f"row, the run stops at {recipe.train.max_nonfinite_steps})",
+                                  soft_wrap=True, markup=False, highlight=False)
             if counters["nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
+                logger.close()
                 raise NonFiniteError(
                     f"{counters['nonfinite_in_a_row']} consecutive updates had a non-finite loss or gradient (last at "
-                    f"step {done}); lower optim.lr, enable optim.max_grad_norm, or check the reward scale")
+                    f"step {done}; train.max_nonfinite_steps={recipe.train.max_nonfinite_steps}); lower optim.lr, "
+                    "set optim.max_grad_norm, check the reward scale, or use mixed_precision 'no'/'bf16' instead of "
+                    "'fp16'. The model was not changed by the skipped updates")
             if stop.signal_name is not None:
-                counters["wall_time_s"] += time.perf_counter() - started
-                path = save_run_checkpoint(run, done)
-                logger.close()
-                raise TrainingInterrupted(
-                    f"stopped by {stop.signal_name} after step {done}; checkpoint written to {path}. "
-                    f"Resume with: rlhf-pg train RECIPE --output-dir {run.output_dir} --resume", str(path))
+                _stop(run, done, stop.signal_name, logger, started)
             if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
                 save_run_checkpoint(run, done)
-    final_eval = run_evaluation(run)
+        stop.then = "all steps are done: finishing the final evaluation and saving the model"
+        final_eval = run_evaluation(run)
     logger.log(recipe.train.steps, {"eval/reward": final_eval["reward"],
                                     **{f"eval/{k}": v for k, v in final_eval.items() if k.startswith("reward/")}})
     logger.close()
@@ -510,20 +630,36 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     return summary
 
 
+def _stop(run: Run, done: int, signal_name: str, logger: MetricsLogger, started: float):
+    """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume."""
+    run.counters["wall_time_s"] += time.perf_counter() - started
+    path = save_run_checkpoint(run, done)
+    logger.close()
+    raise TrainingInterrupted(f"stopped by {signal_name} after step {done}; checkpoint written to {path}", str(path),
+                              signal_name=signal_name, output_dir=str(run.output_dir),
+                              hint=f"Resume with: rlhf-pg train RECIPE --output-dir {run.output_dir} --resume")
+
+
 def save_final(run: Run, summary: dict[str, Any]) -> None:
     """``DIR/final/`` (model or LoRA adapter + tokenizer; ``final/merged`` when peft.merge) and ``summary.json``."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         final_dir = run.output_dir / "final"
+        staging = run.output_dir / ".final.tmp"  # written aside and renamed: never a half-written final/
+        shutil.rmtree(staging, ignore_errors=True)
         model = run.unwrapped
-        model.save_pretrained(final_dir)
-        run.tokenizer.save_pretrained(final_dir)
+        model.save_pretrained(staging)
+        run.tokenizer.save_pretrained(staging)
         if run.recipe.peft is not None and run.recipe.peft.merge:
             merged = model.merge_and_unload()
-            merged.save_pretrained(final_dir / "merged")
-            run.tokenizer.save_pretrained(final_dir / "merged")
+            merged.save_pretrained(staging / "merged")
+            run.tokenizer.save_pretrained(staging / "merged")
             summary["merged_model_dir"] = str(final_dir / "merged")
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+        summary_tmp = run.output_dir / ".summary.json.tmp"
+        summary_tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(summary_tmp, run.output_dir / "summary.json")
     run.accelerator.wait_for_everyone()
 
 
@@ -573,6 +709,8 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
     prompts, columns = columns_of(eval_set)
     scorer = RewardScorer(recipe.eval.rewards or recipe.rewards)
     params = SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature)
+    check_prompt_lengths(tokenizer, prompts, params.max_new_tokens, context_length(model),
+                         "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
     result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed)
     result["num_prompts"] = len(prompts)
     result["model"] = model_config.name_or_path

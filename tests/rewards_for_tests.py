@@ -12,11 +12,24 @@ def sevens(prompts, completions, **kwargs):
 
 
 def sevens_then_interrupt(prompts, completions, **kwargs):
-    """Like ``sevens``, but sends SIGINT to this process on call number $INTERRUPT_AT_CALL."""
+    """Like ``sevens``, but on call number $INTERRUPT_AT_CALL sends $INTERRUPT_SIGNAL (default SIGINT) to this
+    process $INTERRUPT_TIMES times (default 1), and on call number $CRASH_AT_CALL raises (a run dying mid-way,
+    without a checkpoint)."""
     calls["count"] += 1
     if str(calls["count"]) == os.environ.get("INTERRUPT_AT_CALL"):
-        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(int(os.environ.get("INTERRUPT_TIMES", "1"))):  # twice = a second Ctrl-C: abort at once
+            os.kill(os.getpid(), signal.Signals[os.environ.get("INTERRUPT_SIGNAL", "SIGINT")])
+    if str(calls["count"]) == os.environ.get("CRASH_AT_CALL"):
+        raise RuntimeError("simulated crash")
     return sevens(prompts, completions)
+
+
+def infinite(prompts, completions, **kwargs):
+    return [float("inf")] * len(completions)
+
+
+def not_a_list(prompts, completions, **kwargs):
+    return None
 
 
 def raises_on_long(prompts, completions, **kwargs):
@@ -32,3 +45,12 @@ def wrong_count(prompts, completions, **kwargs):
 
 def not_a_number(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def noise(prompts, completions, **kwargs):
+    """Draws from python's and numpy's global generators: an exact resume must restore both."""
+    import random
+
+    import numpy as np
+
+    return [random.random() + float(np.random.rand()) for _ in completions]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+from rlhf_pg.trainer import new_accelerator
 
 from rlhf_pg.advantages import apply_baseline, discounted_returns, filtered_weights
 from rlhf_pg.config import load_recipe, recipe_from_dict
@@ -44,7 +44,7 @@ def test_filtered_bc_with_a_binary_reward_is_reinforce_without_baseline():
                     logprobs=torch.zeros(8, 5), group_ids=torch.arange(8) // 4, rewards=terminal_rewards(scores, mask))
     filtered = recipe_from_dict({"algorithm": {"estimator": "filtered_bc", "reward_threshold": 1.0}})
     plain = recipe_from_dict({"algorithm": {"baseline": "none"}})
-    accelerator = Accelerator(cpu=True)
+    accelerator = new_accelerator("no")
     assert torch.equal(compute_advantages(batch, filtered, accelerator), compute_advantages(batch, plain, accelerator))
     rloo = apply_baseline(discounted_returns(batch.rewards, mask), mask, "leave_one_out", batch.group_ids)
     assert (rloo < 0).any()  # ... while the baseline also pushes the wrong samples down

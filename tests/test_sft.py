@@ -68,7 +68,7 @@ def test_ml_gradient_equals_policy_gradient_with_unit_advantages(tiny_model_dir,
 
 def test_the_sft_step_is_the_trainer_update_and_has_the_ml_gradient(tiny_model_dir):
     """What train_sft does per step (policy_update on demonstrations, A = 1, micro-batches) = the ML gradient."""
-    from accelerate import Accelerator
+    from rlhf_pg.trainer import new_accelerator
 
     from rlhf_pg.trainer import policy_update
 
@@ -82,7 +82,7 @@ def test_the_sft_step_is_the_trainer_update_and_has_the_ml_gradient(tiny_model_d
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     captured = {}
     optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-    policy_update(model, optimizer, Accelerator(cpu=True), batch, batch.completion_mask.clone(), recipe, 0.0,
+    policy_update(model, optimizer, new_accelerator("no"), batch, batch.completion_mask.clone(), recipe, 0.0,
                   (float(len(batch)), float(batch.completion_mask.sum())))
     for name in expected:
         assert torch.allclose(expected[name], captured[name], atol=1e-6, rtol=1e-4), name

@@ -109,18 +109,16 @@ def test_broken_reward_functions_are_named(tiny_model_dir, tmp_path, function, m
 
 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
-    from accelerate import Accelerator
-
     from rlhf_pg.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
-    from rlhf_pg.trainer import compute_advantages, policy_update
+    from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
 
     gradients = {}
     for micro in (None, 3):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
         recipe = tiny_recipe(tiny_model_dir, train={"micro_batch_size": micro}, algorithm={"aggregation": "token-mean"})
-        accelerator = Accelerator(cpu=True)
+        accelerator = new_accelerator("no")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         batch = rollout(model, tokenizer, ["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5),
                         generator=torch.Generator().manual_seed(0))
@@ -175,11 +173,9 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
 
 
 def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_model_dir):
-    from accelerate import Accelerator
-
     from rlhf_pg.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
-    from rlhf_pg.trainer import compute_advantages, policy_update
+    from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -188,7 +184,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     # group 0 all rewarded, group 1 mixed, group 2 all unrewarded: only group 1 has non-zero advantages
     batch.rewards = terminal_rewards(torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), batch.completion_mask)
     recipe = tiny_recipe(tiny_model_dir, algorithm={"aggregation": "token-mean"})
-    accelerator = Accelerator(cpu=True)
+    accelerator = new_accelerator("no")
     advantages = compute_advantages(batch, recipe, accelerator)
     assert (advantages.abs().sum(-1) > 0).tolist() == [False] * 4 + [True] * 4 + [False] * 4
     counts = (float(len(batch)), float(batch.completion_mask.sum()))
