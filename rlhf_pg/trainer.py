@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -272,6 +272,7 @@ class Run:
     reference: Any  # frozen copy of the initial policy, "adapter" (LoRA: adapter disabled), or None
     max_context: int | None
     counters: dict[str, Any]  # step-independent totals kept in checkpoints
+    eval_before: dict[str, float] = field(default_factory=dict)  # first evaluation's numbers (reward, nll, ...)
 
     def all_finished(self, finished: torch.Tensor) -> bool:
         """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
@@ -364,6 +365,7 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         scorer=scorer, eval_scorer=eval_scorer,
         eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl, reference=reference, max_context=max_context,
         counters={key: counters.get(key, default) for key, default in COUNTER_DEFAULTS.items()},
+        eval_before=_eval_scalars(counters.get("eval_before") or {}) if isinstance(counters.get("eval_before"), dict) else {},
     )
     if accelerator.is_main_process:  # written once everything loaded: a start that failed leaves no run behind
         try:
@@ -465,6 +467,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     metrics = _step_metrics(accelerator, batch, scores, per_reward, advantages, results, global_tokens, step_time,
                             run.scheduler.get_last_lr()[0])
     metrics.update(kl_stats)
+    count_step(run, metrics, results, step_time, global_tokens)
+    return metrics
+
+
+def count_step(run: Run, metrics: dict[str, float], results: list[UpdateResult], step_time: float, tokens: float) -> None:
+    """Add a step to the run's totals (kept in checkpoints); note skipped (non-finite) updates in ``metrics``."""
     skipped = sum(not r.applied for r in results)
     if skipped:
         metrics["train/skipped_updates"] = skipped
@@ -472,8 +480,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     counters["skipped_updates"] += skipped
     counters["nonfinite_in_a_row"] = counters["nonfinite_in_a_row"] + 1 if skipped == len(results) else 0
     counters["train_time_s"] += step_time
-    counters["tokens_total"] += int(global_tokens)
-    return metrics
+    counters["tokens_total"] += int(tokens)
 
 
 def run_evaluation(run: Run) -> dict[str, Any]:
@@ -502,7 +509,8 @@ def save_run_checkpoint(run: Run, step: int) -> Path | None:
     run.accelerator.wait_for_everyone()
     path = None
     if run.accelerator.is_main_process:
-        state = {**run.counters, "recipe": run.recipe.to_dict(), "kl_controller": run.kl.state_dict()}
+        state = {**run.counters, "eval_before": run.eval_before, "recipe": run.recipe.to_dict(),
+                 "kl_controller": run.kl.state_dict()}
         path = ckpt.save_checkpoint(run.output_dir, step, run.unwrapped, run.tokenizer, run.optimizer, run.scheduler,
                                     state, run.recipe.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
@@ -547,17 +555,40 @@ def output_dir_lock(output_dir: Path):
         handle.close()  # releases the lock
 
 
+@dataclass
+class Loop:
+    """What differs between ``train`` (REINFORCE) and ``sft`` (maximum likelihood); the loop is shared."""
+
+    command: str  # the CLI command, for messages ("train", "sft")
+    step: Callable[[Run, int], dict[str, float]]  # one optimizer step -> its metrics
+    evaluate: Callable[[Run], dict[str, Any]]  # held-out numbers: "reward" (+ e.g. "nll") and "examples"
+    status: Callable[[dict[str, float]], str]  # progress-bar text from a step's metrics
+    loss_key: str = "loss/policy"
+
+
+def reinforce_status(metrics: dict[str, float]) -> str:
+    return f"reward {metrics['reward/mean']:.3f}"
+
+
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
     with output_dir_lock(Path(output_dir)):
-        return _train(recipe, output_dir, resume, overwrite, show_progress)
+        run, resume_from = setup(recipe, output_dir, resume, overwrite)
+        return run_loop(run, resume_from, Loop("train", train_step, run_evaluation, reinforce_status), show_progress)
 
 
-def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool, show_progress: bool) -> dict[str, Any]:
+def _eval_scalars(result: dict[str, Any]) -> dict[str, float]:
+    return {key: value for key, value in result.items() if isinstance(value, (int, float))}
+
+
+def run_loop(run: Run, resume_from: Path | None, loop: Loop, show_progress: bool = True,
+             summary_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Steps with periodic evaluation, metrics, progress, checkpoints and signal handling; then the final
+    evaluation, ``final/`` and ``summary.json``. Returns the summary."""
     from accelerate.utils import set_seed
 
-    run, resume_from = setup(recipe, output_dir, resume, overwrite)
+    recipe = run.recipe
     counters, is_main = run.counters, run.accelerator.is_main_process
     start_step = int(counters["global_step"])
     if start_step > recipe.train.steps:
@@ -574,23 +605,27 @@ def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool
         else:
             ckpt.restore_rng_state(resume_from)
         if counters["eval_reward_before"] is None:
-            counters["eval_reward_before"] = run_evaluation(run)["reward"]
-            logger.log(0, {"eval/reward": counters["eval_reward_before"]})
+            before = _eval_scalars(loop.evaluate(run))
+            counters["eval_reward_before"] = before["reward"]
+            run.eval_before = before
+            logger.log(0, {f"eval/{key}": value for key, value in before.items()})
         if stop.signal_name is not None:  # arrived during the first evaluation: keep it (checkpoint at this step)
-            _stop(run, start_step, stop.signal_name, logger, started)
-        task = bar.add_task("training", total=recipe.train.steps, completed=start_step, status="")
+            _stop(run, loop, start_step, stop.signal_name, logger, started)
+        task = bar.add_task(loop.command, total=recipe.train.steps, completed=start_step, status="")
         for step in range(start_step, recipe.train.steps):
-            metrics = train_step(run, step)
+            metrics = loop.step(run, step)
             done = step + 1
             if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done < recipe.train.steps:
-                counters["last_eval"] = metrics["eval/reward"] = run_evaluation(run)["reward"]
-                bar.console.log(f"step {done}: eval reward {counters['last_eval']:.3f}")
+                result = _eval_scalars(loop.evaluate(run))
+                counters["last_eval"] = result["reward"]
+                metrics.update({f"eval/{key}": value for key, value in result.items()})
+                bar.console.log(f"step {done}: " + ", ".join(f"eval {k} {v:.3f}" for k, v in result.items()))
             logger.log(done, metrics)
             shown_eval = counters["last_eval"] if counters["last_eval"] is not None else counters["eval_reward_before"]
-            bar.update(task, completed=done, status=f"reward {metrics['reward/mean']:.3f} | eval {shown_eval:.3f} | "
+            bar.update(task, completed=done, status=f"{loop.status(metrics)} | eval {shown_eval:.3f} | "
                                                     f"{metrics['perf/tokens_per_s']:.0f} tok/s")
             if metrics.get("train/skipped_updates"):
-                bar.console.print(f"step {done}: non-finite loss ({metrics['loss/policy']}) or gradient norm "
+                bar.console.print(f"step {done}: non-finite loss ({metrics[loop.loss_key]}) or gradient norm "
                                   f"({metrics['grad/norm']}); update skipped ({counters['nonfinite_in_a_row']} in a "
                                   f"row, the run stops at {recipe.train.max_nonfinite_steps})",
                                   soft_wrap=True, markup=False, highlight=False)
@@ -602,19 +637,22 @@ def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool
                     "set optim.max_grad_norm, check the reward scale, or use mixed_precision 'no'/'bf16' instead of "
                     "'fp16'. The model was not changed by the skipped updates")
             if stop.signal_name is not None:
-                _stop(run, done, stop.signal_name, logger, started)
+                _stop(run, loop, done, stop.signal_name, logger, started)
             if recipe.train.save_every and done % recipe.train.save_every == 0 and done < recipe.train.steps:
                 save_run_checkpoint(run, done)
         stop.then = "all steps are done: finishing the final evaluation and saving the model"
-        final_eval = run_evaluation(run)
-    logger.log(recipe.train.steps, {"eval/reward": final_eval["reward"],
-                                    **{f"eval/{k}": v for k, v in final_eval.items() if k.startswith("reward/")}})
+        final_eval = loop.evaluate(run)
+    after = _eval_scalars(final_eval)
+    logger.log(recipe.train.steps, {f"eval/{key}": value for key, value in after.items()})
     logger.close()
+    before = {**run.eval_before, "reward": counters["eval_reward_before"]}
     summary = {
         "eval_reward_before": counters["eval_reward_before"],
         "eval_reward_after": final_eval["reward"],
-        **{f"eval_{k.replace('/', '_')}_after": v for k, v in final_eval.items() if k.startswith("reward/")},
+        **{f"eval_{k.replace('/', '_')}_before": v for k, v in before.items() if k != "reward"},
+        **{f"eval_{k.replace('/', '_')}_after": v for k, v in after.items() if k != "reward"},
         "steps": recipe.train.steps,
+        **(summary_extra or {}),
         "wall_time_s": round(counters["wall_time_s"] + time.perf_counter() - started, 3),
         "train_time_s": round(counters["train_time_s"], 3),
         "tokens_per_s": round(counters["tokens_total"] / counters["train_time_s"], 1) if counters["train_time_s"] else None,
@@ -630,14 +668,14 @@ def _train(recipe: Recipe, output_dir: str | Path, resume: bool, overwrite: bool
     return summary
 
 
-def _stop(run: Run, done: int, signal_name: str, logger: MetricsLogger, started: float):
+def _stop(run: Run, loop: Loop, done: int, signal_name: str, logger: MetricsLogger, started: float):
     """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume."""
     run.counters["wall_time_s"] += time.perf_counter() - started
     path = save_run_checkpoint(run, done)
     logger.close()
     raise TrainingInterrupted(f"stopped by {signal_name} after step {done}; checkpoint written to {path}", str(path),
                               signal_name=signal_name, output_dir=str(run.output_dir),
-                              hint=f"Resume with: rlhf-pg train RECIPE --output-dir {run.output_dir} --resume")
+                              hint=f"Resume with: rlhf-pg {loop.command} RECIPE --output-dir {run.output_dir} --resume")
 
 
 def save_final(run: Run, summary: dict[str, Any]) -> None:

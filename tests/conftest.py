@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests use tiny models: one thread is faster (no thread sync per tiny op) and steadier on a busy machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def build_tiny_model(path, seed: int = 0, n_layer: int = 2, n_embd: int = 32):
