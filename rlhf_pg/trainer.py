@@ -35,7 +35,7 @@ from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import NonFiniteError, TrainingInterrupted, UserError
 from .evaluation import evaluate
 from .kl_control import KLController
-from .losses import aggregate, clipped_policy_loss, kl_estimate, policy_gradient_loss
+from .losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss
 from .mdp import Rollout, terminal_rewards
 from .metrics import MetricsLogger, progress_bar
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
@@ -319,11 +319,12 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     if resume_from is not None:
         counters = ckpt.read_trainer_state(resume_from)
     reference = None
-    if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
+    wants_reference = recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl  # log_kl: kl/ref even at beta = 0
+    if wants_reference and recipe.peft is None:
         reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
     if recipe.peft is not None:
         policy = load_lora_checkpoint(policy, str(resume_from)) if resume_from else apply_lora(policy, recipe.peft)
-        reference = "adapter" if recipe.algorithm.kl_coef > 0 else None
+        reference = "adapter" if wants_reference else None
     elif resume_from is not None:
         policy = load_causal_lm(recipe.model, str(resume_from))
     train_set, eval_set = load_prompt_datasets(recipe.data)
@@ -352,8 +353,9 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     return run, resume_from
 
 
-COUNTER_DEFAULTS = {"global_step": 0, "eval_reward_before": None, "last_eval": None, "nonfinite_in_a_row": 0,
-                    "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0}
+COUNTER_DEFAULTS = {"global_step": 0, "eval_reward_before": None, "eval_per_reward_before": {}, "last_eval": None,
+                    "nonfinite_in_a_row": 0, "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0,
+                    "tokens_total": 0}
 
 
 def reference_logprobs(run: Run, batch: Rollout) -> torch.Tensor:
@@ -390,8 +392,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         batch.ref_logprobs = reference_logprobs(run, batch)
         per_token_kl = kl_estimate(batch.logprobs, batch.ref_logprobs, recipe.algorithm.kl_estimator) * mask
         kl_stats = {"kl/ref": float(accelerator.reduce(per_token_kl.sum(-1).mean(), "mean")), "kl/coef": run.kl.coef}
-        if recipe.algorithm.kl_mode == "reward":
-            batch.rewards = batch.rewards - run.kl.coef * per_token_kl
+        if recipe.algorithm.kl_mode == "reward" and run.kl.coef > 0:
+            batch.rewards = kl_penalized_rewards(batch.rewards, batch.logprobs, batch.ref_logprobs, mask, run.kl.coef,
+                                                 recipe.algorithm.kl_estimator)
     # 3. advantages A_t = G_t - b_t over the global batch
     advantages = compute_advantages(batch, recipe, accelerator)
     # 4. policy update(s)
@@ -458,8 +461,11 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     logger = MetricsLogger(run.output_dir, enabled=is_main, tensorboard=recipe.train.tensorboard,
                            resume_step=start_step if resume_from is not None else None)
     if counters["eval_reward_before"] is None:
-        counters["eval_reward_before"] = run_evaluation(run)["reward"]
-        logger.log(0, {"eval/reward": counters["eval_reward_before"]})
+        first_eval = run_evaluation(run)
+        counters["eval_reward_before"] = first_eval["reward"]
+        counters["eval_per_reward_before"] = {k: v for k, v in first_eval.items() if k.startswith("reward/")}
+        logger.log(0, {"eval/reward": counters["eval_reward_before"],
+                       **{f"eval/{k}": v for k, v in counters["eval_per_reward_before"].items()}})
     started = time.perf_counter()
     with _StopFlag() as stop, progress_bar(show_progress and is_main) as bar:
         task = bar.add_task("training", total=recipe.train.steps, completed=start_step, status="")
@@ -467,7 +473,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
             metrics = train_step(run, step)
             done = step + 1
             if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done < recipe.train.steps:
-                counters["last_eval"] = metrics["eval/reward"] = run_evaluation(run)["reward"]
+                evaluation = run_evaluation(run)
+                counters["last_eval"] = metrics["eval/reward"] = evaluation["reward"]
+                metrics.update({f"eval/{k}": v for k, v in evaluation.items() if k.startswith("reward/")})
                 bar.console.log(f"step {done}: eval reward {counters['last_eval']:.3f}")
             logger.log(done, metrics)
             shown_eval = counters["last_eval"] if counters["last_eval"] is not None else counters["eval_reward_before"]
@@ -493,6 +501,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     summary = {
         "eval_reward_before": counters["eval_reward_before"],
         "eval_reward_after": final_eval["reward"],
+        **{f"eval_{k.replace('/', '_')}_before": v for k, v in counters["eval_per_reward_before"].items()},
         **{f"eval_{k.replace('/', '_')}_after": v for k, v in final_eval.items() if k.startswith("reward/")},
         "steps": recipe.train.steps,
         "wall_time_s": round(counters["wall_time_s"] + time.perf_counter() - started, 3),
