@@ -211,15 +211,16 @@ def evaluate_pairs(model, loader, accelerator) -> dict[str, float]:
 def train_reward_model(recipe: RewardModelRecipe, output_dir: str | Path, overwrite: bool = False,
                        show_progress: bool = True) -> dict[str, Any]:
     """Run a reward-model recipe; returns the summary also written to ``DIR/summary.json``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
+
+    from rlhf_pg.trainer import new_accelerator
 
     started = time.perf_counter()
     train_cfg, optim = recipe.train, recipe.optim
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
-    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision)
+    accelerator = new_accelerator(train_cfg.mixed_precision)
     is_main = accelerator.is_main_process
     output_dir = Path(output_dir)
     if is_main:

@@ -305,6 +305,7 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     accelerator = new_accelerator(recipe.train.mixed_precision)
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes to it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
