@@ -4,7 +4,6 @@
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
     rlhf-pg sft RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
-
     rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--overwrite] [key=value ...]
     rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
     rlhf-pg build-base [--force]

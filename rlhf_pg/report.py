@@ -7,7 +7,8 @@ reward the policy was trained on, ``reward/mean`` (the weighted sum of the recip
 KL penalty); the *gold* rewards are the monitored ones, logged as ``reward/<name>/mean`` and given weight
 0 in the recipe (or named with ``--gold``). The x axis is ``kl/ref``, the per-sequence KL estimate
 from the frozen reference (logged when ``algorithm.kl_coef > 0`` or ``algorithm.log_kl: true``).
-Curves are moving averages over ``smooth`` steps, labelled by the run's KL coefficient.
+Curves are moving averages over ``smooth`` steps, labelled by the run's KL coefficient; a dot marks
+where each run ended, a dotted line where the runs started (the initial policy's first-step mean).
 
 Writes ``goodhart.png`` (proxy and gold against KL) and ``rewards_by_step.png`` (proxy, gold and KL
 against the step).
@@ -102,8 +103,9 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path | None = Non
             [str(Path(d).resolve()) for d in run_dirs])) / "report"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    colors = plt.get_cmap("viridis")
+    colors = plt.get_cmap("tab10")
     columns = 1 + len(gold_names)
+    keys = ["reward/mean"] + [f"reward/{g}/mean" for g in gold_names]
 
     def series(run, key):
         rows = [r for r in run["records"] if key in r and "kl/ref" in r]
@@ -112,11 +114,14 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path | None = Non
 
     written = []
     figure, axes = plt.subplots(1, columns, figsize=(4.6 * columns, 3.8), squeeze=False)
+    for column, key in enumerate(keys):  # where every run started: the first step's mean (the initial policy)
+        start = sum(float(run["records"][0].get(key, 0.0)) for run in runs) / len(runs)
+        axes[0, column].axhline(start, color="grey", linestyle=":", linewidth=1, label="initial policy (step 1)")
     for index, run in enumerate(runs):
-        color = colors(index / max(len(runs) - 1, 1) * 0.9)
-        for column, key in enumerate(["reward/mean"] + [f"reward/{g}/mean" for g in gold_names]):
+        for column, key in enumerate(keys):
             _, kl, value = series(run, key)
-            axes[0, column].plot(kl, value, color=color, label=run["label"])
+            axes[0, column].plot(kl, value, color=colors(index), label=run["label"])
+            axes[0, column].plot(kl[-1:], value[-1:], "o", color=colors(index))  # where the run ended
     axes[0, 0].set_title("proxy: the trained reward")
     axes[0, 0].set_ylabel("reward/mean")
     for column, name in enumerate(gold_names, start=1):
@@ -136,12 +141,11 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path | None = Non
 
     figure, axes = plt.subplots(1, columns + 1, figsize=(4.2 * (columns + 1), 3.6), squeeze=False)
     for index, run in enumerate(runs):
-        color = colors(index / max(len(runs) - 1, 1) * 0.9)
-        for column, key in enumerate(["reward/mean"] + [f"reward/{g}/mean" for g in gold_names]):
+        for column, key in enumerate(keys):
             steps, kl, value = series(run, key)
-            axes[0, column].plot(steps, value, color=color, label=run["label"])
+            axes[0, column].plot(steps, value, color=colors(index), label=run["label"])
         steps, kl, _ = series(run, "reward/mean")
-        axes[0, -1].plot(steps, kl, color=color, label=run["label"])
+        axes[0, -1].plot(steps, kl, color=colors(index), label=run["label"])
     titles = ["proxy (reward/mean)"] + [f"gold ({g})" for g in gold_names] + ["kl/ref"]
     for ax, title in zip(axes[0], titles):
         ax.set_title(title)

@@ -303,6 +303,9 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     accelerator = new_accelerator(recipe.train.mixed_precision)
+    # reward functions first: a bad name or a missing reward model fails before the output dir is touched
+    scorer = RewardScorer(recipe.rewards)
+    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes to it
@@ -330,7 +333,6 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         policy = load_causal_lm(recipe.model, str(resume_from))
     train_set, eval_set = load_prompt_datasets(recipe.data)
     eval_prompts, eval_columns = columns_of(eval_set)
-    scorer = RewardScorer(recipe.rewards)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.optim.lr, betas=(recipe.optim.beta1, recipe.optim.beta2),
                                   weight_decay=recipe.optim.weight_decay)
@@ -347,7 +349,7 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         recipe=recipe, accelerator=accelerator, output_dir=output_dir, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler,
         sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
-        scorer=scorer, eval_scorer=RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer,
+        scorer=scorer, eval_scorer=eval_scorer,
         eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl, reference=reference, max_context=max_context,
         counters={key: counters.get(key, default) for key, default in COUNTER_DEFAULTS.items()},
     )

@@ -37,3 +37,9 @@ def test_a_reward_model_that_does_not_exist_fails_when_the_recipe_is_read(tmp_pa
         RewardScorer(recipe.rewards)
     with pytest.raises(RecipeError, match="reward_model needs `path`"):
         RewardScorer(recipe_from_dict({"rewards": ["reward_model"]}).rewards)
+    # a run fails before it writes anything, so the retry needs no --overwrite
+    from rlhf_pg.trainer import train
+
+    with pytest.raises(RecipeError, match="does not exist; train it first"):
+        train(recipe, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
