@@ -4,9 +4,11 @@
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
     rlhf-pg sft RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
+    rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--overwrite] [key=value ...]
+    rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
+    rlhf-pg build-base [--force]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
-    rlhf-pg build-base [--force]
 """
 
 from __future__ import annotations
@@ -81,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(compare)
     compare.add_argument("--overwrite", action="store_true", help="replace a comparison already in the output dir")
 
+    reward = commands.add_parser("reward-model", help="train a Bradley-Terry reward model on preference pairs")
+    reward.add_argument("recipe", help="path of a YAML reward-model recipe, e.g. recipes/reward_model.yaml")
+    reward.add_argument("--output-dir", help="where the run is written (default: the recipe's output_dir or runs/<recipe name>)")
+    reward.add_argument("--seed", type=_int, help="override the recipe's seed")
+    reward.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+
+    report = commands.add_parser("report", help="plot proxy and gold reward against KL from metrics.jsonl (PNG)")
+    report.add_argument("runs", nargs="+", metavar="DIR", help="run directories (each with metrics.jsonl and recipe.yaml)")
+    report.add_argument("--output-dir", help="where the PNGs go (default: DIR for one run, else the runs' common parent)")
+    report.add_argument("--gold", action="append", help="monitored reward name(s) to plot as gold (default: the "
+                        "rewards with weight 0)")
+    report.add_argument("--smooth", type=_positive_int, default=10, help="moving-average window, in steps (default 10)")
+
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     return parser
@@ -94,7 +109,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [word for word in extra if word not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "eval", "sft", "compare"):
+    if overrides and args.command not in ("train", "eval", "sft", "compare", "reward-model"):
         parser.error(f"{args.command} takes no key=value overrides (got {' '.join(overrides)})")
     args.overrides = overrides
     return args
@@ -151,6 +166,23 @@ def _run(args) -> int:
         summary = compare(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         print(f"report: {output_dir / 'report.md'}")
+        return 0
+    if args.command == "reward-model":
+        from reward_models.bradley_terry import train_reward_model
+
+        from .config import load_reward_model_recipe
+
+        overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+        recipe = load_reward_model_recipe(args.recipe, overrides)
+        summary = train_reward_model(recipe, _output_dir(args, recipe), overwrite=args.overwrite,
+                                     show_progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        return 0
+    if args.command == "report":
+        from .report import write_report
+
+        for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth):
+            print(path)
         return 0
     if args.command == "build-base":
         from .builtin import builtin_path

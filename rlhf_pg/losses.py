@@ -1,4 +1,5 @@
-"""Policy-gradient losses, loss aggregation, KL estimators and importance ratios: pure tensor functions.
+"""Policy-gradient losses, loss aggregation, KL estimators, importance ratios and the Bradley-Terry
+preference loss: pure tensor functions.
 
 The REINFORCE estimator of grad J(theta), J = E[r(tau)], over N sampled trajectories is
 
@@ -98,6 +99,35 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+def kl_penalized_rewards(
+    rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator: str = "k1"
+) -> Tensor:
+    """Per-token rewards with the KL penalty: ``r'_t = r_t - beta * k(t)`` on real tokens, 0 elsewhere.
+
+    ``rewards``, ``logprobs``, ``ref_logprobs``, ``mask``: ``[B, T]``. The reward-to-go of r' is then
+    ``G_t = sum_{t'>=t} gamma^(t'-t) (r_t' - beta k_t')``: each action is charged for the divergence of
+    itself and of every later action (with k1 and gamma = 1 this is the gradient of
+    E[r(tau)] - beta KL(pi_theta || pi_ref) over whole sequences).
+    """
+    return (rewards - kl_coef * kl_estimate(logprobs, ref_logprobs, estimator)) * mask
+
+
+# --- Reward models: the Bradley-Terry preference loss ---------------------------------------------
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:
+    """Mean negative log-likelihood of the preferences under the Bradley-Terry model.
+
+    P(chosen > rejected) = sigma(r_c - r_r), so the loss is ``-(1/N) sum_i log sigma(r_c,i - r_r,i - m_i)``
+    with optional margins ``m`` (TRL's ``margin`` column; 0 by default). ``chosen_rewards``,
+    ``rejected_rewards``, ``margin``: ``[N]``. ``logsigmoid`` keeps it finite for any reward gap.
+    """
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    return -torch.nn.functional.logsigmoid(difference).mean()
 
 
 # --- Off-policy reuse: importance ratios with a trust region -------------------------------------

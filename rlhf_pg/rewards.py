@@ -2,7 +2,10 @@
 
     r(tau) = sum_k w_k f_k(prompts, completions, **columns)[i]
 
-Each f_k has TRL's signature ``f(prompts, completions, **kwargs) -> list[float]``. A function that
+Each f_k has TRL's signature ``f(prompts, completions, **kwargs) -> list[float]``. A term with weight 0
+is still computed and logged (``reward/<label>/mean``) but does not train: a monitor, such as a gold
+reward next to a learned proxy. A function may carry ``validate_params(params)``, called once when the
+recipe is read (``reward_model`` loads its model there, so a bad path fails before training). A function that
 raises, returns the wrong number of values, or returns NaN/inf is reported by name together with the
 first offending sample (``RewardFunctionError``, exit code 2 from the CLI).
 """
@@ -18,7 +21,7 @@ from typing import Any, Callable
 from reward_models import resolve_reward
 
 from .config import RewardSpec
-from .errors import RecipeError, RewardFunctionError
+from .errors import RecipeError, RewardFunctionError, UserError
 
 
 @dataclass
@@ -70,6 +73,12 @@ class RewardScorer:
                     raise RecipeError(
                         f"{where}[{index}]: {keyword!r} is not a key of reward {spec.name!r}; did you mean {near[0]!r}?"
                     )
+            validate = getattr(function, "validate_params", None)  # e.g. reward_model loads its model here
+            if validate is not None:
+                try:
+                    validate(dict(spec.params))
+                except (UserError, ValueError) as error:
+                    raise RecipeError(f"{where}[{index}] ({spec.name}): {error}") from None
             label = spec.name.rsplit(":", 1)[-1]
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:
@@ -98,6 +107,8 @@ def _checked_call(term: _Term, prompts: list[str], completions: list[str], colum
     kwargs = {**columns, **term.params}
     try:
         scores = term.function(prompts, completions, **kwargs)
+    except UserError:
+        raise  # already a message for people (e.g. a reward model that cannot be loaded)
     except Exception as error:  # noqa: BLE001 - the user's function; report it, do not crash
         index = _first_failing_sample(term, prompts, completions, kwargs)
         where = _describe(prompts, completions, index) if index is not None else "the batch"

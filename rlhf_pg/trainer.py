@@ -37,7 +37,7 @@ from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import NonFiniteError, TrainingInterrupted, UserError
 from .evaluation import evaluate
 from .kl_control import KLController
-from .losses import aggregate, clipped_policy_loss, kl_estimate, policy_gradient_loss
+from .losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss
 from .mdp import Rollout, terminal_rewards
 from .metrics import MetricsLogger, progress_bar
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
@@ -318,6 +318,9 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     accelerator = new_accelerator(recipe.train.mixed_precision)
+    # reward functions first: a bad name or a missing reward model fails before the output dir is touched
+    scorer = RewardScorer(recipe.rewards)
+    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
     output_dir = Path(output_dir)
     resume_from = prepare_output_dir(output_dir, recipe, resume, overwrite, accelerator.is_main_process)
     set_seed(recipe.seed)
@@ -328,16 +331,15 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     counters: dict[str, Any] = {}
     if resume_from is not None:
         counters = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from)
-    scorer = RewardScorer(recipe.rewards)  # before the slow loading: a misspelt reward fails at once
-    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
 
     policy, tokenizer, model_path = load_policy(recipe.model)
     reference = None
-    if recipe.algorithm.kl_coef > 0 and recipe.peft is None:
+    wants_reference = recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl  # log_kl: kl/ref even at beta = 0
+    if wants_reference and recipe.peft is None:
         reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
     if recipe.peft is not None:
         policy = _checkpoint_adapter(policy, resume_from) if resume_from else apply_lora(policy, recipe.peft)
-        reference = "adapter" if recipe.algorithm.kl_coef > 0 else None
+        reference = "adapter" if wants_reference else None
     elif resume_from is not None:
         policy = _checkpoint_policy(recipe, resume_from, policy)
     train_set, eval_set = load_prompt_datasets(recipe.data)
@@ -452,8 +454,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         batch.ref_logprobs = reference_logprobs(run, batch)
         per_token_kl = kl_estimate(batch.logprobs, batch.ref_logprobs, recipe.algorithm.kl_estimator) * mask
         kl_stats = {"kl/ref": float(accelerator.reduce(per_token_kl.sum(-1).mean(), "mean")), "kl/coef": run.kl.coef}
-        if recipe.algorithm.kl_mode == "reward":
-            batch.rewards = batch.rewards - run.kl.coef * per_token_kl
+        if recipe.algorithm.kl_mode == "reward" and run.kl.coef > 0:
+            batch.rewards = kl_penalized_rewards(batch.rewards, batch.logprobs, batch.ref_logprobs, mask, run.kl.coef,
+                                                 recipe.algorithm.kl_estimator)
     # 3. advantages A_t = G_t - b_t over the global batch
     advantages = compute_advantages(batch, recipe, accelerator)
     # 4. policy update(s)
@@ -532,6 +535,7 @@ def output_dir_lock(output_dir: Path):
     if fcntl is None or os.environ.get("RANK", "0") != "0" or (output_dir.exists() and not output_dir.is_dir()):
         yield  # (a file in the way is reported by prepare_output_dir)
         return
+    created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         handle = open(output_dir / ".lock", "a+")
@@ -553,6 +557,8 @@ def output_dir_lock(output_dir: Path):
         yield
     finally:
         handle.close()  # releases the lock
+        if created and {p.name for p in output_dir.iterdir()} <= {".lock"}:  # a start that failed leaves nothing
+            shutil.rmtree(output_dir, ignore_errors=True)
 
 
 @dataclass

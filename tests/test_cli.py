@@ -26,6 +26,8 @@ def run_cli(*args, cwd=None, env_extra=None):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "EMPTY"], "is empty"),
     (["train", "BADYAML"], "flow sequence that starts at line 2"),
+    (["reward-model", "RECIPE"], "unknown recipe key 'train.steps'"),
+    (["report", "."], "has no metrics.jsonl"),
 ])
 def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, message):
     recipe = tmp_path / "r.yaml"

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from rlhf_pg.losses import aggregate, clipped_policy_loss, kl_estimate, policy_gradient_loss
+from rlhf_pg.advantages import discounted_returns
+from rlhf_pg.losses import (
+    aggregate, bradley_terry_loss, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss,
+)
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -113,3 +116,61 @@ def test_asymmetric_clip_and_sequence_level_ratio():
     loss, _ = clipped_policy_loss(logprobs, old, advantages, torch.ones(1, 2), clip_eps=0.2, ratio_level="sequence")
     loss.backward()
     assert torch.all(logprobs.grad == 0)  # 1.28 > 1.2: clipped
+
+
+def test_bradley_terry_loss_matches_hand_computation():
+    chosen = torch.tensor([2.0, 0.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0, 1.0])
+    # gaps 2, 0, -2: -log sigma(2) = log(1 + e^-2) = 0.126928, -log sigma(0) = log 2, -log sigma(-2) = log(1 + e^2)
+    expected = (math.log1p(math.exp(-2)) + math.log(2) + math.log1p(math.exp(2))) / 3
+    loss = bradley_terry_loss(chosen, rejected)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(0.9823340, rel=1e-6)
+    loss.backward()
+    # d/dr_c of -log sigma(d) / N = -(1 - sigma(d)) / N
+    sigma = [1 / (1 + math.exp(-d)) for d in (2.0, 0.0, -2.0)]
+    assert chosen.grad.tolist() == pytest.approx([-(1 - s) / 3 for s in sigma], rel=1e-6)
+    # TRL's margin: the gap must exceed m; gaps become 1, 0, -2
+    margin = torch.tensor([1.0, 0.0, 0.0])
+    expected_margin = (math.log1p(math.exp(-1)) + math.log(2) + math.log1p(math.exp(2))) / 3
+    assert bradley_terry_loss(chosen, rejected, margin).item() == pytest.approx(expected_margin, rel=1e-6)
+    # a huge wrong-way gap stays finite (logsigmoid, not log(sigmoid))
+    assert bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([0.0])).item() == pytest.approx(200.0)
+
+
+def test_kl_penalty_enters_the_reward_to_go_token_by_token():
+    # one completion of 3 tokens scored 1 on its last token, one of 2 tokens scored 0 (third position is padding)
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-0.4, -0.1, -9.0]])
+    beta = 0.1
+    shaped = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, beta, "k1")
+    # k1 = logp - ref = [0.5, -1, 0], [0.2, -0.2, (pad)]; r' = r - beta * k1
+    assert torch.allclose(shaped, torch.tensor([[-0.05, 0.1, 1.0], [-0.02, 0.02, 0.0]]))
+    returns = discounted_returns(shaped, mask, gamma=1.0)
+    # G_t = sum over t' >= t of r'_t': every action pays for its own and all later divergences
+    assert torch.allclose(returns, torch.tensor([[1.05, 1.1, 1.0], [0.0, 0.02, 0.0]]), atol=1e-6)
+    assert torch.allclose(returns[:, 0], torch.tensor([1.0, 0.0]) - beta * ((logprobs - ref_logprobs) * mask).sum(-1))
+    # k3 penalty: (e^-l - 1) + l per token, l = logp - ref
+    shaped_k3 = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, beta, "k3")
+    l = 0.5
+    assert shaped_k3[0, 0].item() == pytest.approx(-beta * (math.exp(-l) - 1 + l))
+    assert shaped_k3[1, 2].item() == 0.0  # padding never carries a penalty
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    from rlhf_pg.kl_control import KLController
+
+    controller = KLController(0.1, target=1.0, horizon=100)
+    # KL three times the target: the error is clipped at +0.2, beta grows by 0.2 * n / horizon
+    assert controller.update(3.0, num_samples=50) == pytest.approx(0.1 * 1.1)
+    assert controller.update(0.5, num_samples=50) == pytest.approx(0.1 * 1.1 * 0.9)  # error -0.5 clipped to -0.2
+    assert controller.update(1.0, num_samples=50) == pytest.approx(0.1 * 1.1 * 0.9)  # on target: unchanged
+    # closed loop on a policy whose KL falls as beta grows (KL = 0.3 / beta): beta settles where KL = target
+    controller = KLController(0.02, target=1.0, horizon=1000)
+    for _ in range(2000):
+        controller.update(0.3 / controller.coef, num_samples=128)
+    assert controller.coef == pytest.approx(0.3, rel=0.05)
+    fixed = KLController(0.05)
+    assert fixed.update(10.0, 128) == 0.05

@@ -184,7 +184,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     # group 0 all rewarded, group 1 mixed, group 2 all unrewarded: only group 1 has non-zero advantages
     batch.rewards = terminal_rewards(torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), batch.completion_mask)
     recipe = tiny_recipe(tiny_model_dir, algorithm={"aggregation": "token-mean"})
-    accelerator = new_accelerator("no")
+    accelerator = new_accelerator("no")  # fresh state: an earlier test may have left bf16 autocast on
     advantages = compute_advantages(batch, recipe, accelerator)
     assert (advantages.abs().sum(-1) > 0).tolist() == [False] * 4 + [True] * 4 + [False] * 4
     counts = (float(len(batch)), float(batch.completion_mask.sum()))
