@@ -48,7 +48,12 @@ def main() -> None:
     if args.quickstart:
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["train.tensorboard=false"])
     else:
+        from reward_models import register_reward
+        from vs_trl import digit_fraction  # the throughput benchmark's dense reward (benchmarks/vs_trl.py)
+
+        register_reward("digit_fraction")(digit_fraction)
         recipe = recipe_from_dict({
+            "rewards": [{"name": "digit_fraction"}],
             "rollout": {"prompts_per_step": 16, "completions_per_prompt": 4, "max_new_tokens": 32, "min_new_tokens": 32},
             "algorithm": {"baseline": "group_mean"}, "optim": {"lr": 1e-4}, "train": {"tensorboard": False},
         })

@@ -70,19 +70,27 @@ class _KVCacheDecoder:
         end = self.length + new
         self.keys[layer, :, :, self.length : end] = key
         self.values[layer, :, :, self.length : end] = value
-        mask = self.key_valid[..., :end]
-        if new > 1:  # prefill (cache empty): causal, and every query sees itself (all-pad rows are not all-masked)
+        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        batch, heads, _, head_dim = query.shape
+        if new == 1:
+            # one query per row: softmax(q K^T * scale + mask) V, with query heads grouped by their KV head
+            # (grouped-query attention without copying the cache); cheaper than SDPA at this size
+            grouped = query.view(batch, keys.shape[1], heads // keys.shape[1], head_dim)  # [B, Hkv, G, D]
+            scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).add_(self.key_bias[..., :end])
+            output = torch.matmul(torch.softmax(scores, dim=-1), values).view(batch, heads, 1, head_dim)
+        else:  # prefill (cache empty): causal, and every query sees itself (all-pad rows are not all-masked)
             causal = torch.ones(new, new, dtype=torch.bool, device=query.device).tril()
-            mask = (mask & causal) | torch.eye(new, dtype=torch.bool, device=query.device)
-        output = F.scaled_dot_product_attention(
-            query, self.keys[layer, :, :, :end], self.values[layer, :, :, :end], attn_mask=mask, scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return output.transpose(1, 2).reshape(query.shape[0], new, -1)
+            mask = (self.key_valid[..., :end] & causal) | torch.eye(new, dtype=torch.bool, device=query.device)
+            output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                    enable_gqa=heads != keys.shape[1])
+        return output.transpose(1, 2).reshape(batch, new, -1)
 
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         self.length = 0
         self.key_valid[:, 0, 0, : prompt_ids.shape[1]] = prompt_mask.bool()
+        # additive mask for single-query steps: 0 on real keys, -inf on padding
+        self.key_bias = torch.zeros(self.key_valid.shape, dtype=self.keys.dtype, device=self.keys.device)
+        self.key_bias.masked_fill_(~self.key_valid, float("-inf"))
         positions = positions_from_mask(prompt_mask)
         self.next_position = positions[:, -1:] + 1
         logits = self.forward(prompt_ids, positions)
@@ -102,22 +110,30 @@ class _KVCacheDecoder:
 class GPT2Decoder(_KVCacheDecoder):
     """GPT-2: h = wte + wpe; per block h += attn(ln_1(h)); h += mlp(ln_2(h)); logits = lm_head(ln_f(h))."""
 
+    # the tanh-approximated GELU, written by transformers as 7 elementwise ops, is one fused op in torch
+    FUSED_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
     def __init__(self, model, batch_size: int, max_length: int):
         config = model.config
         super().__init__(model, config.n_layer, config.n_head, config.n_embd // config.n_head, batch_size, max_length)
         self.body = model.transformer
         self.num_heads, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.gelu = self.FUSED_ACTIVATIONS.get(config.activation_function)
+
+    def mlp(self, block, hidden: Tensor) -> Tensor:
+        if self.gelu is None:
+            return block.mlp(hidden)
+        return block.mlp.c_proj(F.gelu(block.mlp.c_fc(hidden), approximate=self.gelu))
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         body = self.body
         hidden = body.wte(input_ids) + body.wpe(positions)  # [B, L, C]
-        batch, length, width = hidden.shape
+        batch, length, _ = hidden.shape
         for index, block in enumerate(body.h):
-            query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=-1)
-            query, key, value = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-                                 for t in (query, key, value))
+            qkv = block.attn.c_attn(block.ln_1(hidden)).view(batch, length, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
             hidden = hidden + block.attn.c_proj(self.attend(index, query, key, value, block.attn.scaling))
-            hidden = hidden + block.mlp(block.ln_2(hidden))
+            hidden = hidden + self.mlp(block, block.ln_2(hidden))
         return self.model.lm_head(body.ln_f(hidden[:, -1]))
 
 

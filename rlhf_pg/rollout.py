@@ -45,20 +45,29 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     return picked - lse.view(picked.shape)
 
 
-def _choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Next tokens ``[B]`` from last-position logits ``[B, V]``: greedy, or sampled (temperature, top-p)."""
+def _choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]`` and their log-probabilities under the policy.
+
+    Greedy when ``temperature == 0`` (log-probs then at temperature 1), else sampled from
+    ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1`` (the
+    log-probs stay those of the unrestricted policy).
+    """
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if params.temperature == 0.0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # Exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from p (cheaper than multinomial).
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(-1)
+        action = logits.argmax(-1)
+    else:
+        sampling = probs
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+            sampling = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        # Exponential race: argmax_v p_v / E_v with E_v = -log U_v ~ Exp(1) is a draw from p
+        # (uniforms are several times cheaper to draw than exponential_ or multinomial on CPU)
+        race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        action = (sampling / race).argmax(-1)
+    return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
 
 
 @torch.no_grad()
@@ -94,9 +103,11 @@ def sample_completions(
         # min_new_tokens constrains the *sampler*; the recorded log-probs stay those of the policy
         allowed = logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), float("-inf")) \
             if step < params.min_new_tokens else logits
-        action = _choose_tokens(allowed, params, generator)
+        action, action_logprob = _choose_tokens(allowed, params, generator)
+        if allowed is not logits:  # the policy's log-prob, not the EOS-masked sampler's
+            action_logprob = token_logprobs(logits, action, temperature)
         action = action.masked_fill(finished, pad_token_id)
-        logprobs.append(token_logprobs(logits, action, temperature))
+        logprobs.append(action_logprob)
         masks.append(~finished)
         tokens.append(action)
         finished = finished | (action == eos_token_id)
