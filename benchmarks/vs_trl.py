@@ -6,7 +6,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --part target --trl-lrs 3e-4 5e-4 1e-3
 
 Every measurement runs in its own subprocess (so peak RSS is per contender), on the same locally
-built model (builtin:arith-gpt, 0.8M-parameter GPT-2), tokenizer, prompts, reward and threads.
+built model (builtin:arith-gpt, 0.8M-parameter GPT-2), tokenizer, prompts, reward and threads
+(``BENCH_THREADS``, default 2: torch threads in every contender).
 
 Throughput at equal settings: B = 64 completions (16 prompts x 4), exactly 32 new tokens
 (min_new_tokens = max_new_tokens = 32), no reference model, lr 1e-4, fp32, no gradient
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 STEPS_WARMUP, STEPS_MEASURED = 2, 6
 
 
