@@ -546,8 +546,10 @@ def _inject_inf_into_update_logits(monkeypatch, steps: set[int] | None):
 
 def test_nonfinite_updates_are_skipped_counted_logged_and_training_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
     _inject_inf_into_update_logits(monkeypatch, steps={2, 3})
-    recipe = recipe_from_dict(recipe_dict(tiny_model_dir, train={"steps": 5, "save_every": 1, "keep_checkpoints": 10,
-                                                                 "max_nonfinite_steps": 3}))
+    # a dense reward: every completion gets its own, so every update has a non-zero gradient
+    recipe = recipe_from_dict(recipe_dict(tiny_model_dir, rewards=[{"name": "rewards_for_tests:char_codes"}],
+                                          train={"steps": 5, "save_every": 1, "keep_checkpoints": 10,
+                                                 "max_nonfinite_steps": 3}))
     summary = train(recipe, tmp_path, show_progress=False)
     assert summary["skipped_updates"] == 2
     records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/policy" in r}
