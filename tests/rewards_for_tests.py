@@ -32,3 +32,8 @@ def wrong_count(prompts, completions, **kwargs):
 
 def not_a_number(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def length(prompts, completions, **kwargs):
+    """Number of characters of the completion (varies even for a random model)."""
+    return [float(len(completion)) for completion in completions]
