@@ -507,8 +507,8 @@ class GymAlgorithmConfig:
 
     gamma: float = _field(0.99, min=0.0, max=1.0, help="discount in the reward-to-go")
     baseline: GymBaseline = _field(
-        "value", help="baseline subtracted from the reward-to-go; a registry kind (the batch is one group) or 'value' (learned V(s_t))")
-    whiten: bool = _field(True, help="normalize advantages to zero mean, unit std over the batch")
+        "timestep_mean", help="baseline subtracted from the reward-to-go; a registry kind (the batch is one group) or 'value' (learned V(s_t))")
+    whiten: bool = _field(False, help="normalize advantages to zero mean, unit std over the batch")
     aggregation: Literal["seq-mean-token-sum", "token-mean", "seq-mean-token-mean"] = _field(
         "seq-mean-token-sum", help="how per-step terms are reduced to the loss")
 

@@ -150,7 +150,8 @@ class GymSource:
         self.groups = False
         self.value = None
         self.tabular = recipe.env.id == TABULAR_ENV_ID
-        self.description = f"{recipe.env.id}, {'policy ' + policy_dir if policy_dir else 'initial policy (seed ' + str(recipe.seed) + ')'}"
+        where = f"policy {policy_dir}" if policy_dir else f"initial policy (seed {recipe.seed})"
+        self.description = f"{recipe.env.id}, {where}"
         self._fit_data: list = []
 
     def episodes(self):
@@ -380,26 +381,33 @@ def report_markdown(result: dict[str, Any], figure: str = "variance.png") -> str
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Two panels: MSE and variance (log scale), and the scale-free best-scale relative MSE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["estimators"]
-    names = [r["estimator"] for r in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
-    positions = range(len(rows))
+    names = [r["estimator"] + (" (rescaled)" if r["spec"]["whiten"] else "") for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
+    positions = list(range(len(rows)))
     left.barh(positions, [r["mse"] for r in rows], color="tab:blue", label="MSE to g*")
-    left.barh(positions, [r["variance"] for r in rows], color="tab:orange", height=0.4, label="variance")
+    left.barh(positions, [r["variance"] for r in rows], color="tab:orange", height=0.4, label="variance (tr Cov)")
     left.set_xscale("log")
-    left.set_yticks(list(positions), names)
+    smallest = min(min(r["mse"], r["variance"]) for r in rows if min(r["mse"], r["variance"]) > 0)
+    left.set_xlim(smallest / 4, max(r["mse"] for r in rows) * 1.5)  # bars start a factor 4 below the shortest
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_yticks(positions, names)
     left.invert_yaxis()
-    left.set_xlabel("squared error (log scale)")
+    left.set_xlabel("squared error, log scale (lower is better)")
     left.legend(loc="lower right", fontsize=8)
-    right.barh(positions, [r["cosine"] for r in rows], color="tab:green")
-    right.set_xlim(min(0.0, min(r["cosine"] for r in rows)), 1.0)
-    right.set_xlabel("mean cosine similarity to g*")
-    figure.suptitle(f"{result['source']}: {result['batches']} batches of {result['batch_size']}", fontsize=10)
+    right.barh(positions, [r["best_scale_relative_mse"] for r in rows], color="tab:green")
+    right.set_xlim(0.0, 1.0)
+    right.set_xlabel("best-scale relative MSE: min_c E||c g - g*||^2 / ||g*||^2")
+    for position, row in zip(positions, rows):
+        right.text(row["best_scale_relative_mse"] + 0.01, position, f"cos {row['cosine']:.2f}", va="center", fontsize=8)
+    figure.suptitle(f"{result['source']}: {result['batches']} batches of {result['batch_size']} trajectories", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

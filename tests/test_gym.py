@@ -199,15 +199,23 @@ def test_blackjack_exact_value_agrees_with_gymnasium_monte_carlo():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,threshold", [("cartpole", 475.0), ("acrobot", -100.0)])
+@pytest.mark.parametrize("recipe,threshold", [("cartpole", 475.0), ("acrobot", -100.0), ("inverted_pendulum", 950.0)])
 def test_recipes_reach_their_returns(tmp_path, recipe, threshold):
-    from pathlib import Path
-
     from rlhf_pg.config import load_gym_recipe
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "gym" / f"{recipe}.yaml"
-    summary = train_gym(load_gym_recipe(path, ["seed=0"]), tmp_path / recipe, show_progress=False)
+    summary = train_gym(load_gym_recipe(path, ["seed=1"]), tmp_path / recipe, show_progress=False)
     assert summary["eval_return_mean"] >= threshold
+
+
+@pytest.mark.slow
+def test_blackjack_recipe_gets_within_a_cent_of_basic_strategy(tmp_path):
+    from rlhf_pg.config import load_gym_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "gym" / "blackjack.yaml"
+    summary = train_gym(load_gym_recipe(path, ["seed=1"]), tmp_path / "blackjack", show_progress=False)
+    assert summary["blackjack_optimal_return"] == pytest.approx(-0.04311, abs=1e-5)
+    assert 0 <= summary["blackjack_gap"] < 0.01
 
 
 # --- command line and recipe errors ----------------------------------------------------------------------------
