@@ -158,8 +158,8 @@ def _run(args) -> int:
 
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         output_dir = Path(args.output_dir or Path("runs") / f"variance-{Path(args.recipe).stem}")
-        result = run_variance_lab(args.recipe, output_dir, overrides, policy=args.policy, batches=args.batches,
-                                  reference_batches=args.reference_batches, show_progress=not args.no_progress)
+        run_variance_lab(args.recipe, output_dir, overrides, policy=args.policy, batches=args.batches,
+                         reference_batches=args.reference_batches, show_progress=not args.no_progress)
         print((output_dir / "report.md").read_text())
         return 0
     if args.command == "build-base":
