@@ -140,6 +140,18 @@ def filtered_weights(returns: Tensor, mask: Tensor, threshold: float) -> Tensor:
     kept = (returns[:, :1] >= threshold).to(returns.dtype)  # [B, 1]
     return kept * mask
 
+def learned_baseline(returns: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Advantages ``A_t = G_t - V(s_t)`` with a learned state-value baseline; 0 where ``mask`` is 0.
+
+    ``returns``, ``values``, ``mask``: ``[B, T]``; ``values`` are treated as constants (detached).
+    V depends on the state only, never on a_t, so the estimator stays unbiased whatever V is; the
+    closer V is to E[G_t | s_t], the lower the variance. Used by the gym track (``baseline: value``).
+    """
+    if returns.shape != values.shape or returns.shape != mask.shape:
+        raise ValueError(f"returns {list(returns.shape)}, values {list(values.shape)} and mask {list(mask.shape)} "
+                         "must have the same shape")
+    return (returns - values.detach()) * mask
+
 
 def whiten_advantages(advantages: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(A - mean) / (std + eps)`` over the real tokens of the batch (mean kept when ``shift_mean=False``).

@@ -58,7 +58,8 @@ def save_checkpoint(
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:  # the gym track saves a policy with no tokenizer
+            tokenizer.save_pretrained(staging)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(), staging / "rng_state.pth")

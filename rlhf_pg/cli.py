@@ -6,6 +6,8 @@
     rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
     rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--overwrite] [key=value ...]
     rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
+    rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--overwrite] [key=value ...]
+    rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [key=value ...]
     rlhf-pg build-base [--force]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
@@ -96,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "rewards with weight 0)")
     report.add_argument("--smooth", type=_positive_int, default=10, help="moving-average window, in steps (default 10)")
 
+    gym = commands.add_parser("gym", help="REINFORCE on a gymnasium environment (the toy track)")
+    _add_run_arguments(gym)
+    gym.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+
+    variance = commands.add_parser("variance", help="measure the variance of gradient estimators at fixed parameters")
+    variance.add_argument("recipe", help="a gym recipe (recipes/gym/cartpole.yaml) or an LM recipe (recipes/quickstart.yaml)")
+    variance.add_argument("--output-dir", help="where report.md, variance.png and variance.json go "
+                          "(default: runs/variance-<recipe name>)")
+    variance.add_argument("--policy", help="fixed parameters to measure at: a gym run's final/ (or checkpoint) directory, "
+                          "or an LM model directory (default: the recipe's initial policy)")
+    variance.add_argument("--batches", type=_positive_int, help="independent batches per estimator (default: 200 gym, 50 LM)")
+    variance.add_argument("--reference-batches", type=_positive_int,
+                          help="batches averaged into the reference gradient (default: 1000 gym, 200 LM)")
+    variance.add_argument("--seed", type=_int, help="override the recipe's seed")
+
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     return parser
@@ -109,7 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [word for word in extra if word not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "eval", "sft", "compare", "reward-model"):
+    if overrides and args.command not in ("train", "eval", "sft", "compare", "reward-model", "gym", "variance"):
         parser.error(f"{args.command} takes no key=value overrides (got {' '.join(overrides)})")
     args.overrides = overrides
     return args
@@ -183,6 +200,29 @@ def _run(args) -> int:
 
         for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth):
             print(path)
+
+    if args.command == "gym":
+        from .config import load_gym_recipe
+        from .gym import train_gym
+
+        overrides = list(args.overrides)
+        if args.max_steps is not None:
+            overrides.append(f"train.steps={args.max_steps}")
+        if args.seed is not None:
+            overrides.append(f"seed={args.seed}")
+        recipe = load_gym_recipe(args.recipe, overrides)
+        output_dir = Path(args.output_dir or recipe.output_dir or Path("runs") / f"{Path(args.recipe).stem}-seed{recipe.seed}")
+        summary = train_gym(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+        print(json.dumps(summary, indent=2))
+        return 0
+    if args.command == "variance":
+        from .variance import run_variance_lab
+
+        overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+        output_dir = Path(args.output_dir or Path("runs") / f"variance-{Path(args.recipe).stem}")
+        run_variance_lab(args.recipe, output_dir, overrides, policy=args.policy, batches=args.batches,
+                         reference_batches=args.reference_batches, show_progress=not args.no_progress)
+        print((output_dir / "report.md").read_text())
         return 0
     if args.command == "build-base":
         from .builtin import builtin_path

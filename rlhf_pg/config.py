@@ -521,11 +521,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], root: type = None) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], root: type | None = None) -> dict[str, Any]:
     """Set each dotted ``key=value`` in ``data`` (list items by index: ``rewards.0.weight=0.5``).
 
-    Keys must exist in the schema (``root``: the recipe class, default ``Recipe``); ``recipe_from_dict``
-    reports unknown ones with a suggestion.
+    Keys must exist in the schema ``root`` (default ``Recipe``; ``GymRecipe``, ``RewardModelRecipe``);
+    ``recipe_from_dict`` reports unknown ones with a suggestion.
     """
     for text in overrides:
         parts, value = parse_override(text)
@@ -635,8 +635,8 @@ def load_reward_model_recipe(path: str | Path, overrides: list[str] | None = Non
     return reward_model_recipe_from_dict(data, source=str(path))
 
 
-def recipe_keys() -> list[tuple[str, str, str]]:
-    """Every recipe key as ``(dotted key, default, help)``, for documentation."""
+def recipe_keys(root: type | None = None) -> list[tuple[str, str, str]]:
+    """Every recipe key of ``root`` (default ``Recipe``) as ``(dotted key, default, help)``, for documentation."""
     rows: list[tuple[str, str, str]] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -649,5 +649,129 @@ def recipe_keys() -> list[tuple[str, str, str]]:
             default = f.default if f.default is not dataclasses.MISSING else "(see below)"
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
 
-    walk(Recipe, "")
+    walk(root or Recipe, "")
     return rows
+
+
+# --- the toy track: gymnasium recipes (``rlhf-pg gym``) --------------------------------------------
+# Same estimator keys as the LM track (gamma, baseline, whiten, aggregation), same optimizer section;
+# what differs is where trajectories come from: a vector of gymnasium environments, not a tokenizer.
+
+GymBaseline = Literal["none", "batch_mean", "group_mean", "leave_one_out", "timestep_mean", "value"]
+
+
+@dataclass
+class GymEnvConfig:
+    """The environment: any registered gymnasium id, run as ``num_envs`` synchronous copies."""
+
+    id: str = _field("CartPole-v1", help="gymnasium environment id, e.g. CartPole-v1, Acrobot-v1, InvertedPendulum-v5")
+    kwargs: dict[str, Any] = _field(help="keyword arguments for gymnasium.make (e.g. {natural: true} for Blackjack)", factory=dict)
+    num_envs: int = _field(16, min=1, help="environments stepped together (gymnasium.vector.SyncVectorEnv)")
+    episodes_per_env: int = _field(1, min=1, help="complete episodes each environment contributes per update")
+    max_episode_steps: int | None = _field(None, min=1, help="time limit (None = the environment's own)")
+
+
+@dataclass
+class GymPolicyConfig:
+    """The policy network: an MLP giving a categorical (discrete actions) or Gaussian (continuous) distribution."""
+
+    hidden_sizes: list[int] = _field(help="hidden layer widths; [] = linear (a tabular softmax on one-hot states)",
+                                     factory=lambda: [64, 64])
+    activation: Literal["tanh", "relu"] = _field("tanh", help="hidden-layer nonlinearity")
+    init_log_std: float = _field(-0.5, help="continuous actions: initial log standard deviation (learned, state-independent)")
+
+
+@dataclass
+class GymValueConfig:
+    """The learned state-value baseline V(s), used when ``algorithm.baseline`` is ``value``."""
+
+    hidden_sizes: list[int] = _field(help="hidden layer widths of V", factory=lambda: [64, 64])
+    lr: float = _field(1e-3, min=0.0, min_exclusive=True, help="learning rate of V (a second parameter group of the optimizer)")
+    epochs: int = _field(5, min=1, help="full-batch regression steps of V on the returns, per update")
+
+
+@dataclass
+class GymAlgorithmConfig:
+    """The estimator, with the LM track's names: reward-to-go with gamma, a baseline, whitening, aggregation."""
+
+    gamma: float = _field(0.99, min=0.0, max=1.0, help="discount in the reward-to-go")
+    baseline: GymBaseline = _field(
+        "timestep_mean", help="baseline subtracted from the reward-to-go; a registry kind (the batch is one group) or 'value' (learned V(s_t))")
+    whiten: bool = _field(False, help="normalize advantages to zero mean, unit std over the batch")
+    aggregation: Literal["seq-mean-token-sum", "token-mean", "seq-mean-token-mean"] = _field(
+        "seq-mean-token-sum", help="how per-step terms are reduced to the loss")
+
+
+@dataclass
+class GymTrainConfig:
+    """Length of the run, checkpoints and logging."""
+
+    steps: int = _field(100, min=1, help="policy updates (each on num_envs * episodes_per_env fresh episodes)")
+    save_every: int = _field(0, min=0, help="checkpoint every N updates (0 = only the final policy)")
+    keep_checkpoints: int = _field(2, min=1, help="how many recent checkpoints to keep")
+    num_threads: int | None = _field(1, min=1, help="torch CPU threads (small MLPs are fastest on one)")
+    tensorboard: bool = _field(False, help="also write TensorBoard event files")
+
+
+@dataclass
+class GymEvalConfig:
+    """Evaluation of the final policy: mean undiscounted return over fresh episodes."""
+
+    episodes: int = _field(50, min=20, help="evaluation episodes (at least 20)")
+    deterministic: bool = _field(True, help="act greedily (argmax / Gaussian mean) instead of sampling")
+    every: int = _field(0, min=0, help="also evaluate every N updates (0 = only at the end)")
+
+
+@dataclass
+class GymRecipe:
+    """A toy-track run: REINFORCE on a gymnasium environment."""
+
+    env: GymEnvConfig = _field(help="the environment", factory=GymEnvConfig)
+    policy: GymPolicyConfig = _field(help="the policy network", factory=GymPolicyConfig)
+    value: GymValueConfig = _field(help="the learned value baseline", factory=GymValueConfig)
+    algorithm: GymAlgorithmConfig = _field(help="estimator", factory=GymAlgorithmConfig)
+    optim: OptimConfig = _field(help="optimizer (AdamW) and learning-rate schedule", factory=OptimConfig)
+    train: GymTrainConfig = _field(help="run length, checkpoints", factory=GymTrainConfig)
+    eval: GymEvalConfig = _field(help="evaluation", factory=GymEvalConfig)
+    seed: int = _field(0, help="seed for initialization, action sampling and the environments")
+    output_dir: str | None = _field(None, help="where the run is written (default runs/<recipe name>-seed<seed>)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_gym_recipe(data: Any) -> bool:
+    """A recipe mapping is a toy-track recipe when it has an ``env`` section."""
+    return isinstance(data, dict) and "env" in data
+
+
+def gym_recipe_from_dict(data: Any, source: str = "recipe") -> GymRecipe:
+    """Validate plain data into a ``GymRecipe``; ``RecipeError`` names the offending key and ``source``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} must be a YAML mapping of sections (env, policy, algorithm, ...), got {type(data).__name__}")
+    try:
+        recipe = _dataclass_from_dict(GymRecipe, data, "")
+        for name in ("policy", "value"):
+            sizes = getattr(recipe, name).hidden_sizes
+            if any(size < 1 for size in sizes):
+                raise RecipeError(f"{name}.hidden_sizes: every width must be >= 1, got {sizes}")
+        batch = recipe.env.num_envs * recipe.env.episodes_per_env
+        if recipe.algorithm.baseline == "leave_one_out" and batch < 2:
+            raise RecipeError("algorithm.baseline 'leave_one_out' needs at least 2 episodes per update "
+                              "(env.num_envs * env.episodes_per_env >= 2)")
+    except RecipeError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    return recipe
+
+
+def load_gym_recipe(path: str | Path, overrides: list[str] | None = None) -> GymRecipe:
+    """Load, override and validate a toy-track recipe file."""
+    data = load_yaml(path)
+    if data is None:
+        raise RecipeError(f"{path} is empty; a gym recipe is a YAML mapping, e.g. 'env: {{id: CartPole-v1}}'")
+    if isinstance(data, dict) and not is_gym_recipe(data):
+        raise RecipeError(f"{path} has no 'env' section, so it is not a gym recipe; add e.g. 'env: {{id: CartPole-v1}}' "
+                          "(language-model recipes run with 'rlhf-pg train')")
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides, root=GymRecipe)
+    return gym_recipe_from_dict(data, source=str(path))

@@ -68,6 +68,14 @@ def policy_gradient_loss(
     return aggregate(-logprobs * advantages.detach(), mask, aggregation, num_sequences, num_tokens)
 
 
+def value_loss(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Regression of a learned baseline on the returns: ``(1/2) sum_it m_it (V(s_it) - G_it)^2 / sum_it m_it``.
+
+    ``values`` ``[B, T]`` with gradient, ``returns`` ``[B, T]`` the targets (detached).
+    """
+    return 0.5 * aggregate((values - returns.detach()) ** 2, mask, "token-mean")
+
+
 # --- KL to a reference policy -------------------------------------------------------------------
 # With a ~ pi_theta(. | s) and log-ratio  l = log pi_theta(a|s) - log pi_ref(a|s)  (Schulman, 2020):
 #   k1 = l                       unbiased for KL(pi_theta || pi_ref), high variance, can be < 0

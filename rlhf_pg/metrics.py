@@ -5,6 +5,9 @@ Metric names are stable and slash-separated: ``reward/mean``, ``reward/std_err``
 ``completion/length``, ``grad/norm``, ``optim/lr``, ``perf/tokens_per_s``, ``perf/step_s``,
 ``eval/reward`` (and ``eval/reward/<name>``), ``ratio/mean``, ``ratio/clip_fraction``; SFT runs log
 ``loss/nll`` (the ML loss) and ``eval/nll`` (held-out NLL per completion token).
+The gym track (``rlhf-pg gym``) logs ``episode/return``, ``episode/return_std_err``, ``episode/length``,
+``loss/policy``, ``loss/value``, ``adv/mean``, ``adv/std``, ``policy/entropy``, ``grad/norm``, ``optim/lr``,
+``perf/env_steps``, ``perf/env_steps_per_s``, ``perf/step_s`` and ``eval/return``.
 """
 
 from __future__ import annotations

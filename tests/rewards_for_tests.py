@@ -59,3 +59,7 @@ def noise(prompts, completions, **kwargs):
 def char_codes(prompts, completions, **kwargs):
     """Mean character code / 128: dense, different for almost every sample (non-zero advantages)."""
     return [sum(map(ord, completion)) / max(len(completion), 1) / 128 for completion in completions]
+
+def length(prompts, completions, **kwargs):
+    """Number of characters of the completion (varies even for a random model)."""
+    return [float(len(completion)) for completion in completions]
