@@ -625,7 +625,8 @@ def run_loop(run: Run, resume_from: Path | None, loop: Loop, show_progress: bool
                 result = _eval_scalars(loop.evaluate(run))
                 counters["last_eval"] = result["reward"]
                 metrics.update({f"eval/{key}": value for key, value in result.items()})
-                bar.console.log(f"step {done}: " + ", ".join(f"eval {k} {v:.3f}" for k, v in result.items()))
+                shown = {k: v for k, v in result.items() if not k.startswith("reward/")}  # per-reward: metrics.jsonl
+                bar.console.log(f"step {done}: " + ", ".join(f"eval {k} {v:.3f}" for k, v in shown.items()))
             logger.log(done, metrics)
             shown_eval = counters["last_eval"] if counters["last_eval"] is not None else counters["eval_reward_before"]
             bar.update(task, completed=done, status=f"{loop.status(metrics)} | eval {shown_eval:.3f} | "
