@@ -110,20 +110,11 @@ class _KVCacheDecoder:
 class GPT2Decoder(_KVCacheDecoder):
     """GPT-2: h = wte + wpe; per block h += attn(ln_1(h)); h += mlp(ln_2(h)); logits = lm_head(ln_f(h))."""
 
-    # the tanh-approximated GELU, written by transformers as 7 elementwise ops, is one fused op in torch
-    FUSED_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-
     def __init__(self, model, batch_size: int, max_length: int):
         config = model.config
         super().__init__(model, config.n_layer, config.n_head, config.n_embd // config.n_head, batch_size, max_length)
         self.body = model.transformer
         self.num_heads, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.gelu = self.FUSED_ACTIVATIONS.get(config.activation_function)
-
-    def mlp(self, block, hidden: Tensor) -> Tensor:
-        if self.gelu is None:
-            return block.mlp(hidden)
-        return block.mlp.c_proj(F.gelu(block.mlp.c_fc(hidden), approximate=self.gelu))
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         body = self.body
@@ -133,7 +124,7 @@ class GPT2Decoder(_KVCacheDecoder):
             qkv = block.attn.c_attn(block.ln_1(hidden)).view(batch, length, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
             hidden = hidden + block.attn.c_proj(self.attend(index, query, key, value, block.attn.scaling))
-            hidden = hidden + self.mlp(block, block.ln_2(hidden))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
         return self.model.lm_head(body.ln_f(hidden[:, -1]))
 
 

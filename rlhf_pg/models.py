@@ -72,10 +72,22 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as error:  # noqa: BLE001
         raise UserError(f"model: cannot load {path!r} as a causal LM: {_first_line(error)}{_offline_hint(path)}") from None
+    use_fused_activations(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def use_fused_activations(model) -> None:
+    """Swap transformers' Python tanh-GELU (``gelu_new``: 7 elementwise kernels, each saving a tensor for
+    backward) for torch's fused kernel computing the same function, in place; the saved config is unchanged."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
 def load_policy(config: ModelConfig):

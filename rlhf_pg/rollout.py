@@ -70,7 +70,6 @@ def _choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gene
     return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
 
 
-@torch.no_grad()
 def sample_completions(
     model,
     prompt_ids: Tensor,
@@ -92,6 +91,15 @@ def sample_completions(
     trainer passes a check that all-reduces across processes). ``lean=False`` forces transformers'
     own forward (see ``decoder``).
     """
+    # inference mode (cheaper per op than no_grad); the results are copied out of it so that the
+    # update's autograd graph may use them (an inference tensor cannot be saved for backward)
+    with torch.inference_mode():
+        sampled = _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator,
+                          all_finished, lean)
+    return tuple(tensor.clone() for tensor in sampled)
+
+
+def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator, all_finished, lean):
     all_finished = all_finished or (lambda done: bool(done.all()))
     batch_size = prompt_ids.shape[0]
     decoder = make_decoder(model, batch_size, prompt_ids.shape[1] + params.max_new_tokens, lean=lean)

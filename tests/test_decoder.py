@@ -81,3 +81,19 @@ def test_unknown_architectures_fall_back_to_the_hf_forward():
     model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                                        ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
     assert isinstance(make_decoder(model, 2, 8), HFDecoder)
+
+
+def test_fused_gelu_swap_computes_the_same_function_and_keeps_the_saved_config(tmp_path):
+    from transformers.activations import NewGELUActivation
+
+    from rlhf_pg.models import use_fused_activations
+
+    model = MODELS["gpt2"]()
+    assert model.config.activation_function == "gelu_new"
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    before = model(ids).logits
+    use_fused_activations(model)
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.activation_function == "gelu_new"
