@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from .decoder import make_decoder, positions_from_mask
 from .errors import UserError
@@ -128,21 +129,62 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
 
 def completion_logprobs(
     model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-    temperature: float = 1.0,
+    temperature: float = 1.0, share_prompts: bool = True,
 ) -> Tensor:
     """``log pi_theta(a_t | s_t)`` ``[B, T]`` for given completions, with gradients; 0 where the mask is 0.
 
-    One forward over ``[prompt | completion]``; logits are computed only at the T positions that
-    predict completion tokens (``logits_to_keep``), never at prompt positions.
+    Logits are computed only at the T positions that predict completion tokens, never at other
+    prompt positions. When several rows share a prompt (the completions of one group), the prompt
+    is run once and its key/value cache is reused by every completion of the group (the gradient
+    flows through the shared cache): the same log-probs and gradients as one forward over
+    ``[prompt | completion]`` per row (``share_prompts=False``), with 1/K of the prompt compute.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    temperature = temperature if temperature > 0 else 1.0
+    prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    positions = positions_from_mask(attention_mask)
     num_actions = completion_ids.shape[1]
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-        logits_to_keep=num_actions + 1, use_cache=False,
-    ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
-    return token_logprobs(logits, completion_ids, temperature if temperature > 0 else 1.0) * completion_mask
+    if prompts is None:
+        logits = model(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
+            position_ids=positions, logits_to_keep=num_actions + 1, use_cache=False,
+        ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
+        return token_logprobs(logits, completion_ids, temperature) * completion_mask
+    unique_rows, row_of = prompts
+    body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
+    cache = DynamicCache(config=body.config)
+    prompt_length = prompt_ids.shape[1]
+    first = body(  # [U, 1, V]: the logits that predict a_0, one row per distinct prompt
+        input_ids=prompt_ids[unique_rows], attention_mask=attention_mask[unique_rows, :prompt_length],
+        position_ids=positions[unique_rows, :prompt_length], cache=cache, use_cache=True, logits_to_keep=1,
+    ).logits
+    logits = first[row_of]
+    if num_actions > 1:
+        cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
+        rest = model(  # [B, T-1, V]: completion position t predicts a_{t+1}
+            input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, prompt_length:-1], cache=cache, use_cache=True,
+        ).logits
+        logits = torch.cat([logits, rest], dim=1)
+    return token_logprobs(logits, completion_ids, temperature) * completion_mask
+
+
+def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first row of each distinct prompt, its index for every row)``, or None when sharing cannot help
+    (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off)."""
+    body = getattr(model, "module", model)
+    checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(body, "is_gradient_checkpointing", False)
+    if checkpointing:
+        return None
+    keyed = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
+    distinct, row_of = torch.unique(keyed, dim=0, return_inverse=True)
+    if distinct.shape[0] == prompt_ids.shape[0]:
+        return None
+    first_row = torch.full((distinct.shape[0],), prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device)
+    first_row = first_row.scatter_reduce(0, row_of, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), "amin")
+    return first_row, row_of
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

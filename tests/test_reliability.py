@@ -520,15 +520,16 @@ def test_sigterm_to_the_cli_checkpoints_says_how_to_resume_and_the_resume_finish
 def _inject_inf_into_update_logits(monkeypatch, steps: set[int] | None):
     """Make the policy's logits +inf at one vocabulary entry in the update forward of the given steps
     (all steps when None), as an fp16 overflow would. Sampling and evaluation run without gradients
-    and are left alone; with one update per step, the n-th gradient-enabled forward is step n."""
+    and are left alone, so is the shared-prompt pass (one logit per row); with one update per step, the
+    n-th gradient-enabled forward over completions is step n."""
     import rlhf_pg.trainer as trainer_module
 
     original = trainer_module.load_policy
     state = {"forwards": 0}
 
     def hook(module, args, output):
-        if not torch.is_grad_enabled():
-            return output
+        if not torch.is_grad_enabled() or output.logits.shape[1] == 1:
+            return output  # sampling, evaluation, or the shared-prompt pass of the update
         state["forwards"] += 1
         if steps is None or state["forwards"] in steps:
             bump = torch.zeros_like(output.logits)

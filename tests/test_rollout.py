@@ -81,3 +81,22 @@ def test_top_p_keeps_only_the_nucleus(tiny_model_dir):
     sampled, _, _, _ = sample_completions(model, ids, mask, SamplingParams(1, top_p=1e-6),
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
     assert torch.all(sampled[:, 0] == greedy[0, 0])
+
+
+def test_sharing_group_prompts_gives_the_same_logprobs_and_gradients(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    model.train()
+    batch = rollout(model, tokenizer, ["1+2=", "33+44=", "7+80="], 4, SamplingParams(max_new_tokens=6),
+                    generator=torch.Generator().manual_seed(3))
+    batch = batch.select([0, 1, 2, 4, 5, 8, 11])  # uneven groups, as after dropping zero-advantage rows
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                       batch.completion_mask, share_prompts=share)
+        (logprobs * torch.linspace(-1, 2, 7)[:, None]).sum().backward()
+        results.append((logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (shared, shared_grads), (plain, plain_grads) = results
+    assert torch.allclose(shared, plain, atol=1e-5)
+    for name in plain_grads:
+        assert torch.allclose(shared_grads[name], plain_grads[name], atol=1e-5), name

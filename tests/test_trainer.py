@@ -195,7 +195,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     skipped = {}
     optimizer.step = lambda: skipped.update({n: p.grad.clone() for n, p in model.named_parameters()})
     policy_update(model, optimizer, accelerator, batch, advantages, recipe, 0.0, counts)
-    assert seen == [4]  # only the mixed group went through the model
+    assert seen == [1, 4]  # only the mixed group went through the model: its prompt once, then its 4 completions
     # the full-batch loss, every row included, has the same gradient
     from rlhf_pg.losses import policy_gradient_loss
     from rlhf_pg.rollout import completion_logprobs
