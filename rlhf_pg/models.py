@@ -112,16 +112,32 @@ def context_length(model) -> int | None:
 def apply_lora(model, config: PeftConfig):
     """Wrap ``model`` with LoRA adapters (``peft``); only adapter parameters stay trainable."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    fan_in_fan_out = any(isinstance(m, Conv1D) and _lora_targets(model, config.target_modules, name)
+                         for name, m in model.named_modules())  # GPT-2's Conv1D stores weights transposed
     lora = LoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out,
     )
     try:
         return get_peft_model(model, lora)
     except ValueError as error:
         raise UserError(f"peft: cannot add LoRA adapters: {error}. Set peft.target_modules to module names of this "
                         "model (e.g. ['c_attn'] for GPT-2, ['q_proj', 'v_proj'] for Llama)") from None
+
+
+def _lora_targets(model, target_modules, name: str) -> bool:
+    """Whether peft would put an adapter on module ``name`` (list of suffixes, a regex, or its default)."""
+    import re
+
+    if target_modules is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        target_modules = defaults.get(getattr(model.config, "model_type", ""), [])
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 def load_lora_checkpoint(model, checkpoint: str):

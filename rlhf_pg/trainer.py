@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -463,7 +464,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     global_tokens = float(accelerator.reduce(mask.sum(), "sum"))
     results = policy_update(run.policy, run.optimizer, accelerator, batch, advantages, recipe, run.kl.coef,
                             (float(len(batch)), global_tokens / world))
-    run.scheduler.step()
+    with warnings.catch_warnings():  # the schedule follows steps, also when a step's update was skipped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
     if kl_stats:
         run.kl.update(kl_stats["kl/ref"], len(batch) * world)
     step_time = time.perf_counter() - started

@@ -62,7 +62,7 @@ def test_lora_models_decode_through_their_adapters(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)).eval()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)).eval()
     prompts = torch.tensor([[1, 5, 6, 7], [0, 1, 8, 9]])
     mask = (prompts != 0).float()
     lean = make_decoder(model, 2, 8)
