@@ -323,15 +323,19 @@ def throughput(rounds: int) -> dict:
     return summary
 
 
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
 def time_to_target(eval_every: int, max_steps: int, trl_lrs: list[float]) -> dict:
     ours = spawn("target-ours", eval_every=eval_every, max_steps=max_steps)
-    print(f"ours (quickstart): {ours['seconds_to_target']} s, {ours['steps_to_target']} steps to 0.9; "
+    print(f"ours (quickstart): {_seconds(ours['seconds_to_target'])}, {ours['steps_to_target']} steps to 0.9; "
           f"peak RSS {ours['peak_rss_mb']:.0f} MB", flush=True)
     trl_runs = {}
     for lr in trl_lrs:
         run = spawn("target-trl", eval_every=eval_every, max_steps=max_steps, lr=lr)
         trl_runs[str(lr)] = run
-        print(f"TRL GRPO lr={lr}: {run['seconds_to_target']} s, {run['steps_to_target']} steps to 0.9 "
+        print(f"TRL GRPO lr={lr}: {_seconds(run['seconds_to_target'])}, {run['steps_to_target']} steps to 0.9 "
               f"(best accuracy {max(a for _, _, a in run['curve']):.3f}); peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     reached = {lr: r["seconds_to_target"] for lr, r in trl_runs.items() if r["seconds_to_target"] is not None}
     best_lr = min(reached, key=reached.get) if reached else None
