@@ -1,7 +1,7 @@
 """Train a Bradley-Terry reward model on preference pairs: ``rlhf-pg reward-model RECIPE``.
 
     P(chosen > rejected) = sigma(r_phi(chosen) - r_phi(rejected))
-    loss = -(1/N) sum_i log sigma(r_phi(chosen_i) - r_phi(rejected_i))       (rlhf_pg.losses.bradley_terry_loss)
+    loss = -(1/N) sum_i log sigma(r_phi(chosen_i) - r_phi(rejected_i))       (rlhf_pg.core.losses.bradley_terry_loss)
 
 r_phi is an ``AutoModelForSequenceClassification`` with one output (the score at the last real token).
 Each step encodes B chosen and B rejected texts in one right-padded batch of 2B rows, splits the
@@ -24,8 +24,8 @@ import yaml
 
 from rlhf_pg.config import RewardModelBackbone, RewardModelRecipe
 from rlhf_pg.errors import UserError
-from rlhf_pg.losses import bradley_terry_loss
-from rlhf_pg.metrics import MetricsLogger, progress_bar
+from rlhf_pg.core.losses import bradley_terry_loss
+from rlhf_pg.run.metrics import MetricsLogger, progress_bar
 
 from .preferences import PreferencePairs, load_preference_dataset, pairs_from_dataset, write_jsonl
 

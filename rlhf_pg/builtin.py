@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .losses import policy_gradient_loss
+from .core.losses import policy_gradient_loss
 from .rollout import completion_logprobs
 from .tasks.arithmetic import flawed_sum, format_prompt
 

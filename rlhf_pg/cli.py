@@ -176,7 +176,7 @@ def _run(args) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
         return 0
     if args.command == "compare":
-        from .compare import compare
+        from .lab.compare import compare
 
         recipe = _recipe(args)
         output_dir = _output_dir(args, recipe)
@@ -196,7 +196,7 @@ def _run(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     if args.command == "report":
-        from .report import write_report
+        from .lab.report import write_report
 
         for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth):
             print(path)
@@ -216,7 +216,7 @@ def _run(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     if args.command == "variance":
-        from .variance import run_variance_lab
+        from .lab.variance import run_variance_lab
 
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         output_dir = Path(args.output_dir or Path("runs") / f"variance-{Path(args.recipe).stem}")

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from .decoder import make_decoder, positions_from_mask
 from .errors import UserError
-from .mdp import Rollout
+from .core.mdp import Rollout
 
 Tensor = torch.Tensor
 

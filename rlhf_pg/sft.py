@@ -25,7 +25,7 @@ import torch
 from .config import AlgorithmConfig, Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
-from .mdp import Rollout
+from .core.mdp import Rollout
 from .models import context_length
 from .rollout import completion_logprobs, encode_prompts
 from .tasks.arithmetic import flawed_sum

@@ -31,16 +31,16 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .advantages import apply_baseline, discounted_returns, filtered_weights, whiten_advantages
+from .run import checkpoint as ckpt
+from .core.advantages import apply_baseline, discounted_returns, filtered_weights, whiten_advantages
 from .config import Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import NonFiniteError, TrainingInterrupted, UserError
 from .evaluation import evaluate
-from .kl_control import KLController
-from .losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss
-from .mdp import Rollout, terminal_rewards
-from .metrics import MetricsLogger, progress_bar
+from .core.kl_control import KLController
+from .core.losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss
+from .core.mdp import Rollout, terminal_rewards
+from .run.metrics import MetricsLogger, progress_bar
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
 from .rewards import RewardScorer
 from .rollout import SamplingParams, check_prompt_lengths, completion_logprobs, rollout

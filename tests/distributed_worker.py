@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pg.config import recipe_from_dict
-from rlhf_pg.mdp import terminal_rewards
+from rlhf_pg.core.mdp import terminal_rewards
 from rlhf_pg.rollout import SamplingParams, rollout
 from rlhf_pg.trainer import compute_advantages, policy_update
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_pg.advantages import apply_baseline, discounted_returns, total_returns, whiten_advantages
+from rlhf_pg.core.advantages import apply_baseline, discounted_returns, total_returns, whiten_advantages
 
 REWARDS = torch.tensor([[1.0, 0.0, 2.0, 9.0], [0.0, 3.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
 MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])

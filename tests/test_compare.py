@@ -9,9 +9,9 @@ import pytest
 import torch
 from rlhf_pg.trainer import new_accelerator
 
-from rlhf_pg.advantages import apply_baseline, discounted_returns, filtered_weights
+from rlhf_pg.core.advantages import apply_baseline, discounted_returns, filtered_weights
 from rlhf_pg.config import load_recipe, recipe_from_dict
-from rlhf_pg.mdp import Rollout, terminal_rewards
+from rlhf_pg.core.mdp import Rollout, terminal_rewards
 from rlhf_pg.tasks.arithmetic import demonstrator_accuracy, demonstrator_distribution, flawed_sum
 from rlhf_pg.trainer import compute_advantages
 from rlhf_pg.cli import main
@@ -78,7 +78,7 @@ def tiny_compare_recipe(tmp_path, model_dir, arms="[sft, sft_exact, filtered_bc,
 
 
 def test_compare_runs_every_arm_and_writes_report_summary_and_curves(tiny_model_dir, tmp_path):
-    from rlhf_pg.compare import compare
+    from rlhf_pg.lab.compare import compare
 
     recipe = load_recipe(tiny_compare_recipe(tmp_path, tiny_model_dir))
     out = tmp_path / "cmp"
@@ -159,7 +159,7 @@ def test_sft_exact_arm_needs_the_builtin_task(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_compare_arith_recipe_shows_reward_beating_the_flawed_demonstrator(tmp_path):
     """The real recipe (a few minutes): SFT stays near the demonstrator, REINFORCE far above it."""
-    from rlhf_pg.compare import compare
+    from rlhf_pg.lab.compare import compare
 
     summary = compare(load_recipe(ROOT / "recipes" / "compare_arith.yaml"), tmp_path, show_progress=False)
     demonstrator = summary["demonstrator"]

@@ -8,9 +8,9 @@ The estimators are the library's own functions (``advantages`` + ``policy_gradie
 import pytest
 import torch
 
-from rlhf_pg.advantages import apply_baseline, discounted_returns, total_returns
-from rlhf_pg.losses import policy_gradient_loss
-from rlhf_pg.tabular import default_mdp, estimator_moments, exact_gradient, policy_logprobs
+from rlhf_pg.core.advantages import apply_baseline, discounted_returns, total_returns
+from rlhf_pg.core.losses import policy_gradient_loss
+from rlhf_pg.gym.tabular import default_mdp, estimator_moments, exact_gradient, policy_logprobs
 
 THETA = torch.tensor([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]], dtype=torch.float64)
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from rlhf_pg.advantages import discounted_returns
+from rlhf_pg.core.advantages import discounted_returns
 from rlhf_pg.config import GymAlgorithmConfig, GymEnvConfig, gym_recipe_from_dict
 from rlhf_pg.gym import GymAgent, collect_episodes, episode_advantages, make_vector_env, reinforce_loss, train_gym
 from rlhf_pg.gym.blackjack import optimal_action, optimal_return, policy_return
 from rlhf_pg.gym.envs import TABULAR_ENV_ID
 from rlhf_pg.gym.rollout import EpisodeBatch
-from rlhf_pg.metrics import read_metrics
-from rlhf_pg.tabular import default_mdp, estimator_moments, exact_gradient, trajectory_logprob
+from rlhf_pg.run.metrics import read_metrics
+from rlhf_pg.gym.tabular import default_mdp, estimator_moments, exact_gradient, trajectory_logprob
 
 
 class ScriptedEnv(gymnasium.Env):

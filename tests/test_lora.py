@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_pg.config import recipe_from_dict
-from rlhf_pg.losses import kl_estimate
-from rlhf_pg.metrics import read_metrics
+from rlhf_pg.core.losses import kl_estimate
+from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.rollout import completion_logprobs
 from rlhf_pg.trainer import reference_logprobs, setup, train, train_step
 

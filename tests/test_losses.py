@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_pg.advantages import discounted_returns
-from rlhf_pg.losses import (
+from rlhf_pg.core.advantages import discounted_returns
+from rlhf_pg.core.losses import (
     aggregate, bradley_terry_loss, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss,
 )
 
@@ -160,7 +160,7 @@ def test_kl_penalty_enters_the_reward_to_go_token_by_token():
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target():
-    from rlhf_pg.kl_control import KLController
+    from rlhf_pg.core.kl_control import KLController
 
     controller = KLController(0.1, target=1.0, horizon=100)
     # KL three times the target: the error is clipped at +0.2, beta grows by 0.2 * n / horizon

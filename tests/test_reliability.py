@@ -26,12 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import rewards_for_tests
 from conftest import build_tiny_model
-from rlhf_pg import checkpoint as ckpt
+from rlhf_pg.run import checkpoint as ckpt
 from rlhf_pg import cli
 from rlhf_pg.builtin import char_tokenizer
 from rlhf_pg.config import recipe_from_dict
 from rlhf_pg.errors import TrainingInterrupted, UserError
-from rlhf_pg.metrics import read_metrics
+from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.trainer import prepare_output_dir, train
 
 ROOT = Path(__file__).resolve().parents[1]

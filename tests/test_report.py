@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rlhf_pg.errors import UserError
-from rlhf_pg.report import moving_average, write_report
+from rlhf_pg.lab.report import moving_average, write_report
 
 
 def fake_run(path, kl_coef, steps=40, with_kl=True):

@@ -163,7 +163,7 @@ def test_generated_pairs_are_labelled_by_the_gold_reward_with_the_asked_label_no
 
 def test_rl_against_a_reward_model_logs_proxy_gold_and_kl_every_step(tiny_model_dir, tmp_path):
     from rlhf_pg.config import recipe_from_dict
-    from rlhf_pg.metrics import read_metrics
+    from rlhf_pg.run.metrics import read_metrics
     from rlhf_pg.trainer import train
 
     rm_dir = save_tiny_reward_model(tmp_path / "rm", word_piece_tokenizer())

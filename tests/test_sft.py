@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pg.config import recipe_from_dict
 from rlhf_pg.errors import UserError
-from rlhf_pg.losses import policy_gradient_loss
-from rlhf_pg.metrics import read_metrics
+from rlhf_pg.core.losses import policy_gradient_loss
+from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.rollout import completion_logprobs
 from rlhf_pg.sft import demonstration_rollout, heldout_nll, train_sft
 

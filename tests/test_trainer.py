@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pg.config import recipe_from_dict
 from rlhf_pg.errors import RewardFunctionError, TrainingInterrupted, UserError
-from rlhf_pg.metrics import read_metrics
+from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.trainer import train
 
 
@@ -109,7 +109,7 @@ def test_broken_reward_functions_are_named(tiny_model_dir, tmp_path, function, m
 
 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
-    from rlhf_pg.mdp import terminal_rewards
+    from rlhf_pg.core.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
     from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
 
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
     from rlhf_pg.config import ModelConfig
     from rlhf_pg.models import load_causal_lm
     from rlhf_pg.rollout import SamplingParams, completion_logprobs, rollout
-    from rlhf_pg.losses import policy_gradient_loss
+    from rlhf_pg.core.losses import policy_gradient_loss
 
     grads = []
     for checkpointing in (False, True):
@@ -173,7 +173,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
 
 
 def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_model_dir):
-    from rlhf_pg.mdp import terminal_rewards
+    from rlhf_pg.core.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
     from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
 
@@ -197,7 +197,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     policy_update(model, optimizer, accelerator, batch, advantages, recipe, 0.0, counts)
     assert seen == [1, 4]  # only the mixed group went through the model: its prompt once, then its 4 completions
     # the full-batch loss, every row included, has the same gradient
-    from rlhf_pg.losses import policy_gradient_loss
+    from rlhf_pg.core.losses import policy_gradient_loss
     from rlhf_pg.rollout import completion_logprobs
 
     model.zero_grad()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg.variance import run_variance_lab
+from rlhf_pg.lab.variance import run_variance_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 

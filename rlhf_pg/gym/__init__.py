@@ -6,7 +6,7 @@
     train.py      the loop: rollout -> advantages.py -> losses.py -> step; evaluation; summary
     blackjack.py  Blackjack-v1 solved exactly (optimal value, exact value of a learned policy)
 
-Returns, baselines and losses come from ``rlhf_pg.advantages`` and ``rlhf_pg.losses``; nothing here
+Returns, baselines and losses come from ``rlhf_pg.core.advantages`` and ``rlhf_pg.core.losses``; nothing here
 reimplements them. Run with ``rlhf-pg gym recipes/gym/cartpole.yaml``.
 """
 

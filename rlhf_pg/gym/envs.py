@@ -1,5 +1,5 @@
 """Environments for the toy track: gymnasium vector environments with clear errors, and the
-enumerable MDP of ``rlhf_pg.tabular`` as a gymnasium environment.
+enumerable MDP of ``rlhf_pg.gym.tabular`` as a gymnasium environment.
 
 Vector environments are ``gymnasium.vector.SyncVectorEnv`` in ``AutoresetMode.NEXT_STEP`` (gymnasium
 1.x's default, set explicitly here because ``rollout.collect_episodes`` relies on it): the step after
@@ -16,7 +16,7 @@ from gymnasium import spaces
 
 from ..config import GymEnvConfig
 from ..errors import UserError
-from ..tabular import TabularMDP, default_mdp
+from .tabular import TabularMDP, default_mdp
 
 TABULAR_ENV_ID = "rlhf_pg/TabularMDP-v0"
 

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import yaml
 
-from .. import checkpoint as ckpt
-from ..advantages import apply_baseline, discounted_returns, learned_baseline, whiten_advantages
+from ..run import checkpoint as ckpt
+from ..core.advantages import apply_baseline, discounted_returns, learned_baseline, whiten_advantages
 from ..config import GymAlgorithmConfig, GymEnvConfig, GymRecipe, OptimConfig
 from ..errors import UserError
-from ..losses import policy_gradient_loss, value_loss
-from ..metrics import MetricsLogger, progress_bar
+from ..core.losses import policy_gradient_loss, value_loss
+from ..run.metrics import MetricsLogger, progress_bar
 from .envs import make_vector_env
 from .policy import GymAgent
 from .rollout import EpisodeBatch, collect_episodes

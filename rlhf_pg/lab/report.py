@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .metrics import read_metrics
+from ..errors import UserError
+from ..run.metrics import read_metrics
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from .config import Recipe
-from .errors import RecipeError, UserError
-from .metrics import read_metrics
-from .sft import sft_batch_size, train_sft
-from .tasks.arithmetic import demonstrator_accuracy, split_problems
-from .trainer import RUN_MARKER, train
+from ..config import Recipe
+from ..errors import RecipeError, UserError
+from ..run.metrics import read_metrics
+from ..sft import sft_batch_size, train_sft
+from ..tasks.arithmetic import demonstrator_accuracy, split_problems
+from ..trainer import RUN_MARKER, train
 
 LABELS = {
     "sft": "SFT (demonstrator)",

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from .advantages import apply_baseline, discounted_returns, learned_baseline, total_returns, whiten_advantages
-from .config import is_gym_recipe, load_yaml
-from .errors import UserError
-from .losses import policy_gradient_loss, value_loss
-from .metrics import progress_bar
+from ..core.advantages import apply_baseline, discounted_returns, learned_baseline, total_returns, whiten_advantages
+from ..config import is_gym_recipe, load_yaml
+from ..errors import UserError
+from ..core.losses import policy_gradient_loss, value_loss
+from ..run.metrics import progress_bar
 
 Tensor = torch.Tensor
 
@@ -129,8 +129,8 @@ class GymSource:
     """Batches of complete episodes of a gym policy (the recipe's initial policy, or a saved one)."""
 
     def __init__(self, recipe, policy_dir: str | None):
-        from .gym import GymAgent, make_vector_env
-        from .gym.envs import TABULAR_ENV_ID
+        from ..gym import GymAgent, make_vector_env
+        from ..gym.envs import TABULAR_ENV_ID
 
         torch.manual_seed(recipe.seed)
         self.recipe = recipe
@@ -155,7 +155,7 @@ class GymSource:
         self._fit_data: list = []
 
     def episodes(self):
-        from .gym import collect_episodes
+        from ..gym import collect_episodes
 
         episodes, _ = collect_episodes(self.envs, self.agent, self.recipe.env.episodes_per_env, self.generator)
         return episodes
@@ -174,7 +174,7 @@ class GymSource:
 
     def fit_value(self, steps: int = 300) -> None:
         """Fit V(s) to the undiscounted reward-to-go on the kept reference episodes (independent of the measured batches)."""
-        from .gym.policy import ValueFunction
+        from ..gym.policy import ValueFunction
 
         if not self._fit_data:
             return
@@ -194,8 +194,8 @@ class GymSource:
         """On the enumerable MDP: the exact grad J(params) by enumeration of all trajectories."""
         if not self.tabular:
             return None
-        from .gym.policy import encode_observations
-        from .tabular import exact_objective
+        from ..gym.policy import encode_observations
+        from ..gym.tabular import exact_objective
 
         mdp = self.envs.envs[0].unwrapped.mdp
         states = encode_observations(self.agent.observation_spec, torch.arange(mdp.num_states).numpy())
@@ -213,10 +213,10 @@ class LMSource:
     def __init__(self, recipe, policy_dir: str | None):
         import copy
 
-        from .data import PromptSampler, load_prompt_datasets
-        from .models import context_length, load_policy
-        from .rewards import RewardScorer
-        from .rollout import SamplingParams
+        from ..data import PromptSampler, load_prompt_datasets
+        from ..models import context_length, load_policy
+        from ..rewards import RewardScorer
+        from ..rollout import SamplingParams
 
         torch.manual_seed(recipe.seed)
         self.recipe = recipe
@@ -241,8 +241,8 @@ class LMSource:
         self._step = 0
 
     def sample(self, keep_for_value: bool = False) -> Batch:
-        from .mdp import terminal_rewards
-        from .rollout import completion_logprobs, rollout
+        from ..core.mdp import terminal_rewards
+        from ..rollout import completion_logprobs, rollout
 
         prompts, columns = self.sampler.batch(self._step)
         self._step += 1
@@ -420,7 +420,7 @@ def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[s
     data = load_yaml(recipe_path)
     source: Any
     if is_gym_recipe(data):
-        from .config import load_gym_recipe
+        from ..config import load_gym_recipe
 
         recipe = load_gym_recipe(recipe_path, overrides)
         if recipe.train.num_threads:
@@ -428,7 +428,7 @@ def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[s
         source = GymSource(recipe, policy)
         batches, reference_batches = batches or 200, reference_batches or 1000
     else:
-        from .config import load_recipe
+        from ..config import load_recipe
 
         recipe = load_recipe(recipe_path, overrides)
         if recipe.train.num_threads:

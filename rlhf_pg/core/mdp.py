@@ -1,0 +1,97 @@
+"""The vocabulary: token generation as a Markov decision process.
+
+    state   s_t = prompt + completion tokens a_0 .. a_{t-1}
+    action  a_t = the next token, drawn from pi_theta(. | s_t)
+    transition  s_{t+1} = s_t with a_t appended (deterministic)
+    reward  r(s_t, a_t): a score of the finished completion on its last token (EOS), plus optional
+            per-token terms such as a KL penalty
+    trajectory  tau = (s_0, a_0, r_0, ..., s_{T-1}, a_{T-1}, r_{T-1}), one completion
+
+A ``Rollout`` is a batch of B trajectories padded to T completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """B sampled trajectories. Tensors are ``[B, P]`` (prompt) or ``[B, T]`` (completion).
+
+    Fields, in the MDP's notation:
+      prompt_ids       ``[B, P]`` long: s_0, left-padded with the pad token.
+      prompt_mask      ``[B, P]`` float 0/1: 1 on real prompt tokens.
+      completion_ids   ``[B, T]`` long: the actions a_0 .. a_{T-1}, right-padded.
+      completion_mask  ``[B, T]`` float 0/1: 1 up to and including the EOS token (right-padded).
+      logprobs         ``[B, T]``: log pi_old(a_t | s_t) of the sampled tokens under the sampling policy.
+      rewards          ``[B, T]``: r(s_t, a_t); 0 until scored (see ``terminal_rewards``).
+      group_ids        ``[B]`` long: which prompt each completion came from (equal ids = one group).
+      prompts, completions  the decoded texts (the reward functions' inputs).
+      finished         ``[B]`` bool: the completion ended with EOS (not cut at max_new_tokens).
+      extras           per-prompt dataset columns, repeated per completion (reward-function kwargs).
+      ref_logprobs     ``[B, T]``: log pi_ref(a_t | s_t) under the reference policy, when KL control is on.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    logprobs: Tensor
+    group_ids: Tensor
+    rewards: Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    finished: Tensor | None = None
+    extras: dict[str, list] = field(default_factory=dict)
+    ref_logprobs: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of real completion tokens (actions) in the batch."""
+        return int(self.completion_mask.sum())
+
+    def select(self, index: Tensor | slice | list[int]) -> "Rollout":
+        """The rollout restricted to rows ``index`` (micro-batches, shards)."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        elif isinstance(index, Tensor):
+            rows = index.tolist()
+        else:
+            rows = list(index)
+        row_tensor = torch.as_tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        updates = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                updates[f.name] = value.index_select(0, row_tensor)
+            elif isinstance(value, list):
+                updates[f.name] = [value[i] for i in rows]
+            elif isinstance(value, dict):
+                updates[f.name] = {key: [column[i] for i in rows] for key, column in value.items()}
+        return replace(self, **updates)
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        updates = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **updates)
+
+
+def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
+    """Place each trajectory's score on its last real action: ``r[b, t] = scores[b]`` at the last t with mask 1.
+
+    ``scores``: ``[B]``; ``mask``: ``[B, T]``. All other steps get reward 0, so the undiscounted
+    reward-to-go at every step equals the score.
+    """
+    lengths = mask.sum(-1).long()  # [B]
+    rewards = torch.zeros_like(mask, dtype=scores.dtype)
+    has_actions = lengths > 0
+    rows = torch.nonzero(has_actions).squeeze(-1)
+    rewards[rows, lengths[rows] - 1] = scores[rows]
+    return rewards

@@ -1,0 +1,1 @@
+"""The shell every command shares: run directory, loop, optimizer and schedule, accelerator, checkpoints, metrics."""
