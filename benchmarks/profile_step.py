@@ -21,7 +21,7 @@ import torch
 
 import rlhf_pg.rollout
 import rlhf_pg.trainer as trainer
-from rlhf_pg.config import load_recipe, recipe_from_dict
+from rlhf_pg.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

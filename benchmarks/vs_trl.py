@@ -54,7 +54,7 @@ def _model_path() -> str:
 
 
 def _arithmetic_data(num_eval: int = 500):
-    from rlhf_pg.config import DataConfig
+    from rlhf_pg.recipe import DataConfig
     from rlhf_pg.data import load_prompt_datasets
 
     return load_prompt_datasets(DataConfig(num_eval=num_eval))
@@ -88,7 +88,7 @@ def trl_reward(prompts, completions, completion_ids=None, answer=None, **kwargs)
 def _greedy_accuracy(model, tokenizer, eval_set) -> float:
     from reward_models.rules import arithmetic_exact  # noqa: F401  (registers the reward)
 
-    from rlhf_pg.config import RewardSpec
+    from rlhf_pg.recipe import RewardSpec
     from rlhf_pg.data import columns_of
     from rlhf_pg.evaluation import evaluate
     from rlhf_pg.rewards import RewardScorer
@@ -106,7 +106,7 @@ def _greedy_accuracy(model, tokenizer, eval_set) -> float:
 def throughput_ours(steps: int) -> list[float]:
     from reward_models import register_reward
 
-    from rlhf_pg.config import recipe_from_dict
+    from rlhf_pg.recipe import recipe_from_dict
     from rlhf_pg.trainer import setup, train_step
     import tempfile
 
@@ -208,7 +208,7 @@ def throughput_trl(steps: int) -> list[float]:
 
 
 def target_ours(eval_every: int, max_steps: int, lr: float | None = None) -> dict:
-    from rlhf_pg.config import load_recipe
+    from rlhf_pg.recipe import load_recipe
     from rlhf_pg.trainer import setup, train_step
     import tempfile
 

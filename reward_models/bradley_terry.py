@@ -7,26 +7,29 @@ r_phi is an ``AutoModelForSequenceClassification`` with one output (the score at
 Each step encodes B chosen and B rejected texts in one right-padded batch of 2B rows, splits the
 scores, takes the loss and an AdamW step. Writes ``DIR/final/`` (model + tokenizer, loadable with
 ``from_pretrained``), ``DIR/metrics.jsonl`` and ``DIR/summary.json`` (``heldout_pair_accuracy``: the
-fraction of held-out pairs whose chosen text scores higher).
+fraction of held-out pairs whose chosen text scores higher). The loop (evaluation, checkpoints,
+signals, ``--resume``, the atomic final save) is ``rlhf_pg.run.loop``, as for every command.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from rlhf_pg.config import RewardModelBackbone, RewardModelRecipe
-from rlhf_pg.errors import UserError
 from rlhf_pg.core.losses import bradley_terry_loss
-from rlhf_pg.run.metrics import MetricsLogger, progress_bar
+from rlhf_pg.errors import UserError
+from rlhf_pg.run import checkpoint as ckpt
+from rlhf_pg.run.accel import new_accelerator, set_threads
+from rlhf_pg.run.loop import Job, run_job
+from rlhf_pg.run.metrics import progress_bar
+from rlhf_pg.run.optim import build_optimizer, build_scheduler, step_scheduler
+from rlhf_pg.run.rundir import RunDir
 
+from .config import RewardModelBackbone, RewardModelRecipe
 from .preferences import PreferencePairs, load_preference_dataset, pairs_from_dataset, write_jsonl
 
 RUN_MARKER = "reward_model_recipe.yaml"
@@ -122,7 +125,7 @@ def load_pairs(recipe: RewardModelRecipe, tokenizer, output_dir: Path, is_main: 
 
 
 def _generate(recipe: RewardModelRecipe, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from rlhf_pg.config import ModelConfig
+    from rlhf_pg.recipe import ModelConfig
     from rlhf_pg.models import load_policy
 
     from .arith_preferences import generate_arith_preferences
@@ -177,18 +180,6 @@ def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    holds_run = any((output_dir / name).exists() for name in (RUN_MARKER, "summary.json", "metrics.jsonl", "final"))
-    if holds_run and not overwrite:
-        raise UserError(f"{output_dir} already holds a reward-model run; pass --overwrite to replace it or choose "
-                        "another --output-dir")
-    if holds_run:
-        for name in ("final", "preferences", "tensorboard"):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json", RUN_MARKER):
-            (output_dir / name).unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def evaluate_pairs(model, loader, accelerator) -> dict[str, float]:
     """Held-out pair accuracy (a tie counts 1/2), mean loss and mean reward gap over every pair of ``loader``."""
@@ -208,118 +199,169 @@ def evaluate_pairs(model, loader, accelerator) -> dict[str, float]:
     }
 
 
-def train_reward_model(recipe: RewardModelRecipe, output_dir: str | Path, overwrite: bool = False,
+class RewardModelRun(Job):
+    """``rlhf-pg reward-model``: the shared loop over Bradley-Terry steps (``epochs`` passes over the pairs).
+
+    Step k takes batch ``k % n`` of epoch ``k // n`` in an order seeded by (seed, epoch), so a resumed
+    run sees exactly the batches the uninterrupted one would have.
+    """
+
+    command = "reward-model"
+    score = "pair_accuracy"
+    loss_key = "loss/bradley_terry"
+
+    def __init__(self, recipe: RewardModelRecipe, run_dir: RunDir, accelerator, model, tokenizer, train_examples,
+                 eval_examples, info: dict[str, Any], heldout_records, saved: dict[str, Any] | None,
+                 resume_from: Path | None):
+        train_cfg = recipe.train
+        self.recipe, self.run_dir, self.accelerator, self.tokenizer = recipe, run_dir, accelerator, tokenizer
+        self.train_examples, self.eval_examples, self.info, self.heldout_records = (
+            train_examples, eval_examples, info, heldout_records)
+        world = accelerator.num_processes
+        self.batches_per_epoch = max(1, math.ceil(len(train_examples) / train_cfg.batch_size))
+        self.steps = train_cfg.epochs * self.batches_per_epoch
+        self.eval_every, self.save_every = train_cfg.eval_every, train_cfg.save_every
+        self.max_nonfinite_steps, self.tensorboard = train_cfg.max_nonfinite_steps, train_cfg.tensorboard
+        self.seed, self.is_main = recipe.seed, accelerator.is_main_process
+        self.init_counters(saved)
+        collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)  # noqa: E731
+        self.collate = collate
+        eval_loader = torch.utils.data.DataLoader(eval_examples, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
+        if resume_from is not None:
+            model = _checkpoint_model(model, resume_from)
+        optimizer = build_optimizer(model.parameters(), recipe.optim)
+        self.scheduler = build_scheduler(optimizer, recipe.optim, self.steps)
+        self.model, self.optimizer, self.eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+        if resume_from is not None:
+            ckpt.load_training_state(resume_from, self.optimizer, self.scheduler)
+        self.rank, self.world = accelerator.process_index, world
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's share of the pairs of step ``step``."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        order = torch.randperm(len(self.train_examples),
+                               generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        size = self.recipe.train.batch_size
+        rows = order[index * size : (index + 1) * size].tolist()[self.rank :: self.world] or order[:1].tolist()
+        batch = self.collate([self.train_examples[i] for i in rows])
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def step(self, step: int) -> dict[str, float]:
+        accelerator, model = self.accelerator, self.model
+        started = time.perf_counter()
+        model.train()
+        batch = self._batch(step)
+        with accelerator.autocast():
+            chosen, rejected = pair_rewards(model, batch)
+            loss = bradley_terry_loss(chosen, rejected, batch.get("margin"))
+        accelerator.backward(loss)
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm or float("inf")))
+        mean_loss = float(accelerator.reduce(loss.detach(), "mean"))
+        applied = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+        step_scheduler(self.scheduler)
+        self.optimizer.zero_grad(set_to_none=True)
+        gap = (chosen - rejected).detach()
+        metrics = {"loss/bradley_terry": mean_loss,
+                   "rm/accuracy": float(accelerator.gather((gap > 0).float()).mean()),
+                   "rm/reward_gap": float(accelerator.gather(gap).mean()),
+                   "grad/norm": grad_norm, "optim/lr": self.scheduler.get_last_lr()[0],
+                   "perf/step_s": time.perf_counter() - started}
+        if not applied:
+            metrics["train/skipped_updates"] = 1
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate_pairs(self.model, self.eval_loader, self.accelerator)
+
+    def status(self, metrics: dict[str, float]) -> str:
+        return f"loss {metrics['loss/bradley_terry']:.3f}"
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            state = {**self.counters, "recipe": self.recipe.to_dict()}
+            path = ckpt.save_checkpoint(self.run_dir.path, step, self.accelerator.unwrap_model(self.model),
+                                        self.tokenizer, self.optimizer, self.scheduler, state,
+                                        self.recipe.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_final(self, staging: Path, summary: dict[str, Any]) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+
+    def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        recipe = self.recipe
+        summary = {
+            "heldout_pair_accuracy": after["pair_accuracy"],
+            "heldout_pair_accuracy_before": before["pair_accuracy"],
+            "heldout_loss": after["loss"],
+            "heldout_reward_gap": after["reward_gap"],
+            "train_pairs": len(self.train_examples),
+            "heldout_pairs": len(self.eval_examples),
+            "dropped_pairs": self.info.pop("dropped_pairs"),
+            "epochs": recipe.train.epochs,
+            **self.info,
+            "world_size": self.accelerator.num_processes,
+        }
+        if self.heldout_records is not None:
+            summary["label_noise"] = recipe.data.label_noise
+            summary["heldout_gold_agreement"] = _gold_agreement(self.accelerator.unwrap_model(self.model),
+                                                                self.tokenizer, recipe, self.heldout_records)
+        return summary
+
+
+def _checkpoint_model(model, checkpoint: Path):
+    """The reward model saved in ``checkpoint`` (the same architecture as the recipe's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(checkpoint))
+    except Exception as error:  # noqa: BLE001
+        raise ckpt.unusable(checkpoint, f"holds a reward model that does not load ({type(error).__name__})") from None
+
+
+def train_reward_model(recipe: RewardModelRecipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
                        show_progress: bool = True) -> dict[str, Any]:
     """Run a reward-model recipe; returns the summary also written to ``DIR/summary.json``."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    from rlhf_pg.trainer import new_accelerator
-
-    started = time.perf_counter()
-    train_cfg, optim = recipe.train, recipe.optim
-    if train_cfg.num_threads:
-        torch.set_num_threads(train_cfg.num_threads)
-    accelerator = new_accelerator(train_cfg.mixed_precision)
-    is_main = accelerator.is_main_process
-    output_dir = Path(output_dir)
-    if is_main:
-        _prepare_output_dir(output_dir, overwrite)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_MARKER).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    accelerator.wait_for_everyone()
-    set_seed(recipe.seed)
-
-    model, tokenizer = build_reward_model(recipe.model)
-    train_pairs, eval_pairs, info = load_pairs(recipe, tokenizer, output_dir, is_main, show_progress and is_main)
-    heldout_records = info.pop("heldout_records", None)
-    train_examples = _encode(tokenizer, train_pairs, train_cfg.max_length)
-    eval_examples = _encode(tokenizer, eval_pairs, train_cfg.max_length)
-    if not train_examples or not eval_examples:
-        raise UserError(f"train.max_length={train_cfg.max_length} drops every training or held-out pair; raise it")
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    longest = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_examples + eval_examples)
-    if context and longest > context:
-        raise UserError(f"the longest pair is {longest} tokens but the reward model reads at most {context}; "
-                        f"set train.max_length: {context} to drop longer pairs")
-
-    collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)  # noqa: E731
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = torch.utils.data.DataLoader(train_examples, batch_size=train_cfg.batch_size, shuffle=True,
-                                               collate_fn=collate, generator=generator)
-    eval_loader = torch.utils.data.DataLoader(eval_examples, batch_size=train_cfg.eval_batch_size, collate_fn=collate)
-    total_steps = train_cfg.epochs * len(train_loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                                  weight_decay=optim.weight_decay)
-    schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[optim.schedule]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    logger = MetricsLogger(output_dir, enabled=is_main, tensorboard=train_cfg.tensorboard)
-    before = evaluate_pairs(model, eval_loader, accelerator)
-    logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-    step, last_eval = 0, before
-    train_started = time.perf_counter()
-    model.train()
-    with progress_bar(show_progress and is_main) as bar:
-        task = bar.add_task("reward model", total=total_steps, status=f"held-out acc {before['pair_accuracy']:.3f}")
-        for _ in range(train_cfg.epochs):
-            for batch in train_loader:
-                with accelerator.autocast():
-                    chosen, rejected = pair_rewards(model, batch)
-                    loss = bradley_terry_loss(chosen, rejected, batch.get("margin"))
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm or float("inf"))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                gap = (chosen - rejected).detach()
-                metrics = {"loss/bradley_terry": float(accelerator.reduce(loss.detach(), "mean")),
-                           "rm/accuracy": float(accelerator.gather((gap > 0).float()).mean()),
-                           "rm/reward_gap": float(accelerator.gather(gap).mean()),
-                           "grad/norm": float(grad_norm), "optim/lr": scheduler.get_last_lr()[0]}
-                if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
-                    last_eval = evaluate_pairs(model, eval_loader, accelerator)
-                    metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
-                logger.log(step, metrics)
-                if not math.isfinite(metrics["loss/bradley_terry"]):
-                    raise UserError(f"the Bradley-Terry loss became {metrics['loss/bradley_terry']} at step {step}; "
-                                    "lower optim.lr")
-                bar.update(task, completed=step, status=(f"loss {metrics['loss/bradley_terry']:.3f} | held-out acc "
-                                                         f"{last_eval['pair_accuracy']:.3f}"))
-    train_time = time.perf_counter() - train_started
-    final = evaluate_pairs(model, eval_loader, accelerator)
-    logger.log(step, {f"eval/{k}": v for k, v in final.items()})
-    logger.close()
-    summary = {
-        "heldout_pair_accuracy": final["pair_accuracy"],
-        "heldout_pair_accuracy_before": before["pair_accuracy"],
-        "heldout_loss": final["loss"],
-        "heldout_reward_gap": final["reward_gap"],
-        "train_pairs": len(train_examples),
-        "heldout_pairs": len(eval_examples),
-        "dropped_pairs": len(train_pairs) + len(eval_pairs) - len(train_examples) - len(eval_examples),
-        "epochs": train_cfg.epochs,
-        "steps": step,
-        "train_time_s": round(train_time, 3),
-        **info,
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "world_size": accelerator.num_processes,
-        "final_model_dir": str(output_dir / "final"),
-    }
-    if heldout_records is not None:
-        summary["label_noise"] = recipe.data.label_noise
-        summary["heldout_gold_agreement"] = _gold_agreement(accelerator.unwrap_model(model), tokenizer, recipe,
-                                                            heldout_records)
-    accelerator.wait_for_everyone()
-    if is_main:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir / "final")
-        tokenizer.save_pretrained(output_dir / "final")
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return summary
+    train_cfg = recipe.train
+    set_threads(train_cfg.num_threads)
+    run_dir = RunDir(output_dir, marker=RUN_MARKER, outputs=("preferences",), what="a reward-model run",
+                     resume_may_change={"train.epochs", "output_dir"})
+    with run_dir.lock():
+        accelerator = new_accelerator(train_cfg.mixed_precision)
+        is_main = accelerator.is_main_process
+        resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, is_main)
+        saved = ckpt.read_trainer_state(resume_from) if resume_from is not None else None
+        accelerator.wait_for_everyone()
+        set_seed(recipe.seed)
+        model, tokenizer = build_reward_model(recipe.model)
+        train_pairs, eval_pairs, info = load_pairs(recipe, tokenizer, run_dir.path, is_main, show_progress and is_main)
+        heldout_records = info.pop("heldout_records", None)
+        train_examples = _encode(tokenizer, train_pairs, train_cfg.max_length)
+        eval_examples = _encode(tokenizer, eval_pairs, train_cfg.max_length)
+        if not train_examples or not eval_examples:
+            raise UserError(f"train.max_length={train_cfg.max_length} drops every training or held-out pair; raise it")
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        longest = max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_examples + eval_examples)
+        if context and longest > context:
+            raise UserError(f"the longest pair is {longest} tokens but the reward model reads at most {context}; "
+                            f"set train.max_length: {context} to drop longer pairs")
+        info["dropped_pairs"] = len(train_pairs) + len(eval_pairs) - len(train_examples) - len(eval_examples)
+        run = RewardModelRun(recipe, run_dir, accelerator, model, tokenizer, train_examples, eval_examples, info,
+                             heldout_records, saved, resume_from)
+        if is_main:
+            run_dir.write_marker(recipe.to_dict())
+        accelerator.wait_for_everyone()
+        return run_job(run, resume_from, show_progress)
 
 
 def _gold_agreement(model, tokenizer, recipe: RewardModelRecipe, records: list[dict[str, Any]]) -> float:
@@ -341,4 +383,5 @@ def _gold_agreement(model, tokenizer, recipe: RewardModelRecipe, records: list[d
     return sum(agree) / len(agree)
 
 
-__all__ = ["build_reward_model", "train_reward_model", "collate_pairs", "pair_rewards", "evaluate_pairs"]
+__all__ = ["build_reward_model", "train_reward_model", "collate_pairs", "pair_rewards", "evaluate_pairs",
+           "RewardModelRun"]

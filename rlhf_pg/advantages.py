@@ -9,3 +9,5 @@ from .core.advantages import (  # noqa: F401
     learned_baseline,
     whiten_advantages,
 )
+
+__all__ = ["BASELINES", "discounted_returns", "total_returns", "apply_baseline", "filtered_weights", "learned_baseline", "whiten_advantages"]

@@ -4,13 +4,14 @@
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
     rlhf-pg sft RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
-    rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--overwrite] [key=value ...]
+    rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
-    rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--overwrite] [key=value ...]
-    rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [key=value ...]
+    rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--resume] [--overwrite] [key=value ...]
+    rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [--overwrite] [key=value ...]
     rlhf-pg build-base [--force]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
+Each command is a row of ``COMMANDS``: how it loads its recipe, runs, and names its default output dir.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import os
 import shlex
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import TrainingInterrupted, UserError
 
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("recipe", help="path of a YAML reward-model recipe, e.g. recipes/reward_model.yaml")
     reward.add_argument("--output-dir", help="where the run is written (default: the recipe's output_dir or runs/<recipe name>)")
     reward.add_argument("--seed", type=_int, help="override the recipe's seed")
+    reward.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     reward.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
 
     report = commands.add_parser("report", help="plot proxy and gold reward against KL from metrics.jsonl (PNG)")
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gym = commands.add_parser("gym", help="REINFORCE on a gymnasium environment (the toy track)")
     _add_run_arguments(gym)
+    gym.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     gym.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
 
     variance = commands.add_parser("variance", help="measure the variance of gradient estimators at fixed parameters")
@@ -112,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     variance.add_argument("--reference-batches", type=_positive_int,
                           help="batches averaged into the reference gradient (default: 1000 gym, 200 LM)")
     variance.add_argument("--seed", type=_int, help="override the recipe's seed")
+    variance.add_argument("--overwrite", action="store_true", help="replace a measurement already in the output dir")
 
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
@@ -132,104 +138,145 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _recipe(args):
-    from .config import load_recipe
+# --- the command table: name -> (load the recipe, run, default output dir, what to print) -------------
 
+
+def _overrides(args) -> list[str]:
+    """The ``key=value`` words plus what --max-steps / --seed mean as overrides."""
     overrides = list(args.overrides)
     if getattr(args, "max_steps", None) is not None:
         overrides.append(f"train.steps={args.max_steps}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
-    return load_recipe(args.recipe, overrides)
+    return overrides
 
 
-def _output_dir(args, recipe) -> Path:
+def _lm_recipe(args):
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe, _overrides(args))
+
+
+def _gym_recipe(args):
+    from .gym.config import load_gym_recipe
+
+    return load_gym_recipe(args.recipe, _overrides(args))
+
+
+def _reward_model_recipe(args):
+    from reward_models.config import load_reward_model_recipe
+
+    return load_reward_model_recipe(args.recipe, _overrides(args))
+
+
+def _output_dir(args, recipe, default: str) -> Path:
+    """--output-dir, else the recipe's output_dir, else ``runs/<default>``."""
     if getattr(args, "output_dir", None):
         return Path(args.output_dir)
-    if recipe.output_dir:
+    if getattr(recipe, "output_dir", None):
         return Path(recipe.output_dir)
-    return Path("runs") / Path(args.recipe).stem
+    return Path("runs") / default
+
+
+def _train(args, recipe, output_dir):
+    from .trainer import train
+
+    return train(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+
+
+def _sft(args, recipe, output_dir):
+    from .sft import train_sft
+
+    return train_sft(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+
+
+def _eval(args, recipe, output_dir):
+    from .lm_run import evaluate_model
+
+    return evaluate_model(recipe, args.model)
+
+
+def _compare(args, recipe, output_dir):
+    from .lab.compare import compare
+
+    summary = compare(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return {**summary, "report": str(output_dir / "report.md")}
+
+
+def _reward_model(args, recipe, output_dir):
+    from reward_models.bradley_terry import train_reward_model
+
+    return train_reward_model(recipe, output_dir, resume=args.resume, overwrite=args.overwrite,
+                              show_progress=not args.no_progress)
+
+
+def _gym(args, recipe, output_dir):
+    from .gym import train_gym
+
+    return train_gym(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+
+
+def _variance(args, recipe, output_dir):
+    from .lab.variance import run_variance_lab
+
+    run_variance_lab(args.recipe, output_dir, _overrides(args), policy=args.policy, batches=args.batches,
+                     reference_batches=args.reference_batches, overwrite=args.overwrite,
+                     show_progress=not args.no_progress)
+    return (output_dir / "report.md").read_text()
+
+
+def _report(args, recipe, output_dir):
+    from .lab.report import write_report
+
+    return "\n".join(str(path) for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth))
+
+
+def _build_base(args, recipe, output_dir):
+    from .builtin import builtin_path
+
+    return str(builtin_path("arith-gpt", progress=not args.no_progress, force=args.force))
+
+
+def _stem(args) -> str:
+    return Path(args.recipe).stem
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI command: how to load its recipe (None: it takes none), run it, and name its default output dir."""
+
+    run: Callable[..., Any]
+    load: Callable[[argparse.Namespace], Any] | None = None
+    default_dir: Callable[[argparse.Namespace, Any], str] | None = None
+    show_examples: bool = False  # print the result's "examples" too
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(_train, _lm_recipe, lambda args, recipe: _stem(args)),
+    "sft": Command(_sft, _lm_recipe, lambda args, recipe: _stem(args)),
+    "eval": Command(_eval, _lm_recipe, show_examples=True),
+    "compare": Command(_compare, _lm_recipe, lambda args, recipe: _stem(args)),
+    "reward-model": Command(_reward_model, _reward_model_recipe, lambda args, recipe: _stem(args)),
+    "gym": Command(_gym, _gym_recipe, lambda args, recipe: f"{_stem(args)}-seed{recipe.seed}"),
+    "variance": Command(_variance, None, lambda args, recipe: f"variance-{_stem(args)}"),
+    "report": Command(_report),
+    "build-base": Command(_build_base),
+}
 
 
 def _run(args) -> int:
-    if args.command == "train":
-        from .trainer import train
-
-        recipe = _recipe(args)
-        summary = train(recipe, _output_dir(args, recipe), resume=args.resume, overwrite=args.overwrite,
-                        show_progress=not args.no_progress)
-        shown = {k: v for k, v in summary.items() if k != "examples"}
-        print(json.dumps(shown, indent=2))
-        return 0
-    if args.command == "eval":
-        from .trainer import evaluate_model
-
-        result = evaluate_model(_recipe(args), args.model)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.command == "sft":
-        from .sft import train_sft
-
-        recipe = _recipe(args)
-        summary = train_sft(recipe, _output_dir(args, recipe), resume=args.resume, overwrite=args.overwrite,
-                            show_progress=not args.no_progress)
-        print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
-        return 0
-    if args.command == "compare":
-        from .lab.compare import compare
-
-        recipe = _recipe(args)
-        output_dir = _output_dir(args, recipe)
-        summary = compare(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
-        print(json.dumps(summary, indent=2))
-        print(f"report: {output_dir / 'report.md'}")
-        return 0
-    if args.command == "reward-model":
-        from reward_models.bradley_terry import train_reward_model
-
-        from .config import load_reward_model_recipe
-
-        overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-        recipe = load_reward_model_recipe(args.recipe, overrides)
-        summary = train_reward_model(recipe, _output_dir(args, recipe), overwrite=args.overwrite,
-                                     show_progress=not args.no_progress)
-        print(json.dumps(summary, indent=2))
-        return 0
-    if args.command == "report":
-        from .lab.report import write_report
-
-        for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth):
-            print(path)
-
-    if args.command == "gym":
-        from .config import load_gym_recipe
-        from .gym import train_gym
-
-        overrides = list(args.overrides)
-        if args.max_steps is not None:
-            overrides.append(f"train.steps={args.max_steps}")
-        if args.seed is not None:
-            overrides.append(f"seed={args.seed}")
-        recipe = load_gym_recipe(args.recipe, overrides)
-        output_dir = Path(args.output_dir or recipe.output_dir or Path("runs") / f"{Path(args.recipe).stem}-seed{recipe.seed}")
-        summary = train_gym(recipe, output_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
-        print(json.dumps(summary, indent=2))
-        return 0
-    if args.command == "variance":
-        from .lab.variance import run_variance_lab
-
-        overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-        output_dir = Path(args.output_dir or Path("runs") / f"variance-{Path(args.recipe).stem}")
-        run_variance_lab(args.recipe, output_dir, overrides, policy=args.policy, batches=args.batches,
-                         reference_batches=args.reference_batches, show_progress=not args.no_progress)
-        print((output_dir / "report.md").read_text())
-        return 0
-    if args.command == "build-base":
-        from .builtin import builtin_path
-
-        print(builtin_path("arith-gpt", progress=not args.no_progress, force=args.force))
-        return 0
-    raise UserError(f"unknown command {args.command!r}")
+    """Look the command up, load its recipe, run it, print its result (JSON for a summary, else text)."""
+    command = COMMANDS.get(args.command)
+    if command is None:
+        raise UserError(f"unknown command {args.command!r}; choose one of {', '.join(COMMANDS)}")
+    recipe = command.load(args) if command.load is not None else None
+    output_dir = _output_dir(args, recipe, command.default_dir(args, recipe)) if command.default_dir else None
+    result = command.run(args, recipe, output_dir)
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if command.show_examples or k != "examples"}, indent=2))
+    else:
+        print(result)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

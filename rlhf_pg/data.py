@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig
+from .recipe import DataConfig
 from .errors import UserError
 from .tasks import arithmetic
 

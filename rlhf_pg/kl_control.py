@@ -3,3 +3,5 @@
 from .core.kl_control import (  # noqa: F401
     KLController,
 )
+
+__all__ = ["KLController"]

@@ -4,3 +4,5 @@ from .core.mdp import (  # noqa: F401
     Rollout,
     terminal_rewards,
 )
+
+__all__ = ["Rollout", "terminal_rewards"]

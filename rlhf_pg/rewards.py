@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from reward_models import resolve_reward
 
-from .config import RewardSpec
+from .recipe import RewardSpec
 from .errors import RecipeError, RewardFunctionError, UserError
 
 

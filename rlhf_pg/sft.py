@@ -7,14 +7,13 @@
 
 REINFORCE weights the policy's *own* samples by their advantage; SFT weights someone else's samples by
 1. The step is literally the trainer's ``policy_update`` on a ``Rollout`` of demonstrations with
-advantages = 1, so micro-batching, mixed precision, gradient clipping, non-finite skipping, checkpoints,
-metrics and the summary are the ones ``train`` uses. Only completion tokens (and EOS) carry loss;
+advantages = 1 at temperature 1, so micro-batching, mixed precision, gradient clipping, non-finite
+skipping, checkpoints, metrics and the summary are the ones ``train`` uses. Only completion tokens (and EOS) carry loss;
 prompts are left-padded and completions right-padded, padding is masked out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from pathlib import Path
@@ -22,14 +21,18 @@ from typing import Any
 
 import torch
 
-from .config import AlgorithmConfig, Recipe
+from .recipe import Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
 from .core.mdp import Rollout
 from .models import context_length
 from .rollout import completion_logprobs, encode_prompts
 from .tasks.arithmetic import flawed_sum
-from .trainer import Loop, Run, count_step, output_dir_lock, policy_update, run_evaluation, run_loop, setup
+from .lm_run import LMRun, setup_run
+from .run.loop import run_job
+from .run.optim import step_scheduler
+from .run.rundir import RunDir
+from .trainer import policy_update
 
 
 # --- demonstrations --------------------------------------------------------------------------------
@@ -153,62 +156,77 @@ def sft_batch_size(recipe: Recipe) -> int:
     return recipe.sft.batch_size or recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
 
 
+class SftRun(LMRun):
+    """``rlhf-pg sft``: an LM run whose step is maximum likelihood on the step's demonstrations."""
+
+    command = "sft"
+    loss_key = "loss/nll"
+    demos: Demonstrations
+    batch_size: int
+
+    def step(self, step: int) -> dict[str, float]:
+        accelerator, world = self.accelerator, self.accelerator.num_processes
+        started = time.perf_counter()
+        # 1. this process's share of the step's demonstrations, as trajectories
+        per_process = self.batch_size // world
+        mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+        prompts, completions = self.demos.batch(step)
+        batch = demonstration_rollout(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
+                                      self.max_context)
+        # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
+        global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
+        results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
+                                global_counts=(float(len(batch)), global_tokens / world),
+                                aggregation=self.recipe.algorithm.aggregation, temperature=1.0,
+                                micro_batch_size=self.recipe.train.micro_batch_size,
+                                max_grad_norm=self.recipe.optim.max_grad_norm)
+        step_scheduler(self.scheduler)
+        step_time = time.perf_counter() - started
+        metrics = {
+            "loss/nll": float(accelerator.reduce(torch.tensor(results[-1].loss, device=accelerator.device), "mean")),
+            "grad/norm": results[-1].grad_norm,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+            "completion/length": global_tokens / self.batch_size,
+            "perf/step_s": step_time,
+            "perf/tokens_per_s": global_tokens / step_time if step_time > 0 else 0.0,
+        }
+        if not results[-1].applied:
+            metrics["train/skipped_updates"] = 1
+        self.counters["tokens_total"] += int(global_tokens)
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        result = super().evaluate()
+        result["nll"] = heldout_nll(self.unwrapped, self.tokenizer, self.demos.eval_prompts, self.demos.eval_completions,
+                                    self.recipe.eval.batch_size)
+        return result
+
+    def status(self, metrics: dict[str, float]) -> str:
+        return f"nll {metrics['loss/nll']:.3f}"
+
+    def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        return {**super().summary(before, after), "batch_size": self.batch_size,
+                "samples_seen": self.recipe.train.steps * self.batch_size, "demonstrations": self.demos.describe()}
+
+
 def train_sft(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
     """Maximum-likelihood fine-tuning; writes what ``train`` writes and returns the summary.
 
     Uses ``model``, ``data`` (+ ``data.completion_column``), ``sft``, ``optim``, ``train``, ``eval``,
     ``rewards`` (held-out greedy reward, as ``train``), ``peft`` and ``algorithm.aggregation``; the
-    other ``algorithm`` and ``rollout`` keys are for sampling and do not apply. The loop (evaluation,
-    checkpoints, signals, resume, summary) is the trainer's ``run_loop``.
+    other ``algorithm`` and ``rollout`` keys are for sampling and do not apply (no reference model is
+    loaded). The loop (evaluation, checkpoints, signals, resume, summary) is ``run.loop``.
     """
     batch_size = sft_batch_size(recipe)
     demos = Demonstrations(recipe, batch_size)  # bad data fails before anything is written or loaded
-    # one plain update at temperature 1 with A = 1 is exactly maximum likelihood
-    ml_recipe = dataclasses.replace(recipe, algorithm=AlgorithmConfig(aggregation=recipe.algorithm.aggregation),
-                                    rollout=dataclasses.replace(recipe.rollout, temperature=1.0))
-    with output_dir_lock(Path(output_dir)):
-        run, resume_from = setup(recipe, output_dir, resume, overwrite)
+    with RunDir(output_dir).lock():
+        run, resume_from = setup_run(SftRun, recipe, output_dir, resume, overwrite, wants_reference=False)
         world = run.accelerator.num_processes
         if batch_size % world:
             raise UserError(f"sft.batch_size={batch_size} must be divisible by the number of processes ({world})")
-
-        def step(run: Run, step: int) -> dict[str, float]:
-            accelerator = run.accelerator
-            started = time.perf_counter()
-            # 1. this process's share of the step's demonstrations, as trajectories
-            per_process = batch_size // world
-            mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-            prompts, completions = demos.batch(step)
-            batch = demonstration_rollout(run.tokenizer, prompts[mine], completions[mine], accelerator.device,
-                                          run.max_context)
-            # 2. the policy-gradient update with A = 1 on every demonstrated token: maximum likelihood
-            global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
-            results = policy_update(run.policy, run.optimizer, accelerator, batch, batch.completion_mask.clone(),
-                                    ml_recipe, 0.0, (float(len(batch)), global_tokens / world))
-            run.scheduler.step()
-            step_time = time.perf_counter() - started
-            metrics = {
-                "loss/nll": float(accelerator.reduce(torch.tensor(results[-1].loss, device=accelerator.device), "mean")),
-                "grad/norm": results[-1].grad_norm,
-                "optim/lr": run.scheduler.get_last_lr()[0],
-                "completion/length": global_tokens / batch_size,
-                "perf/step_s": step_time,
-                "perf/tokens_per_s": global_tokens / step_time if step_time > 0 else 0.0,
-            }
-            count_step(run, metrics, results, step_time, global_tokens)
-            return metrics
-
-        def evaluate(run: Run) -> dict[str, Any]:
-            result = run_evaluation(run)
-            result["nll"] = heldout_nll(run.unwrapped, run.tokenizer, demos.eval_prompts, demos.eval_completions,
-                                        recipe.eval.batch_size)
-            return result
-
-        loop = Loop("sft", step, evaluate, lambda metrics: f"nll {metrics['loss/nll']:.3f}", loss_key="loss/nll")
-        extra = {"batch_size": batch_size, "samples_seen": recipe.train.steps * batch_size,
-                 "demonstrations": demos.describe()}
-        return run_loop(run, resume_from, loop, show_progress, summary_extra=extra)
+        run.demos, run.batch_size = demos, batch_size
+        return run_job(run, resume_from, show_progress)
 
 
-__all__ = ["Demonstrations", "demonstration_rollout", "heldout_nll", "sft_batch_size", "train_sft"]
+__all__ = ["Demonstrations", "demonstration_rollout", "heldout_nll", "sft_batch_size", "train_sft", "SftRun"]

@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.core.mdp import terminal_rewards
 from rlhf_pg.rollout import SamplingParams, rollout
-from rlhf_pg.trainer import compute_advantages, policy_update
+from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
 PROMPTS = ["1+2=", "3+4=", "5+6=", "17+8="]
 COMPLETIONS_PER_PROMPT = 3
@@ -42,10 +42,10 @@ def gradients(model_dir, algorithm, micro_batch_size, accelerator, rows):
         {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(prepared).named_parameters()})
     prepared, prepared_optimizer = accelerator.prepare(model, optimizer)
     batch = batch.select(rows)
-    advantages = compute_advantages(batch, recipe, accelerator)
+    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
     global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
-    policy_update(prepared, prepared_optimizer, accelerator, batch, advantages, recipe, 0.0,
-                  (float(len(batch)), global_tokens / accelerator.num_processes))
+    policy_update(prepared, prepared_optimizer, accelerator, batch, advantages,
+                  global_counts=(float(len(batch)), global_tokens / accelerator.num_processes), **update_settings(recipe))
     return captured
 
 

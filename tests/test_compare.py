@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rlhf_pg.trainer import new_accelerator
+from rlhf_pg.run.accel import new_accelerator
 
 from rlhf_pg.core.advantages import apply_baseline, discounted_returns, filtered_weights
-from rlhf_pg.config import load_recipe, recipe_from_dict
+from rlhf_pg.recipe import load_recipe, recipe_from_dict
 from rlhf_pg.core.mdp import Rollout, terminal_rewards
 from rlhf_pg.tasks.arithmetic import demonstrator_accuracy, demonstrator_distribution, flawed_sum
 from rlhf_pg.trainer import compute_advantages
@@ -45,7 +45,7 @@ def test_filtered_bc_with_a_binary_reward_is_reinforce_without_baseline():
     filtered = recipe_from_dict({"algorithm": {"estimator": "filtered_bc", "reward_threshold": 1.0}})
     plain = recipe_from_dict({"algorithm": {"baseline": "none"}})
     accelerator = new_accelerator("no")
-    assert torch.equal(compute_advantages(batch, filtered, accelerator), compute_advantages(batch, plain, accelerator))
+    assert torch.equal(compute_advantages(batch, filtered.algorithm.estimator_spec(), accelerator), compute_advantages(batch, plain.algorithm.estimator_spec(), accelerator))
     rloo = apply_baseline(discounted_returns(batch.rewards, mask), mask, "leave_one_out", batch.group_ids)
     assert (rloo < 0).any()  # ... while the baseline also pushes the wrong samples down
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_pg.config import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_keys
+from rlhf_pg.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_keys
 from rlhf_pg.errors import RecipeError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_pg.trainer import new_accelerator
+from rlhf_pg.run.accel import new_accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -2,13 +2,13 @@
 
 On a small MDP every trajectory is enumerated, so J(theta), its gradient, and the exact mean and
 variance of each estimator over all batches of B i.i.d. trajectories are computed without sampling.
-The estimators are the library's own functions (``advantages`` + ``policy_gradient_loss``).
+The estimators are the library's own (``core.estimator.advantages`` + ``policy_gradient_loss``).
 """
 
 import pytest
 import torch
 
-from rlhf_pg.core.advantages import apply_baseline, discounted_returns, total_returns
+from rlhf_pg.core.estimator import EstimatorSpec, advantages
 from rlhf_pg.core.losses import policy_gradient_loss
 from rlhf_pg.gym.tabular import default_mdp, estimator_moments, exact_gradient, policy_logprobs
 
@@ -20,12 +20,12 @@ def make_estimator(returns_kind: str, baseline: str, gamma: float = 1.0, groups_
         theta = theta.detach().clone().requires_grad_(True)
         logprobs = policy_logprobs(theta, batch["states"], batch["actions"])
         rewards, mask = batch["rewards"], batch["mask"]
-        returns = (total_returns if returns_kind == "total" else discounted_returns)(rewards, mask, gamma)
         size = rewards.shape[0]
         group_ids = torch.arange(size) // (groups_of or size)
-        advantages = apply_baseline(returns, mask, baseline, group_ids)
+        # the library's one composition, as the trainer, the gym track and the variance lab call it
+        advantage = advantages(EstimatorSpec(returns=returns_kind, gamma=gamma, baseline=baseline), rewards, mask, group_ids)
         # J's gradient estimate is minus the loss gradient
-        (gradient,) = torch.autograd.grad(-policy_gradient_loss(logprobs, advantages, mask), theta)
+        (gradient,) = torch.autograd.grad(-policy_gradient_loss(logprobs, advantage, mask), theta)
         return gradient
 
     return estimator

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rlhf_pg import cli
-from rlhf_pg.config import Recipe, RewardSpec, load_recipe, recipe_from_dict
+from rlhf_pg.recipe import Recipe, RewardSpec, load_recipe, recipe_from_dict
 from rlhf_pg.errors import RecipeError
 
 # RLHF_PG_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz_recipes.py  fuzzes harder

@@ -16,7 +16,7 @@ import torch
 from gymnasium import spaces
 
 from rlhf_pg.core.advantages import discounted_returns
-from rlhf_pg.config import GymAlgorithmConfig, GymEnvConfig, gym_recipe_from_dict
+from rlhf_pg.gym.config import GymAlgorithmConfig, GymEnvConfig, gym_recipe_from_dict
 from rlhf_pg.gym import GymAgent, collect_episodes, episode_advantages, make_vector_env, reinforce_loss, train_gym
 from rlhf_pg.gym.blackjack import optimal_action, optimal_return, policy_return
 from rlhf_pg.gym.envs import TABULAR_ENV_ID
@@ -201,7 +201,7 @@ def test_blackjack_exact_value_agrees_with_gymnasium_monte_carlo():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,threshold", [("cartpole", 475.0), ("acrobot", -100.0), ("inverted_pendulum", 950.0)])
 def test_recipes_reach_their_returns(tmp_path, recipe, threshold):
-    from rlhf_pg.config import load_gym_recipe
+    from rlhf_pg.gym.config import load_gym_recipe
 
     if recipe == "inverted_pendulum":
         pytest.importorskip("mujoco")
@@ -213,7 +213,7 @@ def test_recipes_reach_their_returns(tmp_path, recipe, threshold):
 
 @pytest.mark.slow
 def test_blackjack_recipe_gets_within_a_cent_of_basic_strategy(tmp_path):
-    from rlhf_pg.config import load_gym_recipe
+    from rlhf_pg.gym.config import load_gym_recipe
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "gym" / "blackjack.yaml"
     summary = train_gym(load_gym_recipe(path, ["seed=1"]), tmp_path / "blackjack", show_progress=False)
@@ -272,5 +272,6 @@ def test_gym_command_writes_a_run_and_refuses_to_overwrite_it(tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "config.json").exists() and (tmp_path / "run" / "recipe.yaml").exists()
     capsys.readouterr()
     assert main(args) == 2
-    assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run; pass --resume to continue it, --overwrite to replace it" in err
     assert main(args + ["--overwrite"]) == 0

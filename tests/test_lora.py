@@ -1,11 +1,12 @@
 """LoRA through peft: the reference is the policy with its adapter off; only adapter weights train."""
 
 import json
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.core.losses import kl_estimate
 from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.rollout import completion_logprobs
@@ -71,6 +72,7 @@ def test_only_adapter_parameters_change_and_final_holds_adapter_and_merged_model
 def test_lora_run_resumes_from_an_adapter_checkpoint(tiny_model_dir, tmp_path):
     train(lora_recipe(tiny_model_dir), tmp_path / "a", show_progress=False)
     assert (tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    shutil.rmtree(tmp_path / "a" / "checkpoint-4")  # the final step's checkpoint: resume from the one before
     # resuming a finished run from its step-2 checkpoint must redo steps 3-4 exactly
     resumed = train(lora_recipe(tiny_model_dir), tmp_path / "a", resume=True, show_progress=False)
     (tmp_path / "b").mkdir()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from reward_models.bradley_terry import train_reward_model
-from rlhf_pg.config import load_recipe, load_reward_model_recipe
+from reward_models.config import load_reward_model_recipe
+from rlhf_pg.recipe import load_recipe
 from rlhf_pg.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg.config import load_recipe
+from rlhf_pg.recipe import load_recipe
 from rlhf_pg.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

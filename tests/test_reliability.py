@@ -29,10 +29,11 @@ from conftest import build_tiny_model
 from rlhf_pg.run import checkpoint as ckpt
 from rlhf_pg import cli
 from rlhf_pg.builtin import char_tokenizer
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import TrainingInterrupted, UserError
 from rlhf_pg.run.metrics import read_metrics
-from rlhf_pg.trainer import prepare_output_dir, train
+from rlhf_pg.run.rundir import RunDir
+from rlhf_pg.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,12 +194,12 @@ def test_output_dir_rules_for_failed_starts_crashed_runs_and_overwrite(tmp_path)
     failed_start = tmp_path / "failed-start"  # setup or the first evaluation failed: no progress to protect
     failed_start.mkdir()
     (failed_start / "recipe.yaml").write_text("{}")
-    assert prepare_output_dir(failed_start, recipe, resume=False, overwrite=False, is_main=True) is None
+    assert RunDir(failed_start).prepare(recipe.to_dict(), resume=False, overwrite=False) is None
     crashed = tmp_path / "crashed"  # steps ran, no checkpoint yet: --resume cannot help, --overwrite can
     crashed.mkdir()
     (crashed / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(UserError, match="no checkpoint-<step> .* stopped before its first checkpoint: use --overwrite"):
-        prepare_output_dir(crashed, recipe, resume=True, overwrite=False, is_main=True)
+        RunDir(crashed).prepare(recipe.to_dict(), resume=True, overwrite=False)
     old = tmp_path / "old"
     old.mkdir()
     for name in ("checkpoint-4", "final", "tensorboard", ".checkpoint-6.tmp"):
@@ -207,8 +208,8 @@ def test_output_dir_rules_for_failed_starts_crashed_runs_and_overwrite(tmp_path)
         (old / name).write_text("{}")
     (old / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="already holds a run"):
-        prepare_output_dir(old, recipe, resume=False, overwrite=False, is_main=True)
-    assert prepare_output_dir(old, recipe, resume=False, overwrite=True, is_main=True) is None
+        RunDir(old).prepare(recipe.to_dict(), resume=False, overwrite=False)
+    assert RunDir(old).prepare(recipe.to_dict(), resume=False, overwrite=True) is None
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]  # every trace of the old run, not the user's file
 
 
@@ -244,7 +245,8 @@ def checkpointed_run(tmp_path_factory):
     wider = build_tiny_model(root / "wider", n_embd=48)
     recipe = write_recipe(root / "r.yaml", model_dir, train={"steps": 3, "save_every": 1, "keep_checkpoints": 5})
     train(recipe_from_dict(yaml.safe_load(recipe.read_text())), root / "run", show_progress=False)
-    assert sorted(p.name for p in (root / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (root / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    shutil.rmtree(root / "run" / "checkpoint-3")  # the final step's checkpoint: the tests resume from step 2
     return root, recipe, wider
 
 
@@ -522,9 +524,9 @@ def _inject_inf_into_update_logits(monkeypatch, steps: set[int] | None):
     (all steps when None), as an fp16 overflow would. Sampling and evaluation run without gradients
     and are left alone, so is the shared-prompt pass (one logit per row); with one update per step, the
     n-th gradient-enabled forward over completions is step n."""
-    import rlhf_pg.trainer as trainer_module
+    import rlhf_pg.lm_run as lm_run_module
 
-    original = trainer_module.load_policy
+    original = lm_run_module.load_policy
     state = {"forwards": 0}
 
     def hook(module, args, output):
@@ -542,7 +544,7 @@ def _inject_inf_into_update_logits(monkeypatch, steps: set[int] | None):
         model.register_forward_hook(hook)
         return model, tokenizer, path
 
-    monkeypatch.setattr(trainer_module, "load_policy", load_policy)
+    monkeypatch.setattr(lm_run_module, "load_policy", load_policy)
 
 
 def test_nonfinite_updates_are_skipped_counted_logged_and_training_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -594,14 +596,15 @@ def test_a_second_signal_aborts_at_once_and_the_last_checkpoint_stays_usable(tin
     code, _ = run_main(capsys, "train", recipe, "--output-dir", run_dir, "--resume")
     assert code == 0
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == 2
-    # resuming with fewer steps than the checkpoint already has is refused, not silently "finished"
+    # resuming with fewer steps than the checkpoint already has (the final one, step 4) is refused, not
+    # silently "finished"
     assert_user_error(capsys, ["train", recipe, "--output-dir", run_dir, "--resume", "--max-steps", "2"],
-                      "is at step 3, past train.steps=2; give --max-steps 3 or more")
+                      "is at step 4, past train.steps=2; give --max-steps 4 or more")
 
 
 def test_corrupt_lora_adapter_checkpoint_on_resume(tiny_model_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, peft={"r": 2, "target_modules": ["c_attn"]},
-                          train={"steps": 2, "save_every": 1})
+                          train={"steps": 1})  # one checkpoint: the final step's
     run_dir = tmp_path / "run"
     assert run_main(capsys, "train", recipe, "--output-dir", run_dir)[0] == 0
     adapter = run_dir / "checkpoint-1" / "adapter_model.safetensors"

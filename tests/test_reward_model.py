@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from reward_models.preferences import pairs_from_dataset, reward_texts
 from reward_models.scoring import load_reward_model, reward_model
 from rlhf_pg.builtin import char_tokenizer
-from rlhf_pg.config import load_reward_model_recipe, reward_model_recipe_from_dict
+from reward_models.config import load_reward_model_recipe, reward_model_recipe_from_dict
 from rlhf_pg.errors import RecipeError, UserError
 
 
@@ -162,7 +162,7 @@ def test_generated_pairs_are_labelled_by_the_gold_reward_with_the_asked_label_no
 
 
 def test_rl_against_a_reward_model_logs_proxy_gold_and_kl_every_step(tiny_model_dir, tmp_path):
-    from rlhf_pg.config import recipe_from_dict
+    from rlhf_pg.recipe import recipe_from_dict
     from rlhf_pg.run.metrics import read_metrics
     from rlhf_pg.trainer import train
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import RecipeError
 from rlhf_pg.rewards import RewardScorer
 

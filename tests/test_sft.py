@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import UserError
 from rlhf_pg.core.losses import policy_gradient_loss
 from rlhf_pg.run.metrics import read_metrics
@@ -68,9 +68,9 @@ def test_ml_gradient_equals_policy_gradient_with_unit_advantages(tiny_model_dir,
 
 def test_the_sft_step_is_the_trainer_update_and_has_the_ml_gradient(tiny_model_dir):
     """What train_sft does per step (policy_update on demonstrations, A = 1, micro-batches) = the ML gradient."""
-    from rlhf_pg.trainer import new_accelerator
+    from rlhf_pg.run.accel import new_accelerator
 
-    from rlhf_pg.trainer import policy_update
+    from rlhf_pg.trainer import policy_update, update_settings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -82,8 +82,8 @@ def test_the_sft_step_is_the_trainer_update_and_has_the_ml_gradient(tiny_model_d
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     captured = {}
     optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-    policy_update(model, optimizer, new_accelerator("no"), batch, batch.completion_mask.clone(), recipe, 0.0,
-                  (float(len(batch)), float(batch.completion_mask.sum())))
+    policy_update(model, optimizer, new_accelerator("no"), batch, batch.completion_mask.clone(),
+                  global_counts=(float(len(batch)), float(batch.completion_mask.sum())), **update_settings(recipe))
     for name in expected:
         assert torch.allclose(expected[name], captured[name], atol=1e-6, rtol=1e-4), name
 
@@ -158,6 +158,7 @@ def test_sft_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     train_sft(recipe, tmp_path / "a", show_progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "final")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-6")  # the final step's checkpoint: resume from step 3
     resumed = train_sft(recipe, tmp_path / "b", resume=True, show_progress=False)
     assert resumed["resumed_from_step"] == 3
     strip = lambda records: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]  # noqa: E731

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_pg.config import recipe_from_dict
+from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import RewardFunctionError, TrainingInterrupted, UserError
 from rlhf_pg.run.metrics import read_metrics
 from rlhf_pg.trainer import train
@@ -51,7 +51,8 @@ def test_training_raises_reward_and_writes_summary_metrics_and_final_model(tiny_
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert model(**tokenizer("1+2=", return_tensors="pt")).logits.shape[-1] == len(tokenizer)
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+    # save_every 10, keep 2, and the final step's checkpoint (written before final/)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
     state = json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["global_step"] == 20
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors", "tokenizer.json"):
@@ -111,7 +112,8 @@ def test_broken_reward_functions_are_named(tiny_model_dir, tmp_path, function, m
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
     from rlhf_pg.core.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
-    from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
+    from rlhf_pg.run.accel import new_accelerator
+    from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
     gradients = {}
     for micro in (None, 3):
@@ -123,11 +125,11 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
         batch = rollout(model, tokenizer, ["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5),
                         generator=torch.Generator().manual_seed(0))
         batch.rewards = terminal_rewards(torch.arange(12.0), batch.completion_mask)
-        advantages = compute_advantages(batch, recipe, accelerator)
+        advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
         captured = {}
         optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-        policy_update(model, optimizer, accelerator, batch, advantages, recipe, 0.0,
-                      (float(len(batch)), float(batch.completion_mask.sum())))
+        policy_update(model, optimizer, accelerator, batch, advantages,
+                      global_counts=(float(len(batch)), float(batch.completion_mask.sum())), **update_settings(recipe))
         gradients[micro] = captured
     for name, full in gradients[None].items():
         assert torch.allclose(full, gradients[3][name], atol=1e-6), name
@@ -150,7 +152,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_model_dir, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
-    from rlhf_pg.config import ModelConfig
+    from rlhf_pg.recipe import ModelConfig
     from rlhf_pg.models import load_causal_lm
     from rlhf_pg.rollout import SamplingParams, completion_logprobs, rollout
     from rlhf_pg.core.losses import policy_gradient_loss
@@ -175,7 +177,8 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
 def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_model_dir):
     from rlhf_pg.core.mdp import terminal_rewards
     from rlhf_pg.rollout import SamplingParams, rollout
-    from rlhf_pg.trainer import compute_advantages, new_accelerator, policy_update
+    from rlhf_pg.run.accel import new_accelerator
+    from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -185,7 +188,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     batch.rewards = terminal_rewards(torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), batch.completion_mask)
     recipe = tiny_recipe(tiny_model_dir, algorithm={"aggregation": "token-mean"})
     accelerator = new_accelerator("no")  # fresh state: an earlier test may have left bf16 autocast on
-    advantages = compute_advantages(batch, recipe, accelerator)
+    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
     assert (advantages.abs().sum(-1) > 0).tolist() == [False] * 4 + [True] * 4 + [False] * 4
     counts = (float(len(batch)), float(batch.completion_mask.sum()))
     seen = []
@@ -194,7 +197,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     skipped = {}
     optimizer.step = lambda: skipped.update({n: p.grad.clone() for n, p in model.named_parameters()})
-    policy_update(model, optimizer, accelerator, batch, advantages, recipe, 0.0, counts)
+    policy_update(model, optimizer, accelerator, batch, advantages, global_counts=counts, **update_settings(recipe))
     assert seen == [1, 4]  # only the mixed group went through the model: its prompt once, then its 4 completions
     # the full-batch loss, every row included, has the same gradient
     from rlhf_pg.core.losses import policy_gradient_loss

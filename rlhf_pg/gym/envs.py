@@ -14,7 +14,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from ..config import GymEnvConfig
+from .config import GymEnvConfig
 from ..errors import UserError
 from .tabular import TabularMDP, default_mdp
 

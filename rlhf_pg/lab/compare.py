@@ -17,7 +17,6 @@ Writes ``DIR/<arm>/`` (each a complete run), ``DIR/summary.json``, ``DIR/learnin
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -26,12 +25,13 @@ from typing import Any
 
 import torch
 
-from ..config import Recipe
-from ..errors import RecipeError, UserError
+from ..recipe import Recipe
+from ..errors import RecipeError
 from ..run.metrics import read_metrics
 from ..sft import sft_batch_size, train_sft
 from ..tasks.arithmetic import demonstrator_accuracy, split_problems
-from ..trainer import RUN_MARKER, train
+from ..run.rundir import RunDir
+from ..trainer import train
 
 LABELS = {
     "sft": "SFT (demonstrator)",
@@ -95,28 +95,34 @@ def _describe(recipe: Recipe, arm: str) -> str:
     return f"{own}, {rewards}, baseline {algorithm.baseline}"
 
 
-def _check_output_dir(output_dir: Path, arms: list[str], overwrite: bool) -> None:
-    taken = [output_dir / name for name in OUTPUTS if (output_dir / name).exists()]
-    taken += [output_dir / arm for arm in arms if (output_dir / arm / RUN_MARKER).exists()]
-    if taken and not overwrite:
-        raise UserError(f"{output_dir} already holds a comparison ({taken[0].name}); pass --overwrite to replace it "
-                        "or choose another --output-dir")
-    for name in OUTPUTS:
-        (output_dir / name).unlink(missing_ok=True)
+def check_arms(arms: list[str]) -> None:
+    """The arms are a list of distinct names (each name is checked by the recipe schema)."""
+    if not arms:
+        raise RecipeError("compare.arms: list at least one arm, e.g. [sft, rl]")
+    if len(set(arms)) != len(arms):
+        raise RecipeError(f"compare.arms: {arms} lists an arm twice; list each arm once")
 
 
 def compare(recipe: Recipe, output_dir: str | Path, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Run every arm of ``recipe.compare.arms``; write the report; return ``summary.json``'s content."""
-    output_dir = Path(output_dir)
     arms = list(recipe.compare.arms)
+    check_arms(arms)
     samples_per_step = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
     if recipe.sft.batch_size not in (None, samples_per_step):
         raise RecipeError(
             f"sft.batch_size={recipe.sft.batch_size}: compare matches budgets, so SFT takes as many samples per step as "
             f"RL draws (rollout.prompts_per_step x completions_per_prompt = {samples_per_step}); remove sft.batch_size")
     recipes = {arm: arm_recipe(recipe, arm) for arm in arms}  # validates every arm before anything runs
-    _check_output_dir(output_dir, arms, overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(output_dir, marker="compare.yaml", outputs=(*OUTPUTS, *LABELS), what="a comparison")
+    with run_dir.lock():
+        run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
+        run_dir.write_marker(recipe.to_dict())
+        return _compare(recipe, recipes, run_dir, show_progress)
+
+
+def _compare(recipe: Recipe, recipes: dict[str, Recipe], run_dir: RunDir, show_progress: bool) -> dict[str, Any]:
+    output_dir, arms = run_dir.path, list(recipes)
+    samples_per_step = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
 
     results: dict[str, Any] = {}
     load_before = _load_average()
@@ -125,7 +131,7 @@ def compare(recipe: Recipe, output_dir: str | Path, overwrite: bool = False, sho
         print(f"[{index + 1}/{len(arms)}] {LABELS[arm]}: {_describe(recipe, arm)}", file=sys.stderr, flush=True)
         arm_started = time.perf_counter()
         run = train_sft if arm.startswith("sft") else train
-        summary = run(recipes[arm], output_dir / arm, overwrite=overwrite, show_progress=show_progress)
+        summary = run(recipes[arm], output_dir / arm, show_progress=show_progress)
         curve = learning_curve(output_dir / arm / "metrics.jsonl", samples_per_step)
         results[arm] = {
             "accuracy": summary["eval_reward_after"],
@@ -162,9 +168,10 @@ def compare(recipe: Recipe, output_dir: str | Path, overwrite: bool = False, sho
     report["torch_threads"] = torch.get_num_threads()
     report["load_average"] = {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()}
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
-    plot_curves(results, report.get("demonstrator"), output_dir / "learning_curves.png")
-    (output_dir / "summary.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(render_report(recipe, report))
+    with run_dir.staged_file("learning_curves.png") as staging:
+        plot_curves(results, report.get("demonstrator"), staging)
+    run_dir.write_json("summary.json", report)
+    run_dir.write_text("report.md", render_report(recipe, report))
     return {arm: {k: v for k, v in value.items() if k != "curve"} if isinstance(value, dict) else value
             for arm, value in report.items()}
 

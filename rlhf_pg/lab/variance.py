@@ -24,7 +24,6 @@ batches, which are independent of the measured ones) or an LM recipe (batches of
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -33,10 +32,15 @@ from typing import Any
 
 import torch
 
-from ..core.advantages import apply_baseline, discounted_returns, learned_baseline, total_returns, whiten_advantages
-from ..config import is_gym_recipe, load_yaml
+from ..core import estimator
+from ..core.estimator import LEARNED_BASELINE, EstimatorSpec
+from ..run.accel import set_threads
+from ..run.rundir import RunDir
+from .sources import Batch, GymSource, LMSource, flat_gradient
+from ..config import load_yaml
+from ..gym.config import is_gym_recipe
 from ..errors import UserError
-from ..core.losses import policy_gradient_loss, value_loss
+from ..core.losses import policy_gradient_loss
 from ..run.metrics import progress_bar
 
 Tensor = torch.Tensor
@@ -46,228 +50,54 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class EstimatorSpec:
-    """One gradient estimator: which returns, which baseline, whitening, and the discount."""
+class LabEstimator:
+    """One row of the lab: a name and the estimator it measures (``core.estimator.EstimatorSpec``)."""
 
     name: str
-    returns: str = "reward_to_go"  # or "total"
-    baseline: str = "none"  # a registry kind of advantages.apply_baseline, or "value"
-    whiten: bool = False
-    gamma: float = 1.0
+    spec: EstimatorSpec
 
 
-def default_estimators(groups: bool, value: bool, gamma: float = 1.0) -> list[EstimatorSpec]:
+def _row(name: str, **keys: Any) -> LabEstimator:
+    return LabEstimator(name, EstimatorSpec(**keys))
+
+
+def default_estimators(groups: bool, value: bool, gamma: float = 1.0) -> list[LabEstimator]:
     """The lab's estimators; ``groups``: batches hold several completions per prompt; ``value``: a learned V exists."""
     specs = [
-        EstimatorSpec("total return", returns="total"),
-        EstimatorSpec("reward-to-go"),
+        _row("total return", returns="total"),
+        _row("reward-to-go"),
     ]
     if gamma < 1.0:
-        specs.append(EstimatorSpec(f"reward-to-go, discounted {gamma:g} + timestep_mean", baseline="timestep_mean",
-                                   gamma=gamma))
-    specs.append(EstimatorSpec("rtg + batch_mean", baseline="batch_mean"))
+        specs.append(_row(f"reward-to-go, discounted {gamma:g} + timestep_mean", baseline="timestep_mean", gamma=gamma))
+    specs.append(_row("rtg + batch_mean", baseline="batch_mean"))
     if groups:
-        specs.append(EstimatorSpec("rtg + group_mean", baseline="group_mean"))
+        specs.append(_row("rtg + group_mean", baseline="group_mean"))
     specs += [
-        EstimatorSpec("rtg + leave_one_out", baseline="leave_one_out"),
-        EstimatorSpec("rtg + timestep_mean", baseline="timestep_mean"),
+        _row("rtg + leave_one_out", baseline="leave_one_out"),
+        _row("rtg + timestep_mean", baseline="timestep_mean"),
     ]
     if value:
-        specs.append(EstimatorSpec("rtg + learned value", baseline="value"))
+        specs.append(_row("rtg + learned value", baseline=LEARNED_BASELINE))
     specs += [
-        EstimatorSpec("rtg + whiten", whiten=True),
-        EstimatorSpec("rtg + leave_one_out + whiten", baseline="leave_one_out", whiten=True),
+        _row("rtg + whiten", whiten=True),
+        _row("rtg + leave_one_out + whiten", baseline="leave_one_out", whiten=True),
     ]
     return specs
 
 
-REFERENCE = EstimatorSpec("reference: rtg + leave_one_out", baseline="leave_one_out")
+REFERENCE = _row("reference: rtg + leave_one_out", baseline="leave_one_out")
 
 
-def estimator_advantages(spec: EstimatorSpec, rewards: Tensor, mask: Tensor, group_ids: Tensor,
-                         values: Tensor | None = None) -> Tensor:
-    """Advantages ``[B, T]`` of estimator ``spec``, composed only of ``rlhf_pg.advantages`` functions."""
-    returns = (total_returns if spec.returns == "total" else discounted_returns)(rewards, mask, spec.gamma)
-    if spec.baseline == "value":
-        if values is None:
-            raise ValueError("the learned-value estimator needs values")
-        advantages = learned_baseline(returns, values, mask)
-    else:
-        advantages = apply_baseline(returns, mask, spec.baseline, group_ids)
-    if spec.whiten:
-        advantages = whiten_advantages(advantages, mask)
-    return advantages
-
-
-@dataclass
-class Batch:
-    """One sampled batch: ``logprobs`` ``[B, T]`` (with gradient), rewards, mask, groups, optional V(s_t)."""
-
-    logprobs: Tensor
-    rewards: Tensor
-    mask: Tensor
-    group_ids: Tensor
-    values: Tensor | None = None
-
-
-def flat_gradient(loss: Tensor, params: list[Tensor], retain_graph: bool) -> Tensor:
-    """The gradient of ``loss`` over all ``params`` as one float64 vector (zeros for unused parameters)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(grads, params)])
-
-
-def estimate(spec: EstimatorSpec, batch: Batch, params: list[Tensor], retain_graph: bool = True) -> Tensor:
-    """The estimate of grad J under ``spec`` on ``batch``: minus the gradient of the shared REINFORCE loss."""
-    advantages = estimator_advantages(spec, batch.rewards, batch.mask, batch.group_ids, batch.values)
+def estimate(row: LabEstimator, batch: Batch, params: list[Tensor], retain_graph: bool = True) -> Tensor:
+    """The estimate of grad J under ``row`` on ``batch``: minus the gradient of the shared REINFORCE loss."""
+    advantages = estimator.advantages(row.spec, batch.rewards, batch.mask, batch.group_ids, batch.values)
     return -flat_gradient(policy_gradient_loss(batch.logprobs, advantages, batch.mask), params, retain_graph)
-
-
-# --- sources of batches ----------------------------------------------------------------------------------------
-
-
-class GymSource:
-    """Batches of complete episodes of a gym policy (the recipe's initial policy, or a saved one)."""
-
-    def __init__(self, recipe, policy_dir: str | None):
-        from ..gym import GymAgent, make_vector_env
-        from ..gym.envs import TABULAR_ENV_ID
-
-        torch.manual_seed(recipe.seed)
-        self.recipe = recipe
-        self.envs = make_vector_env(recipe.env)
-        self.envs.reset(seed=recipe.seed)
-        if policy_dir:
-            self.agent = GymAgent.from_pretrained(policy_dir)
-        else:
-            self.agent = GymAgent.for_spaces(self.envs.single_observation_space, self.envs.single_action_space,
-                                             recipe.policy.hidden_sizes, recipe.policy.activation,
-                                             recipe.policy.init_log_std, env_id=recipe.env.id)
-        self.agent.eval()
-        self.params = [p for p in self.agent.policy.parameters() if p.requires_grad]
-        self.generator = torch.Generator().manual_seed(recipe.seed)
-        self.batch_size = recipe.env.num_envs * recipe.env.episodes_per_env
-        self.gamma = recipe.algorithm.gamma
-        self.groups = False
-        self.value = None
-        self.tabular = recipe.env.id == TABULAR_ENV_ID
-        where = f"policy {policy_dir}" if policy_dir else f"initial policy (seed {recipe.seed})"
-        self.description = f"{recipe.env.id}, {where}"
-        self._fit_data: list = []
-
-    def episodes(self):
-        from ..gym import collect_episodes
-
-        episodes, _ = collect_episodes(self.envs, self.agent, self.recipe.env.episodes_per_env, self.generator)
-        return episodes
-
-    def sample(self, keep_for_value: bool = False) -> Batch:
-        episodes = self.episodes()
-        if keep_for_value and len(self._fit_data) < 256:
-            self._fit_data.append(episodes)
-        logprobs = self.agent.policy.log_prob(episodes.observations, episodes.actions) * episodes.mask
-        values = None
-        if self.value is not None:
-            with torch.no_grad():
-                values = self.value(episodes.observations)
-        return Batch(logprobs, episodes.rewards.double(), episodes.mask.double(),
-                     torch.zeros(len(episodes), dtype=torch.long), values)
-
-    def fit_value(self, steps: int = 300) -> None:
-        """Fit V(s) to the undiscounted reward-to-go on the kept reference episodes (independent of the measured batches)."""
-        from ..gym.policy import ValueFunction
-
-        if not self._fit_data:
-            return
-        torch.manual_seed(self.recipe.seed)
-        self.value = ValueFunction(self.agent.policy.net[0].in_features, self.recipe.value.hidden_sizes,
-                                   self.recipe.policy.activation)
-        optimizer = torch.optim.Adam(self.value.parameters(), lr=self.recipe.value.lr)
-        data = [(e.observations, discounted_returns(e.rewards, e.mask, 1.0), e.mask) for e in self._fit_data]
-        for step in range(steps):
-            observations, returns, mask = data[step % len(data)]
-            optimizer.zero_grad()
-            value_loss(self.value(observations), returns, mask).backward()
-            optimizer.step()
-        self.value.eval()
-
-    def exact_reference(self) -> Tensor | None:
-        """On the enumerable MDP: the exact grad J(params) by enumeration of all trajectories."""
-        if not self.tabular:
-            return None
-        from ..gym.policy import encode_observations
-        from ..gym.tabular import exact_objective
-
-        mdp = self.envs.envs[0].unwrapped.mdp
-        states = encode_observations(self.agent.observation_spec, torch.arange(mdp.num_states).numpy())
-        theta = self.agent.policy.logits(states).double()  # [S, A] log pi(a | s) as a differentiable table
-        objective = exact_objective(theta, mdp, 1.0)
-        return flat_gradient(objective, self.params, retain_graph=False)
-
-    def close(self) -> None:
-        self.envs.close()
-
-
-class LMSource:
-    """Batches of prompts x completions from a causal LM, scored by the recipe's rewards (terminal reward)."""
-
-    def __init__(self, recipe, policy_dir: str | None):
-        import copy
-
-        from ..data import PromptSampler, load_prompt_datasets
-        from ..models import context_length, load_policy
-        from ..rewards import RewardScorer
-        from ..rollout import SamplingParams
-
-        torch.manual_seed(recipe.seed)
-        self.recipe = recipe
-        model_config = copy.deepcopy(recipe.model)
-        if policy_dir:
-            model_config.name_or_path = policy_dir
-        self.model, self.tokenizer, _ = load_policy(model_config)
-        self.model.eval()  # no dropout: the lab measures the estimator's own noise
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        train_set, _ = load_prompt_datasets(recipe.data)
-        self.sampler = PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
-        self.scorer = RewardScorer(recipe.rewards)
-        self.sampling = SamplingParams(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
-                                       recipe.rollout.min_new_tokens)
-        self.max_context = context_length(self.model)
-        self.generator = torch.Generator().manual_seed(recipe.seed)
-        self.batch_size = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
-        self.gamma = recipe.algorithm.gamma
-        self.groups = recipe.rollout.completions_per_prompt > 1
-        self.value = None
-        self.description = f"{model_config.name_or_path} on the recipe's prompts"
-        self._step = 0
-
-    def sample(self, keep_for_value: bool = False) -> Batch:
-        from ..core.mdp import terminal_rewards
-        from ..rollout import completion_logprobs, rollout
-
-        prompts, columns = self.sampler.batch(self._step)
-        self._step += 1
-        batch = rollout(self.model, self.tokenizer, prompts, self.recipe.rollout.completions_per_prompt, self.sampling,
-                        columns, self.generator, max_context=self.max_context)
-        scores, _ = self.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
-        rewards = terminal_rewards(torch.tensor(scores, dtype=torch.float64), batch.completion_mask.double())
-        logprobs = completion_logprobs(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                       batch.completion_mask, self.recipe.rollout.temperature)
-        return Batch(logprobs, rewards, batch.completion_mask.double(), batch.group_ids)
-
-    def fit_value(self) -> None:  # no value head for language models
-        return None
-
-    def exact_reference(self) -> Tensor | None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 # --- the measurement ---------------------------------------------------------------------------------------------
 
 
-def measure(source, specs: list[EstimatorSpec], batches: int, reference_batches: int,
+def measure(source, specs: list[LabEstimator], batches: int, reference_batches: int,
             show_progress: bool = True) -> dict[str, Any]:
     """Reference gradient, then every estimator on ``batches`` shared batches; see the module docstring."""
     if batches < 2:
@@ -291,7 +121,7 @@ def measure(source, specs: list[EstimatorSpec], batches: int, reference_batches:
                             "there is nothing to measure at these parameters: try another policy (--policy) or reward")
         reference_error = 0.0 if exact is not None else reference_variance / reference_batches
         source.fit_value()
-        specs = [s for s in specs if s.baseline != "value" or source.value is not None]
+        specs = [s for s in specs if s.spec.baseline != LEARNED_BASELINE or source.value is not None]
         # 2. every estimator on the same batches
         sums = {s.name: torch.zeros_like(reference) for s in specs}
         stats = {s.name: {"sq": 0.0, "dot": 0.0, "err": 0.0, "cos": 0.0} for s in specs}
@@ -324,7 +154,7 @@ def measure(source, specs: list[EstimatorSpec], batches: int, reference_batches:
             "cosine": record["cos"] / batches,
             "relative_mse": record["err"] / batches / ref_norm_sq,
             "best_scale_relative_mse": best_scale_error,
-            "spec": asdict(spec),
+            "spec": asdict(spec.spec),
         })
     return {
         "source": source.description,
@@ -415,24 +245,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[str] | None = None,
                      policy: str | None = None, batches: int | None = None, reference_batches: int | None = None,
-                     show_progress: bool = True) -> dict[str, Any]:
+                     overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Load a gym or LM recipe, measure, and write ``report.md``, ``variance.png`` and ``variance.json`` to ``output_dir``."""
+    run_dir = RunDir(output_dir, marker="variance.yaml", outputs=("report.md", "variance.png", "variance.json"),
+                     what="a measurement")
+    with run_dir.lock():
+        return _run_variance_lab(recipe_path, run_dir, overrides, policy, batches, reference_batches, overwrite,
+                                 show_progress)
+
+
+def _run_variance_lab(recipe_path, run_dir: RunDir, overrides, policy, batches, reference_batches, overwrite,
+                      show_progress) -> dict[str, Any]:
     data = load_yaml(recipe_path)
     source: Any
     if is_gym_recipe(data):
-        from ..config import load_gym_recipe
+        from ..gym.config import load_gym_recipe
 
         recipe = load_gym_recipe(recipe_path, overrides)
-        if recipe.train.num_threads:
-            torch.set_num_threads(recipe.train.num_threads)
+        run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
+        set_threads(recipe.train.num_threads)
         source = GymSource(recipe, policy)
         batches, reference_batches = batches or 200, reference_batches or 1000
     else:
-        from ..config import load_recipe
+        from ..recipe import load_recipe
 
         recipe = load_recipe(recipe_path, overrides)
-        if recipe.train.num_threads:
-            torch.set_num_threads(recipe.train.num_threads)
+        run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
+        set_threads(recipe.train.num_threads)
         source = LMSource(recipe, policy)
         batches, reference_batches = batches or 50, reference_batches or 200
     try:
@@ -441,12 +280,12 @@ def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[s
     finally:
         source.close()
     result["recipe"] = str(recipe_path)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    plot(result, output_dir / "variance.png")
-    (output_dir / "report.md").write_text(report_markdown(result))
-    (output_dir / "variance.json").write_text(json.dumps(result, indent=2))
+    run_dir.write_marker(recipe.to_dict())
+    with run_dir.staged_file("variance.png") as staging:
+        plot(result, staging)
+    run_dir.write_text("report.md", report_markdown(result))
+    run_dir.write_json("variance.json", result)
     return result
 
 
-__all__ = ["EstimatorSpec", "default_estimators", "estimator_advantages", "estimate", "measure", "run_variance_lab"]
+__all__ = ["LabEstimator", "default_estimators", "estimate", "measure", "run_variance_lab"]

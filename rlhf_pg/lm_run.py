@@ -1,0 +1,264 @@
+"""A language-model run: what ``train`` (REINFORCE) and ``sft`` (maximum likelihood) both hold between steps.
+
+``setup_run`` loads the policy (and the frozen reference when a KL term needs one), the data, the reward
+functions and the optimizer, restores a checkpoint when resuming, and returns an ``LMRun``: a
+``run.loop.Job`` whose evaluation, checkpoints and final save are the same for both commands; the
+commands add only their ``step``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import PromptSampler, columns_of, load_prompt_datasets
+from .errors import UserError
+from .evaluation import evaluate
+from .core.kl_control import KLController
+from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
+from .recipe import Recipe
+from .rewards import RewardScorer
+from .rollout import SamplingParams, check_prompt_lengths
+from .run import checkpoint as ckpt
+from .run.accel import new_accelerator, set_threads
+from .run.loop import Job
+from .run.optim import build_optimizer, build_scheduler
+from .run.rundir import RunDir
+
+
+@dataclass
+class LMRun(Job):
+    """Everything one LM run holds between steps (a ``Job`` for the shared loop)."""
+
+    recipe: Recipe
+    accelerator: Any
+    run_dir: RunDir
+    policy: Any  # prepared by accelerate (DDP-wrapped when distributed)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: PromptSampler
+    scorer: RewardScorer
+    eval_scorer: RewardScorer
+    eval_prompts: list[str]
+    eval_columns: dict[str, list[Any]]
+    kl: KLController
+    reference: Any  # frozen copy of the initial policy, "adapter" (LoRA: adapter disabled), or None
+    max_context: int | None
+    counters: dict[str, Any] = field(default_factory=dict)  # totals kept in checkpoints
+
+    counter_defaults = {"tokens_total": 0}
+
+    def __post_init__(self):
+        train = self.recipe.train
+        self.steps, self.eval_every, self.save_every = train.steps, train.eval_every, train.save_every
+        self.max_nonfinite_steps, self.tensorboard = train.max_nonfinite_steps, train.tensorboard
+        self.seed, self.is_main = self.recipe.seed, self.accelerator.is_main_process
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir.path
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    def sampling(self) -> SamplingParams:
+        r = self.recipe.rollout
+        return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens)
+
+    def all_finished(self, finished: torch.Tensor) -> bool:
+        """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return bool(finished.all())
+        pending = (~finished).sum().reshape(1)
+        return int(self.accelerator.reduce(pending, "sum")) == 0
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # --- the Job methods shared by train and sft --------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out evaluation; each process decodes its share of the prompts, results are gathered."""
+        accelerator = self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        prompts = self.eval_prompts[rank::world]
+        columns = {key: values[rank::world] for key, values in self.eval_columns.items()}
+        eval_config = self.recipe.eval
+        params = SamplingParams(eval_config.max_new_tokens or self.recipe.rollout.max_new_tokens, eval_config.temperature)
+        result = evaluate(self.unwrapped, self.tokenizer, prompts, columns, self.eval_scorer, params,
+                          eval_config.batch_size, seed=self.recipe.seed + rank, all_finished=self.all_finished)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(len(prompts), {k: v for k, v in result.items() if k != "examples"})])
+            total = sum(n for n, _ in parts)
+            result = {**{key: sum(n * part[key] for n, part in parts) / total for key in parts[0][1]},
+                      "examples": result["examples"]}
+        return result
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Checkpoint on the main process (all processes wait)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            state = {**self.counters, "recipe": self.recipe.to_dict(), "kl_controller": self.kl.state_dict()}
+            path = ckpt.save_checkpoint(self.output_dir, step, self.unwrapped, self.tokenizer, self.optimizer,
+                                        self.scheduler, state, self.recipe.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_final(self, staging: Path, summary: dict[str, Any]) -> None:
+        """The model (or LoRA adapter) and tokenizer; ``merged/`` beside them when ``peft.merge``."""
+        model = self.unwrapped
+        model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if self.recipe.peft is not None and self.recipe.peft.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(staging / "merged")
+            self.tokenizer.save_pretrained(staging / "merged")
+            summary["merged_model_dir"] = str(self.output_dir / "final" / "merged")
+
+    def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        counters, scalars = self.counters, {k: v for k, v in after.items() if k != "examples"}
+        return {
+            "eval_reward_before": before["reward"],
+            "eval_reward_after": after["reward"],
+            **{f"eval_{k.replace('/', '_')}_before": v for k, v in before.items() if k != "reward"},
+            **{f"eval_{k.replace('/', '_')}_after": v for k, v in scalars.items() if k != "reward"},
+            "tokens_per_s": round(counters["tokens_total"] / counters["train_time_s"], 1) if counters["train_time_s"] else None,
+            "completion_tokens": counters["tokens_total"],
+            "world_size": self.accelerator.num_processes,
+            "model": self.recipe.model.name_or_path,
+            "examples": after.get("examples", []),
+        }
+
+
+def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, resume: bool = False,
+              overwrite: bool = False, wants_reference: bool | None = None) -> tuple[LMRun, Path | None]:
+    """Load policy, reference, data and rewards; restore a checkpoint when resuming.
+
+    ``run_class``: the command's ``LMRun`` subclass (it adds ``step``). ``wants_reference``: load the
+    frozen reference model (default: when ``algorithm.kl_coef > 0`` or ``algorithm.log_kl``); SFT passes
+    False, it has no KL term.
+    """
+    set_threads(recipe.train.num_threads)
+    accelerator = new_accelerator(recipe.train.mixed_precision)
+    # reward functions first: a bad name or a missing reward model fails before the output dir is touched
+    scorer = RewardScorer(recipe.rewards)
+    eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
+    run_dir = RunDir(output_dir)
+    resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process)
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.seed)
+    world = accelerator.num_processes
+    if recipe.rollout.prompts_per_step % world:
+        raise UserError(f"rollout.prompts_per_step={recipe.rollout.prompts_per_step} must be divisible by the "
+                        f"number of processes ({world})")
+    saved = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from) if resume_from is not None else None
+
+    policy, tokenizer, model_path = load_policy(recipe.model)
+    reference = None
+    if wants_reference is None:  # log_kl: kl/ref even at beta = 0
+        wants_reference = recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl
+    if wants_reference and recipe.peft is None:
+        reference = load_causal_lm(recipe.model, model_path).eval().requires_grad_(False)
+    if recipe.peft is not None:
+        policy = _checkpoint_adapter(policy, resume_from) if resume_from else apply_lora(policy, recipe.peft)
+        reference = "adapter" if wants_reference else None
+    elif resume_from is not None:
+        policy = _checkpoint_policy(recipe, resume_from, policy)
+    train_set, eval_set = load_prompt_datasets(recipe.data)
+    eval_prompts, eval_columns = columns_of(eval_set)
+    max_context = context_length(policy)
+    check_prompt_lengths(tokenizer, train_set["prompt"], recipe.rollout.max_new_tokens, max_context,
+                         "rollout.max_new_tokens")
+    check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
+                         max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if isinstance(reference, torch.nn.Module):
+        reference = reference.to(accelerator.device)
+    kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
+    if resume_from is not None:
+        ckpt.load_training_state(resume_from, optimizer, scheduler)
+        kl.load_state_dict(saved.get("kl_controller", kl.state_dict()))
+    run = run_class(
+        recipe=recipe, accelerator=accelerator, run_dir=run_dir, policy=policy, tokenizer=tokenizer,
+        optimizer=optimizer, scheduler=scheduler,
+        sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
+        scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
+        reference=reference, max_context=max_context,
+    )
+    run.init_counters(saved)
+    if accelerator.is_main_process:
+        run_dir.write_marker(recipe.to_dict())
+    accelerator.wait_for_everyone()
+    return run, resume_from
+
+
+def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The counters of ``trainer_state.json``, each a number (or null where allowed), else a clear error."""
+    numbers = {"global_step": 0, "eval_reward_before": None, "last_eval": None, "nonfinite_in_a_row": 0,
+               "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0}
+    for key, default in numbers.items():
+        value = state.get(key, default)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number or (default is None and value is None)):
+            raise ckpt.unusable(checkpoint, f"has a corrupt trainer_state.json ({key}={value!r:.40})")
+    controller = state.get("kl_controller", {"coef": 0.0})
+    coef = controller.get("coef") if isinstance(controller, dict) else None
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef):
+        raise ckpt.unusable(checkpoint, f"has a corrupt trainer_state.json (kl_controller={controller!r:.40})")
+    return state
+
+
+def _checkpoint_adapter(base, checkpoint: Path):
+    try:
+        return load_lora_checkpoint(base, str(checkpoint))
+    except UserError as error:
+        raise ckpt.unusable(checkpoint, f"is unusable ({error})", mismatch=True) from None
+
+
+def _checkpoint_policy(recipe: Recipe, checkpoint: Path, base):
+    """The full model saved in ``checkpoint``; it must have the shapes of the recipe's model ``base``."""
+    try:
+        policy = load_causal_lm(recipe.model, str(checkpoint))
+    except UserError as error:
+        raise ckpt.unusable(checkpoint, f"holds a model that does not load ({error})") from None
+    expected = {name: tuple(t.shape) for name, t in base.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in policy.state_dict().items()}
+    if expected != found:
+        name = next((n for n in expected if found.get(n) != expected[n]), None) or next(iter(set(found) - set(expected)))
+        raise ckpt.unusable(checkpoint, f"holds a different model than {recipe.model.name_or_path!r} ({name}: "
+                                        f"{found.get(name)} there, {expected.get(name)} in the recipe's model)",
+                            mismatch=True)
+    return policy
+
+
+def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, Any]:
+    """``rlhf-pg eval``: evaluate ``model_dir`` (default: the recipe's model) on the recipe's held-out prompts."""
+    model_config = copy.deepcopy(recipe.model)
+    if model_dir is not None:
+        model_config.name_or_path = model_dir
+    model, tokenizer, _ = load_policy(model_config)
+    _, eval_set = load_prompt_datasets(recipe.data)
+    prompts, columns = columns_of(eval_set)
+    scorer = RewardScorer(recipe.eval.rewards or recipe.rewards)
+    params = SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature)
+    check_prompt_lengths(tokenizer, prompts, params.max_new_tokens, context_length(model),
+                         "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
+    result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed)
+    result["num_prompts"] = len(prompts)
+    result["model"] = model_config.name_or_path
+    return result

@@ -1,0 +1,252 @@
+"""The LM recipe schema (``rlhf-pg train``, ``sft``, ``compare``, ``eval``, ``variance``): sections and rules.
+
+A recipe is a YAML mapping whose sections mirror the dataclasses below (``model``, ``data``,
+``rewards``, ``rollout``, ``algorithm``, ``optim``, ``train``, ``eval``, ``peft``, ``sft``, ``compare``).
+The engine that loads, overrides and validates it is ``rlhf_pg.config``; the allowed names of
+baselines, aggregations and KL estimators come from ``rlhf_pg.core.estimator``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from . import config
+from .config import SEED_MAX, option
+from .core.estimator import AGGREGATION_NAMES, BASELINE_NAMES, KL_ESTIMATOR_NAMES, WEIGHTINGS, EstimatorSpec
+from .errors import RecipeError
+from .run.optim import OptimConfig
+
+MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
+
+
+@dataclass
+class ModelConfig:
+    """The policy to fine-tune (any Hugging Face causal LM)."""
+
+    @classmethod
+    def shorthand(cls, value: Any) -> Any:
+        """``model: builtin:arith-gpt`` means ``model: {name_or_path: builtin:arith-gpt}``."""
+        return {"name_or_path": value} if isinstance(value, str) else value
+
+    name_or_path: str = option("builtin:arith-gpt", help="'builtin:arith-gpt', a local directory, or a hub id (online only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="weights dtype when loading")
+    revision: str | None = option(None, help="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = option(False, help="allow custom modelling code from the hub")
+    attn_implementation: str | None = option(None, help="e.g. 'sdpa' or 'eager'; None lets transformers choose")
+    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a built-in generated task, or a dataset loaded with ``datasets``."""
+
+    task: Literal["arithmetic"] | None = option("arithmetic", help="built-in generated task; set to null when using path")
+    max_operand: int = option(99, min=0, help="arithmetic: largest operand")
+    min_operand: int = option(0, min=0, help="arithmetic: smallest operand")
+    num_eval: int = option(200, min=1, help="held-out prompts for evaluation (taken out of the training prompts)")
+    path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset name")
+    split: str = option("train", help="split of `path` used for training")
+    eval_split: str | None = option(None, help="split used for evaluation; default: hold out num_eval rows of `split`")
+    prompt_column: str = option("prompt", help="column holding the prompt text")
+    completion_column: str = option("completion", help="sft/compare: column holding the target completion text")
+    shuffle_seed: int = option(0, min=0, max=SEED_MAX, help="seed of the held-out split and the prompt order")
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight; any other keys are passed to the function as keyword arguments."""
+
+    extra_keys: ClassVar[str] = "params"
+
+    @classmethod
+    def shorthand(cls, value: Any) -> Any:
+        """``rewards: [arithmetic_exact]`` means ``rewards: [{name: arithmetic_exact}]``."""
+        return {"name": value} if isinstance(value, str) else value
+
+    name: str = option("arithmetic_exact", help="registered name (see reward_models) or 'package.module:function'")
+    weight: float = option(1.0, help="weight in the weighted sum of rewards")
+    params: dict[str, Any] = option(help="extra keyword arguments for the function (written inline in the recipe)", factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling: how many completions per step and how they are drawn."""
+
+    prompts_per_step: int = option(32, min=1, help="prompts per training step (across all processes)")
+    completions_per_prompt: int = option(4, min=1, help="completions sampled per prompt (a group)")
+    max_new_tokens: int = option(8, min=1, help="longest completion, in tokens")
+    min_new_tokens: int = option(0, min=0, help="EOS is forbidden before this many tokens")
+    temperature: float = option(1.0, min=0.0, help="sampling temperature (0 = greedy, no exploration)")
+    top_p: float = option(1.0, min=0.0, max=1.0, min_exclusive=True, help="nucleus sampling mass")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The estimator: returns, baseline, loss aggregation, KL control, off-policy reuse."""
+
+    estimator: Literal[WEIGHTINGS] = option(
+        "reinforce", help="trajectory weights: 'reinforce' A = G - b; 'filtered_bc' A = 1[R >= reward_threshold] "
+        "(maximum likelihood on the policy's own good samples; baseline is not used)")
+    reward_threshold: float = option(1.0, help="filtered_bc: keep a sample when its return R >= this")
+    gamma: float = option(1.0, min=0.0, max=1.0, help="discount in the reward-to-go")
+    baseline: Literal[BASELINE_NAMES] = option(
+        "leave_one_out", help="baseline subtracted from the reward-to-go")
+    whiten: bool = option(False, help="normalize advantages to zero mean, unit std over the batch")
+    aggregation: Literal[AGGREGATION_NAMES] = option(
+        "seq-mean-token-sum", help="how per-token terms are reduced to the loss")
+    kl_coef: float = option(0.0, min=0.0, help="KL-to-reference coefficient (0 = no reference model)")
+    kl_estimator: Literal[KL_ESTIMATOR_NAMES] = option("k1", help="per-token KL estimator")
+    kl_mode: Literal["reward", "loss"] = option("reward", help="KL as a per-token reward penalty or a loss term")
+    kl_target: float | None = option(None, min=0.0, min_exclusive=True, help="adaptive KL controller target (None = fixed kl_coef)")
+    kl_horizon: int = option(10000, min=1, help="adaptive KL controller horizon, in samples")
+    log_kl: bool = option(False, help="load the frozen reference and log kl/ref every step even when kl_coef is 0")
+    updates_per_batch: int = option(1, min=1, help="optimizer steps per rollout batch (>1 = off-policy reuse with clipping)")
+    clip_eps: float = option(0.2, min=0.0, help="trust region: clip ratios to [1-clip_eps, 1+clip_eps_high]")
+    clip_eps_high: float | None = option(None, min=0.0, help="upper clip (default clip_eps)")
+    ratio_level: Literal["token", "sequence"] = option("token", help="importance ratio per token or per sequence")
+    max_approx_kl: float | None = option(None, min=0.0, min_exclusive=True, help="stop reusing a batch once KL(pi_old||pi) exceeds this")
+
+    def estimator_spec(self) -> EstimatorSpec:
+        """The estimator these keys select (``core.estimator.advantages`` computes it)."""
+        return EstimatorSpec(gamma=self.gamma, baseline=self.baseline, whiten=self.whiten, weighting=self.estimator,
+                             threshold=self.reward_threshold)
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, precision, memory, checkpoints and logging."""
+
+    steps: int = option(100, min=1, help="optimizer steps (rollout batches)")
+    micro_batch_size: int | None = option(None, min=1, help="completions per forward/backward (None = whole batch)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="accelerate mixed precision")
+    eval_every: int = option(25, min=0, help="held-out evaluation every N steps (0 = only before and after)")
+    save_every: int = option(50, min=0, help="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, min=1, help="how many recent checkpoints to keep")
+    max_nonfinite_steps: int = option(5, min=1, help="stop after this many consecutive non-finite updates")
+    num_threads: int | None = option(None, min=1, help="torch CPU threads (None = torch's default)")
+    tensorboard: bool = option(True, help="also write TensorBoard event files")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy decoding scored by the recipe's rewards (or ``rewards`` here)."""
+
+    batch_size: int = option(256, min=1, help="prompts per generation batch")
+    max_new_tokens: int | None = option(None, min=1, help="default: rollout.max_new_tokens")
+    temperature: float = option(0.0, min=0.0, help="0 = greedy")
+    rewards: list[RewardSpec] | None = option(None, help="rewards for evaluation (default: the training rewards)")
+
+
+@dataclass
+class PeftConfig:
+    """LoRA adapters through ``peft``."""
+
+    r: int = option(8, min=1, help="LoRA rank")
+    alpha: float = option(16.0, min=0.0, min_exclusive=True, help="LoRA alpha")
+    dropout: float = option(0.0, min=0.0, max=1.0, help="LoRA dropout")
+    target_modules: list[str] | str | None = option(None, help="module names to adapt (None = peft's default for the model)")
+    merge: bool = option(False, help="also write the merged model to final/merged")
+
+
+@dataclass
+class SftConfig:
+    """Maximum likelihood on demonstrations (``rlhf-pg sft``, and the SFT arms of ``rlhf-pg compare``)."""
+
+    batch_size: int | None = option(None, min=1, help="demonstrations per optimizer step "
+                                    "(None = rollout.prompts_per_step * rollout.completions_per_prompt, as many as RL samples)")
+    demonstrator: Literal["flawed", "exact"] = option(
+        "flawed", help="built-in arithmetic task: who writes the completions ('flawed' forgets carries, 'exact' never does)")
+    forget_carry: float = option(0.7, min=0.0, max=1.0, help="flawed demonstrator: probability of dropping each carry "
+                                 "(0.7 is the demonstrator builtin:arith-gpt imitates)")
+
+
+@dataclass
+class CompareConfig:
+    """``rlhf-pg compare``: which arms run from the same model with the same budget."""
+
+    arms: list[Literal["sft", "sft_exact", "filtered_bc", "rl"]] = option(
+        help="'sft' (the recipe's demonstrator), 'sft_exact' (exact demonstrator, arithmetic only), "
+        "'filtered_bc' (ML on own samples with R >= algorithm.reward_threshold), 'rl' (REINFORCE)",
+        factory=lambda: ["sft", "rl"])
+
+
+@dataclass
+class Recipe:
+    """A whole run."""
+
+    model: ModelConfig = option(help="the policy", factory=ModelConfig)
+    data: DataConfig = option(help="prompts", factory=DataConfig)
+    rewards: list[RewardSpec] = option(help="reward functions, summed with weights", factory=lambda: [RewardSpec()])
+    rollout: RolloutConfig = option(help="sampling", factory=RolloutConfig)
+    algorithm: AlgorithmConfig = option(help="estimator", factory=AlgorithmConfig)
+    optim: OptimConfig = option(help="optimizer", factory=OptimConfig)
+    train: TrainConfig = option(help="run length, checkpoints", factory=TrainConfig)
+    eval: EvalConfig = option(help="held-out evaluation", factory=EvalConfig)
+    peft: PeftConfig | None = option(None, help="LoRA adapters (null = full fine-tuning)")
+    sft: SftConfig = option(help="maximum likelihood on demonstrations (rlhf-pg sft)", factory=SftConfig)
+    compare: CompareConfig = option(help="arms of rlhf-pg compare", factory=CompareConfig)
+    seed: int = option(0, min=0, max=SEED_MAX, help="seed for sampling, data order and initialization")
+    output_dir: str | None = option(None, help="where the run is written (default runs/<recipe name>)")
+
+    kind: ClassVar[str] = "recipe"
+    example: ClassVar[str] = "train: {steps: 100}"
+    sections: ClassVar[str] = "model, data, rewards, ..."
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (reward params inlined), loadable again with ``recipe_from_dict``."""
+        return config.to_dict(self)
+
+    def check(self) -> None:
+        """Rules that involve more than one key."""
+        if self.data.task is None and self.data.path is None:
+            raise RecipeError("data: set either data.task (a built-in task) or data.path (a dataset file or name)")
+        if self.data.min_operand > self.data.max_operand:
+            raise RecipeError("data.min_operand must be <= data.max_operand")
+        if self.data.path is None:
+            problems = (self.data.max_operand - self.data.min_operand + 1) ** 2
+            if problems > MAX_ARITHMETIC_PROBLEMS:
+                raise RecipeError(
+                    f"data.max_operand={self.data.max_operand}: the arithmetic task would enumerate {problems:,} problems "
+                    f"(at most {MAX_ARITHMETIC_PROBLEMS:,}); lower data.max_operand or raise data.min_operand")
+            if self.data.num_eval >= problems:
+                raise RecipeError(
+                    f"data.num_eval={self.data.num_eval} leaves no training problems: operands {self.data.min_operand}.."
+                    f"{self.data.max_operand} give only {problems} problems; lower data.num_eval or raise data.max_operand")
+        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
+            raise RecipeError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
+        if self.algorithm.estimator == "filtered_bc" and self.algorithm.whiten:
+            raise RecipeError("algorithm.whiten must be false with algorithm.estimator 'filtered_bc' "
+                              "(its weights are 0/1 by definition)")
+        if (self.algorithm.estimator == "reinforce" and self.algorithm.baseline in ("leave_one_out",)
+                and self.rollout.completions_per_prompt < 2):
+            raise RecipeError(
+                "algorithm.baseline 'leave_one_out' needs rollout.completions_per_prompt >= 2 "
+                "(it averages the other completions of the same prompt)"
+            )
+        if not self.rewards:
+            raise RecipeError("rewards: list at least one reward function, e.g. rewards: [{name: arithmetic_exact}]")
+        if self.algorithm.kl_target is not None and self.algorithm.kl_coef == 0:
+            raise RecipeError("algorithm.kl_target adapts the KL coefficient multiplicatively, so it needs a starting "
+                              "algorithm.kl_coef > 0 (e.g. 0.05)")
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+    """Validate plain data into a ``Recipe``; ``RecipeError`` names the offending key and ``source``."""
+    return config.from_dict(Recipe, data, source)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file."""
+    return config.load(Recipe, path, overrides)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], root: type | None = None) -> dict[str, Any]:
+    """``config.apply_overrides`` with ``Recipe`` as the default schema."""
+    return config.apply_overrides(data, overrides, root or Recipe)
+
+
+def recipe_keys(root: type | None = None) -> list[tuple[str, str, str]]:
+    """Every key of ``root`` (default ``Recipe``) as ``(dotted key, default, help)``."""
+    return config.recipe_keys(root or Recipe)
