@@ -91,9 +91,9 @@ def pairs_from_dataset(dataset, tokenizer, chosen_column: str = "chosen", reject
 
 def load_preference_dataset(path: str, split: str):
     """A ``datasets.Dataset`` from a local file/directory or a hub name (the loader of ``rlhf_pg.data``)."""
-    from rlhf_pg.data import _load_path
+    from rlhf_pg.data import load_path
 
-    return _load_path(path, split)
+    return load_path(path, split)
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

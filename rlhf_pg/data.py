@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from .recipe import DataConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .tasks import arithmetic
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def _load_path(path: str, split: str):
+def load_path(path: str, split: str):
     """A ``datasets.Dataset`` from a local file or directory, or a hub dataset name."""
     import datasets
 
@@ -44,17 +44,12 @@ def _load_path(path: str, split: str):
     except UserError:
         raise
     except ValueError as error:
-        raise UserError(f"data: cannot load split {split!r} of {path!r}: {_first_line(error)}") from None
+        raise UserError(f"data: cannot load split {split!r} of {path!r}: {first_line(error, with_type=False)}") from None
     except Exception as error:  # noqa: BLE001 - network, format and hub errors all need the same answer
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         hint = " (offline mode is on: use a local file)" if offline and not local.exists() else ""
-        cause = f" ({type(error.__cause__).__name__}: {_first_line(error.__cause__)})" if error.__cause__ else ""
-        raise UserError(f"data: cannot load dataset {path!r}: {type(error).__name__}: {_first_line(error)}{cause}{hint}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+        cause = f" ({type(error.__cause__).__name__}: {first_line(error.__cause__, with_type=False)})" if error.__cause__ else ""
+        raise UserError(f"data: cannot load dataset {path!r}: {first_line(error)}{cause}{hint}") from None
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -73,13 +68,13 @@ def load_prompt_datasets(config: DataConfig):
             datasets.Dataset.from_dict(arithmetic.as_records(train_problems)),
             datasets.Dataset.from_dict(arithmetic.as_records(eval_problems)),
         )
-    train = _prompt_column(_load_path(config.path, config.split), config, config.split)
+    train = _prompt_column(load_path(config.path, config.split), config, config.split)
     if config.eval_split is not None:
         if Path(config.path).expanduser().is_file():
             raise UserError(f"data.eval_split={config.eval_split!r}: {config.path!r} is a single file, so every split of it "
                             "is the same rows; set eval_split to null (data.num_eval rows are held out) or point "
                             "data.path at a directory or dataset that has that split")
-        held_out = _prompt_column(_load_path(config.path, config.eval_split), config, config.eval_split)
+        held_out = _prompt_column(load_path(config.path, config.eval_split), config, config.eval_split)
         return train, held_out
     if len(train) <= config.num_eval:
         raise UserError(

@@ -1,6 +1,13 @@
 """Errors meant for people: the CLI prints their message and exits with code 2, no traceback."""
 
 
+def first_line(error: BaseException, with_type: bool = True) -> str:
+    """``"TypeName: first line of the message"``: a library's exception, shortened for a one-line error."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return f"{type(error).__name__}: {line}" if with_type else line
+
+
 class UserError(Exception):
     """Bad input from the user (recipe, CLI value, file, reward function). The message says what and how to fix it."""
 

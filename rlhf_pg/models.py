@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .recipe import ModelConfig, PeftConfig
-from .errors import UserError
+from .errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,10 +39,6 @@ def _offline_hint(path: str) -> str:
     return f" (no local directory {path!r} exists either)"
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed (EOS is used when the tokenizer has none)."""
@@ -51,7 +47,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"model: cannot load the tokenizer of {path!r}: {_first_line(error)}{_offline_hint(path)}") from None
+        raise UserError(f"model: cannot load the tokenizer of {path!r}: {first_line(error)}{_offline_hint(path)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"model: the tokenizer of {path!r} has no EOS token; completions could never end. "
                         "Save the tokenizer with an eos_token set")
@@ -71,7 +67,7 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"model: cannot load {path!r} as a causal LM: {_first_line(error)}{_offline_hint(path)}") from None
+        raise UserError(f"model: cannot load {path!r} as a causal LM: {first_line(error)}{_offline_hint(path)}") from None
     use_fused_activations(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,8 +143,4 @@ def load_lora_checkpoint(model, checkpoint: str):
     try:
         return PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"no usable LoRA adapter in {checkpoint}: {_first_line(error)}") from None
-
-
-def is_lora(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        raise UserError(f"no usable LoRA adapter in {checkpoint}: {first_line(error)}") from None

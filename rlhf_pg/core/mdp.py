@@ -53,11 +53,6 @@ class Rollout:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    @property
-    def num_tokens(self) -> int:
-        """Number of real completion tokens (actions) in the batch."""
-        return int(self.completion_mask.sum())
-
     def select(self, index: Tensor | slice | list[int]) -> "Rollout":
         """The rollout restricted to rows ``index`` (micro-batches, shards)."""
         if isinstance(index, slice):
@@ -76,10 +71,6 @@ class Rollout:
                 updates[f.name] = [value[i] for i in rows]
             elif isinstance(value, dict):
                 updates[f.name] = {key: [column[i] for i in rows] for key, column in value.items()}
-        return replace(self, **updates)
-
-    def to(self, device: torch.device | str) -> "Rollout":
-        updates = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **updates)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")
@@ -130,10 +130,6 @@ def unusable(checkpoint: Path, problem: str, mismatch: bool = False) -> UserErro
     return UserError(f"checkpoint {checkpoint} {problem}; {', or '.join(ways)}")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint, or a ``UserError`` saying it is corrupt and what to do."""
@@ -153,7 +149,7 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         if named and int(named.group(1)) != step:
             raise ValueError(f"global_step={step} but the directory is {checkpoint.name}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise unusable(checkpoint, f"has a corrupt trainer_state.json ({_first_line(error)})") from None
+        raise unusable(checkpoint, f"has a corrupt trainer_state.json ({first_line(error)})") from None
     return state
 
 
@@ -171,7 +167,7 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
             restore(torch.load(checkpoint / name, weights_only=False))
         except Exception as error:  # noqa: BLE001 - any failure here means the checkpoint does not fit this run
             raise unusable(checkpoint, f"has an unusable {name}, corrupt or written for another model "
-                                       f"({_first_line(error)})", mismatch=True) from None
+                                       f"({first_line(error)})", mismatch=True) from None
 
 
 def restore_rng_state(checkpoint: Path) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NonFiniteError, TrainingInterrupted, UserError
+from ..errors import NonFiniteError, TrainingInterrupted, UserError, first_line
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger, progress_bar
 from .rundir import RunDir
@@ -222,10 +222,9 @@ def finish(job: Job, summary: dict[str, Any]) -> None:
                 job.save_final(staging, summary)
             job.run_dir.write_json("summary.json", summary)
         except Exception as error:  # noqa: BLE001 - any failure here must not lose the run
-            lines = str(error).strip().splitlines()
             raise UserError(
-                f"training finished but writing {job.run_dir.path / 'final'} failed ({type(error).__name__}: "
-                f"{lines[0] if lines else ''}); the trained model is in {path}. Fix the cause (disk space, "
+                f"training finished but writing {job.run_dir.path / 'final'} failed ({first_line(error)}); the "
+                f"trained model is in {path}. Fix the cause (disk space, "
                 f"permissions) and run the same command with --resume to write final/ again") from error
     job.barrier()
 
