@@ -14,4 +14,9 @@ from .core.losses import (  # noqa: F401
     clipped_policy_loss,
     AGGREGATIONS,
     KL_ESTIMATORS,
+    RATIO_LEVELS,
+    IMPORTANCE,
+    importance_ratios,
+    truncated_policy_loss,
+    off_policy_loss,
 )
