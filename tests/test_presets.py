@@ -12,7 +12,7 @@ from rlhf_pg.core.advantages import (
 )
 from rlhf_pg.core.estimator import (
     AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES, KL_ESTIMATOR_NAMES, RATIO_LEVEL_NAMES, REMAX_BASELINE,
-    SCALE_NAMES, EstimatorSpec, advantages, spec_from_algorithm,
+    SCALE_NAMES, EstimatorSpec, advantages,
 )
 from rlhf_pg.core.losses import (
     aggregate, clipped_policy_loss, importance_ratios, off_policy_loss, policy_gradient_loss, truncated_policy_loss,
@@ -266,7 +266,7 @@ def test_resolve_preset_lets_explicit_keys_win_and_leaves_the_table_alone():
     assert values["algorithm.kl_coef"] == 0.0 and values["rollout.temperature"] == 0.7
     assert values["algorithm.baseline"] == "group_mean"
     assert PRESETS["grpo"].values["algorithm.kl_coef"] == 0.04
-    assert spec_from_algorithm(values) == EstimatorSpec(baseline="group_mean", scale="group")
+    assert resolve_preset("grpo") == dict(PRESETS["grpo"].values)
 
 
 @pytest.mark.parametrize("typo,suggestion", [("grpo2", "grpo"), ("reinforce++", "reinforce_pp"), ("dr-grpo", "dr_grpo"),
@@ -274,13 +274,6 @@ def test_resolve_preset_lets_explicit_keys_win_and_leaves_the_table_alone():
 def test_unknown_preset_is_an_error_with_a_did_you_mean(typo, suggestion):
     with pytest.raises(ValueError, match=f"unknown preset '{re.escape(typo)}'; did you mean '{suggestion}'"):
         resolve_preset(typo)
-
-
-def test_spec_from_algorithm_reads_the_recipes_algorithm_section():
-    from rlhf_pg.config import AlgorithmConfig
-
-    spec = spec_from_algorithm(AlgorithmConfig(baseline="group_mean", whiten=True, gamma=0.9))
-    assert spec == EstimatorSpec(gamma=0.9, baseline="group_mean", whiten=True)
 
 
 @pytest.mark.parametrize("overrides,fragment", [

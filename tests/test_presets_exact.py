@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlhf_pg.core.advantages import degenerate_groups, overlong_penalty
-from rlhf_pg.core.estimator import EstimatorSpec, advantages, spec_from_algorithm
+from rlhf_pg.core.estimator import EstimatorSpec, advantages
 from rlhf_pg.core.losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, off_policy_loss
 from rlhf_pg.core.losses import policy_gradient_loss, truncated_policy_loss
 from rlhf_pg.core.mdp import terminal_rewards
@@ -32,10 +32,17 @@ MDP = default_mdp()
 BATCH = 4  # the MDP has one start state, so a batch of 4 is one prompt's group of K = 4, or two groups of 2
 
 
+def spec_of(values: dict) -> EstimatorSpec:
+    """The EstimatorSpec of dotted recipe values (what the recipe's ``AlgorithmConfig`` builds from them)."""
+    return EstimatorSpec(gamma=values["algorithm.gamma"], baseline=values["algorithm.baseline"],
+                         whiten=values["algorithm.whiten"], weighting=values["algorithm.estimator"],
+                         scale=values["algorithm.scale"])
+
+
 def preset_estimator(name: str, groups_of: int = BATCH, overrides: dict | None = None):
     """(estimator, condition) of preset ``name`` on the tabular MDP; ``condition`` is DAPO's dynamic sampling."""
     values = resolve_preset(name, overrides)
-    spec = spec_from_algorithm(values)
+    spec = spec_of(values)
     aggregation = values["algorithm.aggregation"]
     norm_length = values.get("algorithm.norm_length") or MDP.horizon  # default: the longest completion
     buffer_length = round(values.get("algorithm.overlong_buffer_fraction", 0.0) * MDP.horizon)
@@ -283,7 +290,7 @@ def test_off_policy_ppo_clipping_zeroes_the_clipped_tokens_gradient_while_cispo_
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_presets_loss_on_policy_has_the_plain_reinforce_gradient_of_its_aggregation(name):
     values = resolve_preset(name)
-    spec = spec_from_algorithm(values)
+    spec = spec_of(values)
     trajectories = MDP.trajectories()
     batch = batch_tensors([trajectories[i] for i in (0, 2, 5, 4)], MDP.horizon)
     mask = batch["mask"]

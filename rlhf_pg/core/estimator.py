@@ -16,8 +16,7 @@ model, device or process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -97,33 +96,6 @@ def advantages(spec: EstimatorSpec, rewards: Tensor, mask: Tensor, group_ids: Te
     return advantage
 
 
-# recipe key under ``algorithm`` -> EstimatorSpec field (the others have the same name)
-_ALGORITHM_KEYS = {"estimator": "weighting", "reward_threshold": "threshold"}
-
-
-def spec_from_algorithm(algorithm: Any) -> EstimatorSpec:
-    """The ``EstimatorSpec`` of a recipe's ``algorithm`` section: a config object, or a mapping of its keys
-    (``"baseline"``, or dotted ``"algorithm.baseline"``, as ``presets.resolve_preset`` returns them).
-
-    ``algorithm.estimator`` -> ``weighting``, ``algorithm.reward_threshold`` -> ``threshold``; gamma,
-    baseline, whiten, scale, scale_eps by name; missing keys keep the spec's defaults. ``returns`` stays
-    ``reward_to_go`` (the LM track's only choice).
-    """
-    if isinstance(algorithm, Mapping):
-        items = {key.removeprefix("algorithm."): value for key, value in algorithm.items()
-                 if "." not in key.removeprefix("algorithm.")}
-    else:
-        items = {key: getattr(algorithm, key) for key in (*_ALGORITHM_KEYS, *(f.name for f in fields(EstimatorSpec)))
-                 if hasattr(algorithm, key)}
-    names = {f.name for f in fields(EstimatorSpec)}
-    chosen = {}
-    for key, value in items.items():
-        name = _ALGORITHM_KEYS.get(key, key)
-        if name in names and name != "returns":
-            chosen[name] = value
-    return EstimatorSpec(**chosen)
-
-
-__all__ = ["EstimatorSpec", "advantages", "returns_of", "spec_from_algorithm", "RETURNS", "BASELINE_NAMES",
+__all__ = ["EstimatorSpec", "advantages", "returns_of", "RETURNS", "BASELINE_NAMES",
            "LEARNED_BASELINE", "REMAX_BASELINE", "EXTRA_INPUTS", "SCALE_NAMES", "WEIGHTINGS", "AGGREGATION_NAMES",
            "KL_ESTIMATOR_NAMES", "IMPORTANCE_NAMES", "RATIO_LEVEL_NAMES"]
