@@ -118,25 +118,53 @@ Estimator = Callable[[Tensor, dict[str, Tensor]], Tensor]  # (theta, batch tenso
 
 
 def estimator_moments(
-    theta: Tensor, mdp: TabularMDP, estimator: Estimator, batch_size: int
+    theta: Tensor, mdp: TabularMDP, estimator: Estimator, batch_size: int,
+    condition: Callable[[dict[str, Tensor]], bool] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact mean and total variance (trace of the covariance) of a gradient estimator.
 
     Enumerates all ``|trajectories|^batch_size`` ordered batches of i.i.d. trajectories with their
-    probabilities: no sampling error at all.
+    probabilities: no sampling error at all. With ``condition`` (batch tensors -> bool), the moments are
+    conditional on the batch passing it: E[g | condition] over the batches that pass, reweighted by
+    1 / P(condition) (e.g. DAPO's dynamic sampling, which only ever trains on groups with some contrast).
     """
     trajectories = mdp.trajectories()
     with torch.no_grad():
         probabilities = [float(torch.exp(trajectory_logprob(theta, t))) for t in trajectories]
     mean = torch.zeros_like(theta, dtype=torch.float64)
     second = torch.zeros((), dtype=torch.float64)
+    kept = 0.0
     for combo in itertools.product(range(len(trajectories)), repeat=batch_size):
         weight = 1.0
         for index in combo:
             weight *= probabilities[index]
         batch = batch_tensors([trajectories[i] for i in combo], mdp.horizon)
+        if condition is not None and not condition(batch):
+            continue
+        kept += weight
         estimate = estimator(theta, batch).to(torch.float64)
         mean += weight * estimate
         second += weight * (estimate**2).sum()
+    if condition is not None:
+        if kept <= 0.0:
+            raise ValueError("no batch of trajectories passes the condition: the conditional moments are undefined")
+        mean, second = mean / kept, second / kept
     variance = second - (mean**2).sum()
     return mean, variance
+
+
+def greedy_trajectory(theta: Tensor, mdp: TabularMDP) -> Trajectory:
+    """The trajectory of the greedy policy a_t = argmax_a theta[s_t, a] (ties: the lower action).
+
+    ReMax's baseline on the toy MDP: its return depends on theta and the start state only, never on the
+    sampled actions of a batch.
+    """
+    states, actions, rewards = [], [], []
+    state = 0
+    while state >= 0 and len(actions) < mdp.horizon:
+        action = int(torch.argmax(theta[state]))
+        states.append(state)
+        actions.append(action)
+        rewards.append(mdp.reward[state][action])
+        state = mdp.next_state[state][action]
+    return Trajectory(tuple(states), tuple(actions), tuple(rewards))
