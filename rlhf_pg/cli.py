@@ -61,6 +61,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the run is written (default: the recipe's output_dir or runs/<recipe name>)")
     parser.add_argument("--max-steps", type=_positive_int, help="override train.steps")
     parser.add_argument("--seed", type=_int, help="override the recipe's seed")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe (presets and "
+                        "overrides applied, every default filled in) as YAML and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("recipe", help="path of a YAML reward-model recipe, e.g. recipes/reward_model.yaml")
     reward.add_argument("--output-dir", help="where the run is written (default: the recipe's output_dir or runs/<recipe name>)")
     reward.add_argument("--seed", type=_int, help="override the recipe's seed")
+    reward.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     reward.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     reward.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
 
@@ -270,6 +273,11 @@ def _run(args) -> int:
     if command is None:
         raise UserError(f"unknown command {args.command!r}; choose one of {', '.join(COMMANDS)}")
     recipe = command.load(args) if command.load is not None else None
+    if getattr(args, "print_recipe", False):
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
     output_dir = _output_dir(args, recipe, command.default_dir(args, recipe)) if command.default_dir else None
     result = command.run(args, recipe, output_dir)
     if isinstance(result, dict):

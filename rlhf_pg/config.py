@@ -14,6 +14,7 @@ What a schema class may declare (hooks, all optional):
     check(self)                   rules that involve more than one key (raise RecipeError)
     precheck(data, source)        classmethod on a root schema: refuse data of another kind of recipe
     precheck_file(data, path)     likewise, for a recipe file only (``load``)
+    expand(data) -> data          classmethod on a root schema: fill in implied keys (a preset's values)
     kind, example, sections       a root schema's words for messages ("gym recipe", "env: {id: ...}")
 """
 
@@ -309,7 +310,10 @@ def from_dict(schema: type, data: Any, source: str = "recipe") -> Any:
     precheck = getattr(schema, "precheck", None)
     if precheck is not None:
         precheck(data, source)
+    expand = getattr(schema, "expand", None)
     try:
+        if expand is not None:
+            data = expand(data)
         recipe = _dataclass_from_dict(schema, data, "")
         _check_all(recipe)
     except RecipeError as error:

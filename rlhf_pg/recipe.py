@@ -14,11 +14,14 @@ from typing import Any, ClassVar, Literal
 
 from . import config
 from .config import SEED_MAX, option
-from .core.estimator import AGGREGATION_NAMES, BASELINE_NAMES, KL_ESTIMATOR_NAMES, WEIGHTINGS, EstimatorSpec
+from .core.estimator import (AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES, KL_ESTIMATOR_NAMES, RATIO_LEVEL_NAMES,
+                             REMAX_BASELINE, SCALE_NAMES, WEIGHTINGS, EstimatorSpec)
+from .core.presets import PRESETS, check_compatibility, resolve_preset
 from .errors import RecipeError
 from .run.optim import OptimConfig
 
 MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
+PRESET_NAMES = tuple(PRESETS)
 
 
 @dataclass
@@ -86,16 +89,25 @@ class RolloutConfig:
 class AlgorithmConfig:
     """The estimator: returns, baseline, loss aggregation, KL control, off-policy reuse."""
 
+    preset: Literal[PRESET_NAMES] | None = option(
+        None, help="a named algorithm (reinforce, rloo, grpo, dr_grpo, reinforce_pp, remax, dapo, cispo, gspo) that "
+        "sets the estimator keys as its paper does; keys written in the recipe override it (README: presets)")
     estimator: Literal[WEIGHTINGS] = option(
         "reinforce", help="trajectory weights: 'reinforce' A = G - b; 'filtered_bc' A = 1[R >= reward_threshold] "
         "(maximum likelihood on the policy's own good samples; baseline is not used)")
     reward_threshold: float = option(1.0, help="filtered_bc: keep a sample when its return R >= this")
     gamma: float = option(1.0, min=0.0, max=1.0, help="discount in the reward-to-go")
-    baseline: Literal[BASELINE_NAMES] = option(
-        "leave_one_out", help="baseline subtracted from the reward-to-go")
+    baseline: Literal[BASELINE_NAMES + (REMAX_BASELINE,)] = option(
+        "leave_one_out", help="baseline subtracted from the reward-to-go ('remax': the reward of the prompt's greedy "
+        "completion, one extra greedy rollout per prompt)")
+    scale: Literal[SCALE_NAMES] = option("none", help="divide advantages by the std of the rewards over the prompt's "
+                                         "group ('group', GRPO) or the batch ('batch'); a group of equal rewards gets 0")
+    scale_eps: float = option(1e-6, min=0.0, help="A / (std + scale_eps)")
     whiten: bool = option(False, help="normalize advantages to zero mean, unit std over the batch")
     aggregation: Literal[AGGREGATION_NAMES] = option(
         "seq-mean-token-sum", help="how per-token terms are reduced to the loss")
+    norm_length: int | None = option(None, min=1, help="seq-mean-token-sum-norm (Dr. GRPO): the constant L the token sum "
+                                     "is divided by (None = rollout.max_new_tokens)")
     kl_coef: float = option(0.0, min=0.0, help="KL-to-reference coefficient (0 = no reference model)")
     kl_estimator: Literal[KL_ESTIMATOR_NAMES] = option("k1", help="per-token KL estimator")
     kl_mode: Literal["reward", "loss"] = option("reward", help="KL as a per-token reward penalty or a loss term")
@@ -105,13 +117,25 @@ class AlgorithmConfig:
     updates_per_batch: int = option(1, min=1, help="optimizer steps per rollout batch (>1 = off-policy reuse with clipping)")
     clip_eps: float = option(0.2, min=0.0, help="trust region: clip ratios to [1-clip_eps, 1+clip_eps_high]")
     clip_eps_high: float | None = option(None, min=0.0, help="upper clip (default clip_eps)")
-    ratio_level: Literal["token", "sequence"] = option("token", help="importance ratio per token or per sequence")
+    ratio_level: Literal[RATIO_LEVEL_NAMES] = option(
+        "token", help="importance ratio per token, per sequence (product of token ratios), or 'sequence_mean' (GSPO: "
+        "exp of the mean token log-ratio)")
+    importance: Literal[IMPORTANCE_NAMES] = option(
+        "clip", help="off-policy weighting: 'clip' (PPO surrogate: clipped tokens get no gradient) or 'truncate' "
+        "(CISPO: the stop-gradient ratio is capped at 1 + clip_eps_high, every token keeps its gradient)")
+    dynamic_sampling: bool = option(False, help="DAPO: drop groups whose rewards are all equal and sample more prompts "
+                                    "until the batch is full (at most max_sampling_rounds rounds)")
+    max_sampling_rounds: int = option(3, min=1, help="dynamic_sampling: rollout rounds per step at most")
+    overlong_buffer_fraction: float = option(0.0, min=0.0, max=0.99, help="DAPO soft overlong penalty: the last "
+                                             "fraction of max_new_tokens where the penalty ramps to -overlong_penalty "
+                                             "(0 = off)")
+    overlong_penalty: float = option(1.0, min=0.0, help="DAPO soft overlong penalty: its size at max_new_tokens")
     max_approx_kl: float | None = option(None, min=0.0, min_exclusive=True, help="stop reusing a batch once KL(pi_old||pi) exceeds this")
 
     def estimator_spec(self) -> EstimatorSpec:
         """The estimator these keys select (``core.estimator.advantages`` computes it)."""
         return EstimatorSpec(gamma=self.gamma, baseline=self.baseline, whiten=self.whiten, weighting=self.estimator,
-                             threshold=self.reward_threshold)
+                             threshold=self.reward_threshold, scale=self.scale, scale_eps=self.scale_eps)
 
 
 @dataclass
@@ -198,8 +222,26 @@ class Recipe:
         """Plain data (reward params inlined), loadable again with ``recipe_from_dict``."""
         return config.to_dict(self)
 
+    @classmethod
+    def expand(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``algorithm.preset``: the preset's keys fill in every ``algorithm`` key the recipe did not write."""
+        algorithm = data.get("algorithm")
+        if not isinstance(algorithm, dict) or algorithm.get("preset") is None:
+            return data
+        try:
+            values = resolve_preset(algorithm["preset"])
+        except (ValueError, TypeError) as error:
+            raise RecipeError(f"algorithm.preset: {error}") from None
+        values = {key.split(".", 1)[1]: value for key, value in values.items()}
+        return {**data, "algorithm": {**values, **algorithm}}
+
     def check(self) -> None:
-        """Rules that involve more than one key."""
+        """Rules that involve more than one key (the estimator's combinations: ``core.presets.INCOMPATIBLE``)."""
+        flat = {f"{section}.{key}": value for section in ("algorithm", "rollout")
+                for key, value in vars(getattr(self, section)).items()}
+        problems = check_compatibility(flat)
+        if problems:
+            raise RecipeError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         if self.data.task is None and self.data.path is None:
             raise RecipeError("data: set either data.task (a built-in task) or data.path (a dataset file or name)")
         if self.data.min_operand > self.data.max_operand:
@@ -216,15 +258,6 @@ class Recipe:
                     f"{self.data.max_operand} give only {problems} problems; lower data.num_eval or raise data.max_operand")
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             raise RecipeError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
-        if self.algorithm.estimator == "filtered_bc" and self.algorithm.whiten:
-            raise RecipeError("algorithm.whiten must be false with algorithm.estimator 'filtered_bc' "
-                              "(its weights are 0/1 by definition)")
-        if (self.algorithm.estimator == "reinforce" and self.algorithm.baseline in ("leave_one_out",)
-                and self.rollout.completions_per_prompt < 2):
-            raise RecipeError(
-                "algorithm.baseline 'leave_one_out' needs rollout.completions_per_prompt >= 2 "
-                "(it averages the other completions of the same prompt)"
-            )
         if not self.rewards:
             raise RecipeError("rewards: list at least one reward function, e.g. rewards: [{name: arithmetic_exact}]")
         if self.algorithm.kl_target is not None and self.algorithm.kl_coef == 0:

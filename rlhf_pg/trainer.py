@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from .core import estimator
-from .core.losses import aggregate, clipped_policy_loss, kl_estimate, kl_penalized_rewards, policy_gradient_loss
+from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_policy_loss, policy_gradient_loss
 from .core.mdp import Rollout, terminal_rewards
 from .lm_run import LMRun, setup_run
 from .recipe import Recipe
-from .rollout import completion_logprobs, rollout
+from .rollout import completion_logprobs
+from .sampling import sample_step
 from .run.loop import run_job
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
@@ -38,7 +39,8 @@ from .run.rundir import RunDir
 # --- pieces of one step ---------------------------------------------------------------------------
 
 
-def compute_advantages(batch: Rollout, spec: estimator.EstimatorSpec, accelerator) -> torch.Tensor:
+def compute_advantages(batch: Rollout, spec: estimator.EstimatorSpec, accelerator,
+                       greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """A ``[B_local, T]`` for this process's rows, with statistics taken over the global batch.
 
     Rewards are gathered from every process (tiny tensors), the estimator runs on the whole batch
@@ -51,7 +53,8 @@ def compute_advantages(batch: Rollout, spec: estimator.EstimatorSpec, accelerato
         rewards = accelerator.gather(accelerator.pad_across_processes(rewards, dim=1))
         mask = accelerator.gather(accelerator.pad_across_processes(mask, dim=1))
         group_ids = accelerator.gather(group_ids)
-    advantages = estimator.advantages(spec, rewards, mask, group_ids)
+        greedy_rewards = accelerator.gather(greedy_rewards) if greedy_rewards is not None else None
+    advantages = estimator.advantages(spec, rewards, mask, group_ids, greedy_rewards=greedy_rewards)
     if accelerator.num_processes > 1:
         start = accelerator.process_index * local_rows
         advantages = advantages[start : start + local_rows, :local_width]
@@ -71,13 +74,14 @@ def policy_update(
     aggregation: str = "seq-mean-token-sum", temperature: float = 1.0, micro_batch_size: int | None = None,
     max_grad_norm: float | None = None, updates_per_batch: int = 1, clip_eps: float = 0.2,
     clip_eps_high: float | None = None, ratio_level: str = "token", max_approx_kl: float | None = None,
-    kl_coef: float = 0.0, kl_estimator: str = "k1",
+    kl_coef: float = 0.0, kl_estimator: str = "k1", importance: str = "clip", norm_length: float | None = None,
 ) -> list[UpdateResult]:
     """``updates_per_batch`` optimizer steps on one rollout batch, in micro-batches.
 
-    One update: the REINFORCE loss. Several: the clipped importance-weighted loss against the
-    log-probs of the first pass (so the first step's ratio is exactly 1), stopping early once the
-    approximate KL to pi_old exceeds ``max_approx_kl``. ``global_counts`` = (sequences, tokens) of the
+    One update: the REINFORCE loss. Several: the importance-weighted loss against the log-probs of the
+    first pass (so the first step's ratio is exactly 1), PPO-clipped (``importance="clip"``) or CISPO-
+    truncated (``"truncate"``), stopping early once the approximate KL to pi_old exceeds ``max_approx_kl``.
+    ``norm_length``: the constant L of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO). ``global_counts`` = (sequences, tokens) of the
     whole batch per process, so micro-batch and per-process losses add up to the full-batch loss.
     ``kl_coef > 0`` adds ``kl_coef * KL(pi || pi_ref)`` to the loss (``batch.ref_logprobs``: the KL-as-loss
     placement; the KL-in-reward placement is done to the rewards before the advantages).
@@ -112,16 +116,17 @@ def policy_update(
                 if epoch == 0:
                     old_logprobs[chunk] = logprobs.detach()
                 if updates_per_batch == 1:
-                    loss = policy_gradient_loss(logprobs, part_adv, mask, aggregation, num_sequences, num_tokens)
+                    loss = policy_gradient_loss(logprobs, part_adv, mask, aggregation, num_sequences, num_tokens,
+                                                norm_length)
                 else:
-                    loss, stats = clipped_policy_loss(
-                        logprobs, old_logprobs[chunk], part_adv, mask, clip_eps, clip_eps_high,
-                        ratio_level, aggregation, num_sequences, num_tokens,
+                    loss, stats = off_policy_loss(
+                        importance, logprobs, old_logprobs[chunk], part_adv, mask, clip_eps, clip_eps_high,
+                        ratio_level, aggregation, num_sequences, num_tokens, norm_length,
                     )
                     ratio_stats.append(stats)
                 if kl_coef > 0:
                     kl = kl_estimate(logprobs, part.ref_logprobs, kl_estimator)
-                    loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens)
+                    loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens, norm_length)
                 accelerator.backward(loss)
             total_loss += float(loss.detach())
         accelerator.gradient_state._set_sync_gradients(True)
@@ -148,7 +153,8 @@ def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
                 updates_per_batch=algorithm.updates_per_batch, clip_eps=algorithm.clip_eps,
                 clip_eps_high=algorithm.clip_eps_high, ratio_level=algorithm.ratio_level,
                 max_approx_kl=algorithm.max_approx_kl, kl_coef=kl_coef if algorithm.kl_mode == "loss" else 0.0,
-                kl_estimator=algorithm.kl_estimator)
+                kl_estimator=algorithm.kl_estimator, importance=algorithm.importance,
+                norm_length=algorithm.norm_length or recipe.rollout.max_new_tokens)
 
 
 def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: float | None) -> UpdateResult:
@@ -178,22 +184,15 @@ def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
 def train_step(run: LMRun, step: int) -> dict[str, float]:
     """One step: rollout -> reward (+ KL penalty) -> advantages -> update. Returns the step's metrics."""
     recipe, accelerator = run.recipe, run.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     started = time.perf_counter()
-    # 1. rollout: this process's share of the step's prompts, K completions each (a group stays on one process)
-    per_process = recipe.rollout.prompts_per_step // world
-    prompts, columns = run.sampler.batch(step)
-    mine = slice(rank * per_process, (rank + 1) * per_process)
-    generator = torch.Generator(device=accelerator.device).manual_seed((recipe.seed * 1_000_003 + step) * 997 + rank)
+    # 1. rollout and reward r(tau) (on the last token), K completions per prompt
     run.unwrapped.eval()
-    batch = rollout(run.unwrapped, run.tokenizer, prompts[mine], recipe.rollout.completions_per_prompt, run.sampling(),
-                    {k: v[mine] for k, v in columns.items()}, generator, group_offset=mine.start,
-                    max_context=run.max_context, all_finished=run.all_finished)
+    scored = sample_step(run, step)
     run.unwrapped.train()
-    # 2. reward r(tau) on the last token; optional per-token KL penalty r_t -= beta * KL_t
-    scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
-    mask = batch.completion_mask
+    batch, scores, mask = scored.batch, scored.scores, scored.batch.completion_mask
     batch.rewards = terminal_rewards(torch.tensor(scores, device=mask.device), mask)
+    # 2. optional per-token KL penalty r_t -= beta * KL_t
     kl_stats: dict[str, float] = {}
     if run.reference is not None:
         batch.ref_logprobs = reference_logprobs(run, batch)
@@ -203,7 +202,8 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
             batch.rewards = kl_penalized_rewards(batch.rewards, batch.logprobs, batch.ref_logprobs, mask, run.kl.coef,
                                                  recipe.algorithm.kl_estimator)
     # 3. advantages A_t = G_t - b_t over the global batch
-    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
+    greedy = torch.tensor(scored.greedy, device=mask.device) if scored.greedy is not None else None
+    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator, greedy)
     # 4. policy update(s)
     global_tokens = float(accelerator.reduce(mask.sum(), "sum"))
     results = policy_update(run.policy, run.optimizer, accelerator, batch, advantages,
@@ -213,9 +213,12 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     if kl_stats:
         run.kl.update(kl_stats["kl/ref"], len(batch) * world)
     step_time = time.perf_counter() - started
-    metrics = _step_metrics(accelerator, batch, scores, per_reward, advantages, results, global_tokens, step_time,
-                            run.scheduler.get_last_lr()[0])
+    metrics = _step_metrics(accelerator, batch, scores, scored.per_reward, advantages, results, global_tokens,
+                            step_time, run.scheduler.get_last_lr()[0])
     metrics.update(kl_stats)
+    metrics.update(scored.stats)
+    if greedy is not None:
+        metrics["reward/greedy_baseline"] = float(accelerator.gather(greedy).mean())
     run.counters["tokens_total"] += int(global_tokens)
     return metrics
 

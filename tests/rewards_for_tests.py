@@ -63,3 +63,13 @@ def char_codes(prompts, completions, **kwargs):
 def length(prompts, completions, **kwargs):
     """Number of characters of the completion (varies even for a random model)."""
     return [float(len(completion)) for completion in completions]
+
+
+def constant(prompts, completions, **kwargs):
+    """The same reward for everything: every group is degenerate (no learning signal)."""
+    return [1.0] * len(completions)
+
+
+def prompt_length(prompts, completions, **kwargs):
+    """A property of the prompt only: every completion of a prompt (the greedy one too) gets the same reward."""
+    return [float(len(prompt)) for prompt in prompts]

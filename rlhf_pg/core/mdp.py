@@ -86,3 +86,32 @@ def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
     rows = torch.nonzero(has_actions).squeeze(-1)
     rewards[rows, lengths[rows] - 1] = scores[rows]
     return rewards
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One ``Rollout`` of the rows of ``parts`` (in order), re-padded to common widths.
+
+    ``prompt_*`` tensors are left-padded (prompts end where completions begin), the others right-padded;
+    id tensors pad with ``pad_token_id``, everything else with 0 (masks 0: padding is never an action).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    merged = {}
+    for f in fields(Rollout):
+        values = [getattr(part, f.name) for part in parts]
+        if all(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], Tensor) and values[0].dim() == 2:
+            width = max(v.shape[1] for v in values)
+            fill = pad_token_id if f.name.endswith("_ids") else 0
+            left = f.name.startswith("prompt_")
+            padded = [torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else (0, width - v.shape[1]), value=fill)
+                      for v in values]
+            merged[f.name] = torch.cat(padded)
+        elif isinstance(values[0], Tensor):
+            merged[f.name] = torch.cat(values)
+        elif isinstance(values[0], list):
+            merged[f.name] = [item for value in values for item in value]
+        elif isinstance(values[0], dict):
+            merged[f.name] = {key: [item for value in values for item in value[key]] for key in values[0]}
+    return Rollout(**merged)

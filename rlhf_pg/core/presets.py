@@ -183,7 +183,8 @@ INCOMPATIBLE: tuple[Incompatible, ...] = (
                  "use a baseline (group_mean, batch_mean, leave_one_out) or algorithm.whiten"),
     Incompatible((("algorithm.scale", "==", "group"), ("rollout.completions_per_prompt", "<", 2)),
                  "scale 'group' needs rollout.completions_per_prompt >= 2 (a group of one has no spread)"),
-    Incompatible((("algorithm.baseline", "==", "leave_one_out"), ("rollout.completions_per_prompt", "<", 2)),
+    Incompatible((("algorithm.estimator", "==", "reinforce"), ("algorithm.baseline", "==", "leave_one_out"),
+                  ("rollout.completions_per_prompt", "<", 2)),
                  "baseline 'leave_one_out' needs rollout.completions_per_prompt >= 2 (it averages the other "
                  "completions of the same prompt)"),
     Incompatible((("algorithm.dynamic_sampling", "==", True), ("rollout.completions_per_prompt", "<", 2)),
