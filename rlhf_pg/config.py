@@ -378,21 +378,3 @@ def recipe_keys(root: type) -> list[tuple[str, str, str]]:
     walk(root, "")
     return rows
 
-
-# --- compatibility: the LM schema's names were importable from here before the schemas moved ---------------
-_MOVED_TO_RECIPE = ("Recipe", "ModelConfig", "DataConfig", "RewardSpec", "RolloutConfig", "AlgorithmConfig",
-                    "TrainConfig", "EvalConfig", "PeftConfig", "SftConfig", "CompareConfig", "recipe_from_dict",
-                    "load_recipe")
-
-
-def __getattr__(name: str) -> Any:
-    """``from rlhf_pg.config import Recipe`` (and the other LM schema names) still works: they live in ``rlhf_pg.recipe``."""
-    if name in _MOVED_TO_RECIPE:
-        from . import recipe
-
-        return getattr(recipe, name)
-    if name == "OptimConfig":
-        from .run.optim import OptimConfig
-
-        return OptimConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

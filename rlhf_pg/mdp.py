@@ -2,7 +2,8 @@
 
 from .core.mdp import (  # noqa: F401
     Rollout,
+    concat_rollouts,
     terminal_rewards,
 )
 
-__all__ = ["Rollout", "terminal_rewards"]
+__all__ = ["Rollout", "concat_rollouts", "terminal_rewards"]
