@@ -7,7 +7,7 @@
     rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
     rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--resume] [--overwrite] [key=value ...]
-    rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [--overwrite] [key=value ...]
+    rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [--presets] [--overwrite] [key=value ...]
     rlhf-pg build-base [--force]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="batches averaged into the reference gradient (default: 1000 gym, 200 LM)")
     variance.add_argument("--seed", type=_int, help="override the recipe's seed")
     variance.add_argument("--overwrite", action="store_true", help="replace a measurement already in the output dir")
+    variance.add_argument("--presets", action="store_true", help="also a row per algorithm preset (grpo, rloo, ...)")
 
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
@@ -223,7 +224,7 @@ def _variance(args, recipe, output_dir):
     from .lab.variance import run_variance_lab
 
     run_variance_lab(args.recipe, output_dir, _overrides(args), policy=args.policy, batches=args.batches,
-                     reference_batches=args.reference_batches, overwrite=args.overwrite,
+                     reference_batches=args.reference_batches, overwrite=args.overwrite, presets=args.presets,
                      show_progress=not args.no_progress)
     return (output_dir / "report.md").read_text()
 

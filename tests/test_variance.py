@@ -59,3 +59,17 @@ def test_variance_lab_on_a_language_model(tiny_model_dir, tmp_path):
     assert rows["rtg + group_mean"]["variance"] == pytest.approx(rows["rtg + leave_one_out"]["variance"] / 4, rel=1e-9)
     assert "rtg + learned value" not in rows  # no value head for language models
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "variance.png").exists()
+
+
+def test_preset_rows_are_the_same_estimators_as_the_lab_rows_they_reduce_to(tmp_path):
+    """A preset row is the one composition with the preset's keys: reinforce = reward-to-go, rloo = rtg + LOO
+    (same batches, same numbers); GRPO's std scaling and Dr. GRPO's length normalization are biased."""
+    result = run_variance_lab(str(ROOT / "recipes" / "gym" / "tabular.yaml"), tmp_path, batches=200,
+                              reference_batches=50, presets=True, show_progress=False)
+    rows = rows_by_name(result)
+    for preset, plain in (("preset reinforce", "reward-to-go"), ("preset rloo", "rtg + leave_one_out")):
+        assert rows[preset]["variance"] == pytest.approx(rows[plain]["variance"], rel=1e-9)
+        assert rows[preset]["bias_sq"] == pytest.approx(rows[plain]["bias_sq"], rel=1e-9)
+    assert "preset remax" not in rows  # the gym lab has no greedy rollout
+    for preset in ("preset grpo", "preset dr_grpo"):  # biased by construction: far beyond the sampling noise
+        assert rows[preset]["bias_sq"] > 50 * rows[preset]["variance"] / 200, preset

@@ -26,6 +26,7 @@ class Batch:
     mask: Tensor
     group_ids: Tensor
     values: Tensor | None = None
+    greedy_rewards: Tensor | None = None  # [B]: the reward of the prompt's greedy completion (ReMax)
 
 
 
@@ -151,6 +152,7 @@ class LMSource:
         self.groups = recipe.rollout.completions_per_prompt > 1
         self.value = None
         self.description = f"{model_config.name_or_path} on the recipe's prompts"
+        self.greedy = True  # also score each prompt's greedy completion (the ReMax baseline)
         self._step = 0
 
     def sample(self, keep_for_value: bool = False) -> Batch:
@@ -165,7 +167,17 @@ class LMSource:
         rewards = terminal_rewards(torch.tensor(scores, dtype=torch.float64), batch.completion_mask.double())
         logprobs = completion_logprobs(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                        batch.completion_mask, self.recipe.rollout.temperature)
-        return Batch(logprobs, rewards, batch.completion_mask.double(), batch.group_ids)
+        greedy = None
+        if self.greedy:
+            from dataclasses import replace
+
+            greedy_batch = rollout(self.model, self.tokenizer, prompts, 1, replace(self.sampling, temperature=0.0),
+                                   columns, self.generator, max_context=self.max_context)
+            greedy_scores, _ = self.scorer(greedy_batch.prompts, greedy_batch.completions,
+                                           finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
+            k = self.recipe.rollout.completions_per_prompt
+            greedy = torch.tensor(greedy_scores, dtype=torch.float64).repeat_interleave(k)
+        return Batch(logprobs, rewards, batch.completion_mask.double(), batch.group_ids, greedy_rewards=greedy)
 
     def fit_value(self) -> None:  # no value head for language models
         return None

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from ..core import estimator
-from ..core.estimator import LEARNED_BASELINE, EstimatorSpec
+from ..core.estimator import LEARNED_BASELINE, REMAX_BASELINE, EstimatorSpec
+from ..core.presets import PRESETS
 from ..run.accel import set_threads
 from ..run.rundir import RunDir
 from .sources import Batch, GymSource, LMSource, flat_gradient
@@ -55,10 +56,28 @@ class LabEstimator:
 
     name: str
     spec: EstimatorSpec
+    aggregation: str = "seq-mean-token-sum"  # how the per-token terms are reduced (presets choose theirs)
 
 
 def _row(name: str, **keys: Any) -> LabEstimator:
     return LabEstimator(name, EstimatorSpec(**keys))
+
+
+def preset_estimators(greedy: bool) -> list[LabEstimator]:
+    """A row per preset of ``core.presets``: its baseline, scale, whitening and aggregation, on-policy (ratio 1).
+
+    Not measured here: dynamic sampling and the overlong penalty (DAPO: they change which batches are
+    drawn and the reward), and ReMax where the source has no greedy rollout (``greedy`` False: gym).
+    """
+    rows = []
+    for name, preset in PRESETS.items():
+        values = {key.split(".", 1)[1]: value for key, value in preset.values.items()}
+        if values["baseline"] == REMAX_BASELINE and not greedy:
+            continue
+        spec = EstimatorSpec(gamma=values["gamma"], baseline=values["baseline"], whiten=values["whiten"],
+                             scale=values["scale"], weighting=values["estimator"])
+        rows.append(LabEstimator(f"preset {name}", spec, values["aggregation"]))
+    return rows
 
 
 def default_estimators(groups: bool, value: bool, gamma: float = 1.0) -> list[LabEstimator]:
@@ -90,8 +109,10 @@ REFERENCE = _row("reference: rtg + leave_one_out", baseline="leave_one_out")
 
 def estimate(row: LabEstimator, batch: Batch, params: list[Tensor], retain_graph: bool = True) -> Tensor:
     """The estimate of grad J under ``row`` on ``batch``: minus the gradient of the shared REINFORCE loss."""
-    advantages = estimator.advantages(row.spec, batch.rewards, batch.mask, batch.group_ids, batch.values)
-    return -flat_gradient(policy_gradient_loss(batch.logprobs, advantages, batch.mask), params, retain_graph)
+    advantages = estimator.advantages(row.spec, batch.rewards, batch.mask, batch.group_ids, batch.values,
+                                      batch.greedy_rewards)
+    loss = policy_gradient_loss(batch.logprobs, advantages, batch.mask, row.aggregation, norm_length=batch.mask.shape[1])
+    return -flat_gradient(loss, params, retain_graph)
 
 
 # --- the measurement ---------------------------------------------------------------------------------------------
@@ -155,6 +176,7 @@ def measure(source, specs: list[LabEstimator], batches: int, reference_batches: 
             "relative_mse": record["err"] / batches / ref_norm_sq,
             "best_scale_relative_mse": best_scale_error,
             "spec": asdict(spec.spec),
+            "aggregation": spec.aggregation,
         })
     return {
         "source": source.description,
@@ -219,7 +241,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
 
     rows = result["estimators"]
-    names = [r["estimator"] + (" (rescaled)" if r["spec"]["whiten"] else "") for r in rows]
+    rescaled = lambda r: r["spec"]["whiten"] or r["spec"]["scale"] != "none" or r["aggregation"] != "seq-mean-token-sum"  # noqa: E731
+    names = [r["estimator"] + (" (rescaled)" if rescaled(r) else "") for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
     positions = list(range(len(rows)))
     left.barh(positions, [r["mse"] for r in rows], color="tab:blue", label="MSE to g*")
@@ -245,17 +268,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[str] | None = None,
                      policy: str | None = None, batches: int | None = None, reference_batches: int | None = None,
-                     overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+                     overwrite: bool = False, presets: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Load a gym or LM recipe, measure, and write ``report.md``, ``variance.png`` and ``variance.json`` to ``output_dir``."""
     run_dir = RunDir(output_dir, marker="variance.yaml", outputs=("report.md", "variance.png", "variance.json"),
                      what="a measurement")
     with run_dir.lock():
         return _run_variance_lab(recipe_path, run_dir, overrides, policy, batches, reference_batches, overwrite,
-                                 show_progress)
+                                 presets, show_progress)
 
 
 def _run_variance_lab(recipe_path, run_dir: RunDir, overrides, policy, batches, reference_batches, overwrite,
-                      show_progress) -> dict[str, Any]:
+                      presets, show_progress) -> dict[str, Any]:
     data = load_yaml(recipe_path)
     source: Any
     if is_gym_recipe(data):
@@ -276,6 +299,10 @@ def _run_variance_lab(recipe_path, run_dir: RunDir, overrides, policy, batches, 
         batches, reference_batches = batches or 50, reference_batches or 200
     try:
         specs = default_estimators(groups=source.groups, value=isinstance(source, GymSource), gamma=source.gamma)
+        if presets:
+            specs += preset_estimators(greedy=isinstance(source, LMSource))
+        elif isinstance(source, LMSource):
+            source.greedy = False  # only the ReMax row needs the greedy completions
         result = measure(source, specs, batches, reference_batches, show_progress)
     finally:
         source.close()
