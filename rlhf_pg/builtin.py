@@ -1,4 +1,4 @@
-"""Built-in models that need no download: ``builtin:arith-gpt``.
+"""Built-in models that need no download: ``builtin:arith-gpt`` (and, from an installed GGUF, ``builtin:smollm2-135m-instruct``).
 
 ``arith-gpt`` is a 4-layer, 128-wide character-level GPT-2 (~0.8M parameters) with a character
 tokenizer (``PreTrainedTokenizerFast``; printable ASCII plus <pad>, <bos>, <eos>, <unk>; BOS is added
@@ -9,6 +9,9 @@ pre-trained by maximum likelihood on a *flawed demonstrator* that forgets each c
 It is built on first use (about a minute on 2 CPU cores, deterministic for a given seed), saved with
 ``save_pretrained`` under ``$XDG_CACHE_HOME/rlhf_pg`` (default ``~/.cache/rlhf_pg``) and loaded with
 ``from_pretrained``. Rebuild it with ``rlhf-pg build-base --force``.
+
+``builtin:smollm2-135m-instruct`` is a real pretrained chat model converted from a GGUF file that a pip
+package ships (``gguf.py``); ``builtin_path`` hands such names to ``gguf.builtin_gguf_dir``.
 """
 
 from __future__ import annotations
@@ -164,6 +167,10 @@ def builtin_path(name: str, progress: bool = True, force: bool = False) -> Path:
 
     Concurrent first uses are safe: each builds into a temporary directory and renames it into place.
     """
+    from .gguf import BUILTIN_GGUF, builtin_gguf_dir
+
+    if name in BUILTIN_GGUF:
+        return builtin_gguf_dir(name, progress=progress, force=force)
     if name not in BUILTIN_MODELS:
         raise KeyError(name)
     spec = BUILTIN_MODELS[name]
