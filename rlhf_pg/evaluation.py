@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .core.mdp import Rollout
 from .rewards import RewardScorer
 from .rollout import SamplingParams, rollout
 
@@ -52,3 +53,22 @@ def evaluate(
     result["truncated"] = truncated / max(len(totals), 1)
     result["examples"] = examples[:8]
     return result
+
+
+def completion_records(step: int, batch: Rollout, scores: list[float], per_reward: dict[str, list[float]],
+                       limit: int | None = None) -> list[dict[str, Any]]:
+    """JSON-ready rows for a completions log (``train.log_completions_every``): one per completion, the first
+    ``limit`` of the batch (all when None).
+
+    Each row: ``step``, ``group`` (prompt id), ``prompt`` (text or messages, as the reward functions saw it),
+    ``completion`` (text), ``reward`` (the weighted total), ``reward/<label>``, ``tokens`` (completion length,
+    EOS included) and ``truncated`` (hit max_new_tokens without EOS or a stop string).
+    """
+    rows = range(len(batch)) if limit is None else range(min(limit, len(batch)))
+    lengths = batch.completion_mask.sum(-1).tolist()
+    return [
+        {"step": step, "group": int(batch.group_ids[i]), "prompt": batch.prompts[i], "completion": batch.completions[i],
+         "reward": scores[i], **{f"reward/{label}": values[i] for label, values in per_reward.items()},
+         "tokens": int(lengths[i]), "truncated": not bool(batch.finished[i])}
+        for i in rows
+    ]

@@ -150,3 +150,18 @@ def test_sft_targets_refuse_a_template_that_renders_history_differently(tiny_mod
         assistant_completion_ids(tokenizer, QUESTION, "3")
     with pytest.raises(UserError, match="every message of a completion must have role 'assistant'"):
         assistant_completion_ids(tokenizer, QUESTION, [{"role": "user", "content": "3"}])
+
+
+def test_completion_records_are_json_rows_with_rewards_and_truncation(tiny_model_dir):
+    from rlhf_pg.evaluation import completion_records
+
+    model, tokenizer = chat_model(tiny_model_dir)
+    batch = rollout(model, tokenizer, [QUESTION], 2, SamplingParams(max_new_tokens=3),
+                    generator=torch.Generator().manual_seed(0), group_offset=4)
+    scorer = RewardScorer([RewardSpec(name="arithmetic_last_integer")])
+    scores, per_reward = scorer(batch.prompts, batch.completions, a=[1, 1], b=[2, 2])
+    rows = completion_records(7, batch, scores, per_reward, limit=1)
+    assert len(rows) == 1 and json.loads(json.dumps(rows))[0] == {
+        "step": 7, "group": 4, "prompt": QUESTION, "completion": batch.completions[0], "reward": scores[0],
+        "reward/arithmetic_last_integer": scores[0], "tokens": int(batch.completion_mask[0].sum()),
+        "truncated": not bool(batch.finished[0])}

@@ -108,3 +108,19 @@ def test_the_conversion_runs_once_and_a_gguf_path_or_dir_plus_name_resolve_to_it
     assert Path(resolve_model_path(str(source))) == smollm2_dir
     assert Path(resolve_model_path(str(source.parent), gguf_file=source.name)) == smollm2_dir
     assert convert_gguf(source) == smollm2_dir
+
+
+@needs_smollm2
+def test_smollm2_chat_template_renders_chatml_and_sft_targets_end_with_im_end(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from rlhf_pg.chat import assistant_completion_ids, prompt_texts
+    from rlhf_pg.tasks.arithmetic import format_chat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    question = format_chat_prompt(25, 60)
+    (text,), special_tokens = prompt_texts(tokenizer, [question])
+    assert text.endswith("<|im_start|>user\nWhat is 25+60? Reply with only the number.<|im_end|>\n<|im_start|>assistant\n")
+    assert not special_tokens
+    ids = assistant_completion_ids(tokenizer, question, "85")
+    assert tokenizer.convert_ids_to_tokens(ids)[-1] == "<|im_end|>" and tokenizer.decode(ids[:-1]) == "85"
