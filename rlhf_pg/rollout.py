@@ -37,6 +37,7 @@ class SamplingParams:
     occurrence of any of them in its decoded text (special tokens skipped); that token is kept, so the
     stop string stays in the completion's text and its token carries gradient like EOS does; tokens
     after it are padding (mask 0), and text that the last token decodes to beyond the stop string is cut.
+    Applied by ``rollout`` (which has the tokenizer); ``sample_completions`` takes a ``StopStrings``.
     """
 
     max_new_tokens: int = 16
@@ -359,7 +360,7 @@ def rollout(
             f"{params.max_new_tokens} it exceeds the model's context of {max_context} tokens. Shorten the prompts "
             "or lower rollout.max_new_tokens"
         )
-    stop = tuple(params.stop)
+    stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop)
     completion_ids, completion_mask, logprobs, finished = sample_completions(
         model, prompt_ids, prompt_mask, params, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, generator,
         all_finished, stop_strings=StopStrings(tokenizer, stop) if stop else None,
