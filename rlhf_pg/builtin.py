@@ -1,4 +1,4 @@
-"""Built-in models that need no download: ``builtin:arith-gpt``.
+"""Built-in models that need no download: ``builtin:arith-gpt`` (and, from an installed GGUF, ``builtin:smollm2-135m-instruct``).
 
 ``arith-gpt`` is a 4-layer, 128-wide character-level GPT-2 (~0.8M parameters) with a character
 tokenizer (``PreTrainedTokenizerFast``; printable ASCII plus <pad>, <bos>, <eos>, <unk>; BOS is added
@@ -9,6 +9,9 @@ pre-trained by maximum likelihood on a *flawed demonstrator* that forgets each c
 It is built on first use (about a minute on 2 CPU cores, deterministic for a given seed), saved with
 ``save_pretrained`` under ``$XDG_CACHE_HOME/rlhf_pg`` (default ``~/.cache/rlhf_pg``) and loaded with
 ``from_pretrained``. Rebuild it with ``rlhf-pg build-base --force``.
+
+``builtin:smollm2-135m-instruct`` is a real pretrained chat model converted from a GGUF file that a pip
+package ships (``gguf.py``); ``models.resolve_model_path`` hands such names to ``gguf.builtin_gguf_dir``.
 """
 
 from __future__ import annotations
@@ -185,14 +188,6 @@ def builtin_path(name: str, progress: bool = True, force: bool = False) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def greedy_accuracy_hint() -> float:
-    """Expected greedy accuracy of a perfect imitator of the demonstrator (problems without carries)."""
-    spec = BUILTIN_MODELS["arith-gpt"]
-    span = range(spec.max_operand + 1)
-    no_carry = sum(1 for a in span for b in span if flawed_sum(a, b, 1.0, random.Random(0)) == a + b)
-    return no_carry / (len(span) ** 2)
 
 
 __all__ = ["BUILTIN_MODELS", "ArithBaseSpec", "build_arith_gpt", "builtin_path", "cache_root", "char_tokenizer"]

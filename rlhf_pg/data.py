@@ -3,6 +3,9 @@
 Training prompts are drawn in a fixed order that depends only on the seed and the step number
 (consecutive shuffled passes over the training split), so a resumed run sees exactly the prompts the
 uninterrupted run would have seen.
+
+A prompt is text or, in TRL's conversational format, a list of ``{"role", "content"}`` messages (a
+jsonl ``prompt`` column of such lists loads as is; ``chat.py`` renders them with the chat template).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 
 import torch
 
-from .recipe import DataConfig
+from .chat import check_prompt_kinds
 from .errors import UserError, first_line
+from .recipe import DataConfig
 from .tasks import arithmetic
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -57,16 +61,24 @@ def _looks_like_hub_name(path: str) -> bool:
 
 
 def load_prompt_datasets(config: DataConfig):
-    """``(train, eval)`` ``datasets.Dataset``s with a ``prompt`` column (renamed from ``prompt_column``)."""
+    """``(train, eval)`` ``datasets.Dataset``s with a ``prompt`` column (renamed from ``prompt_column``).
+
+    The built-in arithmetic task writes its prompts as ``data.prompt_format`` says (``"text"``: ``"12+7="``;
+    ``"chat"``: ``[{"role": "user", "content": "What is 12+7? Reply with only the number."}]``); the held-out
+    problems are never training prompts, and columns a, b, answer go to the reward functions.
+    """
     import datasets
 
     if config.path is None:
+        prompt_format = getattr(config, "prompt_format", "text")
+        if prompt_format not in arithmetic.PROMPT_FORMATS:
+            raise UserError(f"data.prompt_format={prompt_format!r}: use one of {', '.join(arithmetic.PROMPT_FORMATS)}")
         train_problems, eval_problems = arithmetic.split_problems(
             config.max_operand, config.num_eval, config.shuffle_seed, config.min_operand
         )
         return (
-            datasets.Dataset.from_dict(arithmetic.as_records(train_problems)),
-            datasets.Dataset.from_dict(arithmetic.as_records(eval_problems)),
+            datasets.Dataset.from_dict(arithmetic.as_records(train_problems, prompt_format)),
+            datasets.Dataset.from_dict(arithmetic.as_records(eval_problems, prompt_format)),
         )
     train = _prompt_column(load_path(config.path, config.split), config, config.split)
     if config.eval_split is not None:
@@ -86,7 +98,10 @@ def load_prompt_datasets(config: DataConfig):
 
 
 def _prompt_column(dataset, config: DataConfig, split: str):
-    """``dataset`` with its prompts in a ``prompt`` column of non-empty strings, or a ``UserError``."""
+    """``dataset`` with its prompts in a ``prompt`` column, or a ``UserError`` naming the first bad row.
+
+    Every prompt is text, or every prompt is a list of messages with a known role and string content.
+    """
     column = config.prompt_column
     if column not in dataset.column_names:
         raise UserError(
@@ -95,10 +110,8 @@ def _prompt_column(dataset, config: DataConfig, split: str):
         )
     if len(dataset) == 0:
         raise UserError(f"data: split {split!r} of {config.path!r} has no rows")
-    for index, prompt in enumerate(dataset[column]):
-        if not isinstance(prompt, str):
-            raise UserError(f"data: row {index} of split {split!r} of {config.path!r} has {column}={prompt!r:.60}; "
-                            "every prompt must be text (fix or drop that row)")
+    check_prompt_kinds(list(dataset[column]), column=column,
+                       row_name=lambda index: f"data: row {index} of split {split!r} of {config.path!r}")
     if column != "prompt":
         if "prompt" in dataset.column_names:
             dataset = dataset.remove_columns("prompt")

@@ -6,18 +6,22 @@ from typing import Any
 
 import torch
 
+from .core.mdp import Rollout
 from .rewards import RewardScorer
 from .rollout import SamplingParams, rollout
 
 
 @torch.no_grad()
 def evaluate(
-    model, tokenizer, prompts: list[str], columns: dict[str, list[Any]], scorer: RewardScorer,
+    model, tokenizer, prompts: list[Any], columns: dict[str, list[Any]], scorer: RewardScorer,
     params: SamplingParams, batch_size: int = 256, seed: int = 0, all_finished=None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Mean reward over ``prompts`` (one completion each), per-reward means and a few examples.
+    """Mean reward over ``prompts`` (text or conversations; one completion each), per-reward means, the
+    truncation rate and a few examples.
 
-    Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "examples": [...]}``.
+    Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "truncated": fraction of
+    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``.
     """
     was_training = model.training
     model.eval()
@@ -25,11 +29,14 @@ def evaluate(
     totals: list[float] = []
     per_reward: dict[str, list[float]] = {label: [] for label in scorer.labels}
     examples: list[dict[str, Any]] = []
+    truncated = 0
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
-        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished)
+        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished,
+                        chat_template_kwargs=chat_template_kwargs)
         total, scores = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
+        truncated += int((~batch.finished).sum())
         totals.extend(total)
         for label, values in scores.items():
             per_reward[label].extend(values)
@@ -43,5 +50,25 @@ def evaluate(
     result: dict[str, Any] = {"reward": sum(totals) / max(len(totals), 1)}
     for label, values in per_reward.items():
         result[f"reward/{label}"] = sum(values) / max(len(values), 1)
+    result["truncated"] = truncated / max(len(totals), 1)
     result["examples"] = examples[:8]
     return result
+
+
+def completion_records(step: int, batch: Rollout, scores: list[float], per_reward: dict[str, list[float]],
+                       limit: int | None = None) -> list[dict[str, Any]]:
+    """JSON-ready rows for a completions log (``train.log_completions_every``): one per completion, the first
+    ``limit`` of the batch (all when None).
+
+    Each row: ``step``, ``group`` (prompt id), ``prompt`` (text or messages, as the reward functions saw it),
+    ``completion`` (text), ``reward`` (the weighted total), ``reward/<label>``, ``tokens`` (completion length,
+    EOS included) and ``truncated`` (hit max_new_tokens without EOS or a stop string).
+    """
+    rows = range(len(batch)) if limit is None else range(min(limit, len(batch)))
+    lengths = batch.completion_mask.sum(-1).tolist()
+    return [
+        {"step": step, "group": int(batch.group_ids[i]), "prompt": batch.prompts[i], "completion": batch.completions[i],
+         "reward": scores[i], **{f"reward/{label}": values[i] for label, values in per_reward.items()},
+         "tokens": int(lengths[i]), "truncated": not bool(batch.finished[i])}
+        for i in rows
+    ]

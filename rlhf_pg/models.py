@@ -13,22 +13,45 @@ from .errors import UserError, first_line
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str, progress: bool = True) -> str:
-    """``builtin:NAME`` -> its cached directory (built on first use); anything else unchanged."""
+def resolve_model_path(name_or_path: str, progress: bool = True, gguf_file: str | None = None,
+                       revision: str | None = None) -> str:
+    """The local directory ``from_pretrained`` should read, or a hub id unchanged.
+
+    ``builtin:NAME`` -> its cached directory (built or converted on first use); ``FILE.gguf``, or a
+    directory / hub id with ``gguf_file``, -> the GGUF's dequantized save_pretrained directory
+    (``gguf.resolve_gguf``, converted once and cached); a save_pretrained directory -> itself.
+    """
     if name_or_path.startswith("builtin:"):
         from .builtin import BUILTIN_MODELS, builtin_path
+        from .gguf import BUILTIN_GGUF, builtin_gguf_dir
 
         name = name_or_path.split(":", 1)[1]
+        if name in BUILTIN_GGUF:
+            return str(builtin_gguf_dir(name, progress=progress))
         if name not in BUILTIN_MODELS:
             raise UserError(f"model: unknown built-in model {name_or_path!r}; available: "
-                            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+                            + ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, *BUILTIN_GGUF]))
         return str(builtin_path(name, progress=progress))
+    if gguf_file is not None or name_or_path.lower().endswith(".gguf"):
+        from .gguf import resolve_gguf
+
+        return str(resolve_gguf(name_or_path, gguf_file, revision=revision, progress=progress))
     local = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "/", "~")) and not local.exists():
         raise UserError(f"model: {name_or_path!r} does not exist; give a directory written by save_pretrained")
     if local.is_dir() and not (local / "config.json").exists():
-        raise UserError(f"model: {name_or_path!r} has no config.json; is it a directory written by save_pretrained?")
+        gguf_hint = ""
+        if any(local.glob("*.gguf")):
+            gguf_hint = f" It holds GGUF files: give one as model: {{name_or_path: {name_or_path}, gguf_file: NAME.gguf}}"
+        raise UserError(f"model: {name_or_path!r} has no config.json; is it a directory written by save_pretrained?"
+                        + gguf_hint)
     return str(local) if local.exists() else name_or_path
+
+
+def _resolve(config: ModelConfig) -> str:
+    """``resolve_model_path`` for a recipe's ``model`` section (``model.gguf_file`` read when the schema has it)."""
+    return resolve_model_path(config.name_or_path, gguf_file=getattr(config, "gguf_file", None),
+                              revision=config.revision)
 
 
 def _offline_hint(path: str) -> str:
@@ -60,7 +83,7 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
     """``AutoModelForCausalLM.from_pretrained`` with the recipe's dtype and options."""
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve_model_path(config.name_or_path)
+    path = path or _resolve(config)
     kwargs = {"dtype": DTYPES[config.dtype], "revision": config.revision, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
@@ -88,7 +111,7 @@ def use_fused_activations(model) -> None:
 
 def load_policy(config: ModelConfig):
     """``(model, tokenizer, resolved path)`` for the recipe's ``model`` section."""
-    path = resolve_model_path(config.name_or_path)
+    path = _resolve(config)
     tokenizer = load_tokenizer(path, config.revision, config.trust_remote_code)
     model = load_causal_lm(config, path)
     if model.config.pad_token_id is None:

@@ -2,7 +2,11 @@
 
     r(tau) = sum_k w_k f_k(prompts, completions, **columns)[i]
 
-Each f_k has TRL's signature ``f(prompts, completions, **kwargs) -> list[float]``. A term with weight 0
+Each f_k has TRL's signature ``f(prompts, completions, **kwargs) -> list[float]``, and is called as TRL
+calls it: by keyword when it names a ``completions`` parameter (``trl.rewards:think_format_reward`` takes
+only ``completions, **kwargs``), positionally otherwise. With conversational prompts (lists of messages)
+``prompts`` are those lists and each completion is ``[{"role": "assistant", "content": text}]``, as in
+TRL's GRPOTrainer (``chat.reward_completions``); with text prompts both are strings. A term with weight 0
 is still computed and logged (``reward/<label>/mean``) but does not train: a monitor, such as a gold
 reward next to a learned proxy. A function may carry ``validate_params(params)``, called once when the
 recipe is read (``reward_model`` loads its model there, so a bad path fails before training). A function that
@@ -20,6 +24,7 @@ from typing import Any, Callable
 
 from reward_models import resolve_reward
 
+from .chat import reward_completions
 from .recipe import RewardSpec
 from .errors import RecipeError, RewardFunctionError, UserError
 
@@ -89,7 +94,8 @@ class RewardScorer:
     def labels(self) -> list[str]:
         return [term.label for term in self.terms]
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> tuple[list[float], dict[str, list[float]]]:
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> tuple[list[float], dict[str, list[float]]]:
+        completions = reward_completions(prompts, completions)
         total = [0.0] * len(completions)
         per_reward: dict[str, list[float]] = {}
         for term in self.terms:
@@ -99,14 +105,26 @@ class RewardScorer:
         return total, per_reward
 
 
-def _describe(prompts: list[str], completions: list[str], index: int) -> str:
+def _describe(prompts: list[Any], completions: list[Any], index: int) -> str:
     return f"sample {index} (prompt={prompts[index]!r}, completion={completions[index]!r})"
 
 
-def _checked_call(term: _Term, prompts: list[str], completions: list[str], columns: dict[str, Any]) -> list[float]:
+def _call(function: Callable[..., Any], prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``function(prompts=..., completions=..., **kwargs)`` when it names ``completions`` (TRL calls reward
+    functions by keyword), else ``function(prompts, completions, **kwargs)``."""
+    try:
+        by_keyword = "completions" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        by_keyword = False
+    if by_keyword:
+        return function(prompts=prompts, completions=completions, **kwargs)
+    return function(prompts, completions, **kwargs)
+
+
+def _checked_call(term: _Term, prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> list[float]:
     kwargs = {**columns, **term.params}
     try:
-        scores = term.function(prompts, completions, **kwargs)
+        scores = _call(term.function, prompts, completions, kwargs)
     except UserError:
         raise  # already a message for people (e.g. a reward model that cannot be loaded)
     except Exception as error:  # noqa: BLE001 - the user's function; report it, do not crash
@@ -136,7 +154,7 @@ def _checked_call(term: _Term, prompts: list[str], completions: list[str], colum
     return scores
 
 
-def _first_failing_sample(term: _Term, prompts: list[str], completions: list[str], kwargs: dict[str, Any]) -> int | None:
+def _first_failing_sample(term: _Term, prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> int | None:
     """Index of the first completion on which the function raises when called on it alone."""
     for index in range(len(completions)):
         single = {
@@ -144,7 +162,7 @@ def _first_failing_sample(term: _Term, prompts: list[str], completions: list[str
             for key, value in kwargs.items()
         }
         try:
-            term.function([prompts[index]], [completions[index]], **single)
+            _call(term.function, [prompts[index]], [completions[index]], single)
         except Exception:  # noqa: BLE001
             return index
     return None

@@ -1,5 +1,8 @@
 """The built-in arithmetic task: prompts ``"{a}+{b}="``, the answer is the decimal sum then EOS.
 
+With ``prompt_format="chat"`` the prompts are conversations for a chat model instead:
+``[{"role": "user", "content": "What is {a}+{b}? Reply with only the number."}]``.
+
 It needs no download, so it is the default everywhere (quickstart, tests, benchmarks). It also ships
 a *flawed demonstrator* that forgets each carry with some probability: imitating it by maximum
 likelihood plateaus well below 100 % accuracy, and only a reward signal can fix the carries.
@@ -11,6 +14,9 @@ import random
 import re
 
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
+CHAT_QUESTION = "What is {a}+{b}? Reply with only the number."
+_CHAT_RE = re.compile(r"What is\s*(\d+)\s*\+\s*(\d+)\s*\?")
+PROMPT_FORMATS = ("text", "chat")
 
 
 def format_prompt(a: int, b: int) -> str:
@@ -18,9 +24,19 @@ def format_prompt(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def parse_prompt(prompt: str) -> tuple[int, int] | None:
-    """``"12+7="`` -> ``(12, 7)``; ``None`` when the text is not an addition prompt."""
-    match = _PROMPT_RE.match(prompt)
+def format_chat_prompt(a: int, b: int) -> list[dict[str, str]]:
+    """The conversational prompt for ``a + b``: one user message, ``"What is 12+7? Reply with only the number."``."""
+    return [{"role": "user", "content": CHAT_QUESTION.format(a=a, b=b)}]
+
+
+def parse_prompt(prompt) -> tuple[int, int] | None:
+    """``"12+7="``, or a conversation asking ``"What is 12+7? ..."``, -> ``(12, 7)``; ``None`` when it is not an
+    addition prompt."""
+    if isinstance(prompt, str):
+        match = _PROMPT_RE.match(prompt)
+    else:
+        users = [m.get("content") or "" for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        match = _CHAT_RE.search(users[-1]) if users else None
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
@@ -101,10 +117,16 @@ def split_problems(
     return problems[num_eval:], problems[:num_eval]
 
 
-def as_records(problems: list[tuple[int, int]]) -> dict[str, list]:
-    """Columns for ``datasets.Dataset.from_dict``: prompt, a, b, answer (the exact sum as text)."""
+def as_records(problems: list[tuple[int, int]], prompt_format: str = "text") -> dict[str, list]:
+    """Columns for ``datasets.Dataset.from_dict``: prompt, a, b, answer (the exact sum as text).
+
+    ``prompt_format``: ``"text"`` (``"12+7="``) or ``"chat"`` (``format_chat_prompt``).
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format {prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
+    render = format_chat_prompt if prompt_format == "chat" else format_prompt
     return {
-        "prompt": [format_prompt(a, b) for a, b in problems],
+        "prompt": [render(a, b) for a, b in problems],
         "a": [a for a, _ in problems],
         "b": [b for _, b in problems],
         "answer": [str(a + b) for a, b in problems],
