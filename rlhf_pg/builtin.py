@@ -6,9 +6,18 @@ by the tokenizer itself, so plain ``tokenizer("12+7=")`` reproduces the training
 pre-trained by maximum likelihood on a *flawed demonstrator* that forgets each carry with probability
 0.7, so imitation plateaus far below 100 % and only reward-driven training fixes the carries.
 
-It is built on first use (about a minute on 2 CPU cores, deterministic for a given seed), saved with
-``save_pretrained`` under ``$XDG_CACHE_HOME/rlhf_pg`` (default ``~/.cache/rlhf_pg``) and loaded with
-``from_pretrained``. Rebuild it with ``rlhf-pg build-base --force``.
+Where ``builtin_path`` finds it, first match wins:
+
+1. the cache, ``$XDG_CACHE_HOME/rlhf_pg/arith-gpt-v1`` (default ``~/.cache/rlhf_pg``): only there if you
+   built it yourself, with ``rlhf-pg build-base --force`` (or an rlhf-pg older than the shipped weights
+   built it on first use); delete that directory to go back to the shipped weights;
+2. the shipped weights, package data in ``rlhf_pg/weights/arith-gpt-v1`` (3 MB): the builder's own output
+   for the current ``ArithBaseSpec`` (regenerate them with ``python -m rlhf_pg.builtin --ship``); used
+   only if their ``build_spec.json`` equals the current spec;
+3. otherwise it is built into the cache (about two minutes on 2 CPU cores, deterministic for a given
+   seed and thread count).
+
+Either way it is a ``save_pretrained`` directory loaded with plain ``from_pretrained``.
 
 ``builtin:smollm2-135m-instruct`` is a real pretrained chat model converted from a GGUF file that a pip
 package ships (``gguf.py``); ``models.resolve_model_path`` hands such names to ``gguf.builtin_gguf_dir``.
@@ -16,6 +25,8 @@ package ships (``gguf.py``); ``models.resolve_model_path`` hands such names to `
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
@@ -37,7 +48,8 @@ CHARACTERS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
 
 @dataclass
 class ArithBaseSpec:
-    """Everything that decides the built-in base model; its hash names the cache directory."""
+    """Everything that decides the built-in base model; ``version`` names the cache and shipped directories
+    (bump it when any field changes, and rebuild the shipped weights)."""
 
     version: int = 1
     max_operand: int = 99
@@ -57,12 +69,31 @@ class ArithBaseSpec:
 
 
 BUILTIN_MODELS = {"arith-gpt": ArithBaseSpec()}
+SPEC_FILE = "build_spec.json"  # the ArithBaseSpec a build was made from, as JSON
 
 
 def cache_root() -> Path:
     """``$XDG_CACHE_HOME/rlhf_pg``, default ``~/.cache/rlhf_pg``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rlhf_pg"
+
+
+def shipped_root() -> Path:
+    """``rlhf_pg/weights``: the built-in models shipped as package data."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def shipped_path(name: str) -> Path | None:
+    """The shipped directory of built-in model ``name`` if it is a build of the current spec, else None."""
+    spec = BUILTIN_MODELS[name]
+    directory = shipped_root() / spec.name
+    try:
+        shipped_spec = json.loads((directory / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if shipped_spec != dataclasses.asdict(spec) or not (directory / "model.safetensors").exists():
+        return None
+    return directory
 
 
 def char_tokenizer():
@@ -150,6 +181,7 @@ def build_arith_gpt(output_dir: str | Path, spec: ArithBaseSpec = ArithBaseSpec(
     (output_dir / "BUILD_INFO.txt").write_text(
         f"{spec}\nbuilt in {time.time() - started:.1f}s with torch {torch.__version__}\n"
     )
+    (output_dir / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
     return output_dir
 
 
@@ -163,9 +195,10 @@ def _progress(enabled: bool):
 
 
 def builtin_path(name: str, progress: bool = True, force: bool = False) -> Path:
-    """Local directory of built-in model ``name``, building and caching it on first use.
+    """Local directory of built-in model ``name``: the cache if it holds a build, else the shipped weights,
+    else a new build into the cache (see the module docstring). ``force`` rebuilds into the cache.
 
-    Concurrent first uses are safe: each builds into a temporary directory and renames it into place.
+    Concurrent builds are safe: each builds into a temporary directory and renames it into place.
     """
     if name not in BUILTIN_MODELS:
         raise KeyError(name)
@@ -175,6 +208,9 @@ def builtin_path(name: str, progress: bool = True, force: bool = False) -> Path:
         shutil.rmtree(target)
     if (target / "config.json").exists():
         return target
+    shipped = None if force else shipped_path(name)
+    if shipped is not None:
+        return shipped
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
@@ -190,4 +226,32 @@ def builtin_path(name: str, progress: bool = True, force: bool = False) -> Path:
     return target
 
 
-__all__ = ["BUILTIN_MODELS", "ArithBaseSpec", "build_arith_gpt", "builtin_path", "cache_root", "char_tokenizer"]
+def ship(name: str = "arith-gpt", progress: bool = True) -> Path:
+    """Rebuild the shipped weights of ``name`` (package data under ``rlhf_pg/weights``) with the builder."""
+    spec = BUILTIN_MODELS[name]
+    target = shipped_root() / spec.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        build_arith_gpt(staging, spec, progress=progress)
+        for path in [staging, *staging.iterdir()]:  # mkdtemp's 0700 is for the cache; package data is readable
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+__all__ = ["BUILTIN_MODELS", "ArithBaseSpec", "build_arith_gpt", "builtin_path", "cache_root", "char_tokenizer",
+           "ship", "shipped_path", "shipped_root"]
+
+
+if __name__ == "__main__":  # python -m rlhf_pg.builtin --ship
+    import sys
+
+    if sys.argv[1:] != ["--ship"]:
+        sys.exit("usage: python -m rlhf_pg.builtin --ship   (rebuilds the shipped weights in rlhf_pg/weights)")
+    print(ship())

@@ -1,6 +1,7 @@
 """The built-in arithmetic task and base model."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -46,30 +47,93 @@ def test_char_tokenizer_round_trips_through_save_and_plain_autotokenizer(tmp_pat
     assert loaded.padding_side == "left" and loaded.pad_token_id != loaded.eos_token_id
 
 
-@pytest.mark.slow
-def test_built_base_model_has_the_intended_flaw():
-    """The real base: right on problems without a carry, mostly wrong (the flawed answer) with one."""
+def _greedy_answers(path, problems):
+    """Greedy completions of ``a+b=`` by the model in ``path``, loaded with plain from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_pg.builtin import builtin_path
-
-    path = builtin_path("arith-gpt", progress=False)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rng = random.Random(123)
-    problems = [(rng.randint(0, 99), rng.randint(0, 99)) for _ in range(400)]
+    answers = []
+    for a, b in problems:
+        encoded = tokenizer(f"{a}+{b}=", return_tensors="pt")
+        out = model.generate(**encoded, max_new_tokens=6, do_sample=False)
+        answers.append(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def _flaw_signature(path, problems):
+    """(accuracy without a carry, accuracy with one, share of carry problems answered with every carry dropped)."""
+    rng = random.Random(0)  # unused by flawed_sum at forget_carry 0 or 1
+    answers = dict(zip(problems, _greedy_answers(path, problems)))
     no_carry = [p for p in problems if flawed_sum(*p, 1.0, rng) == sum(p)]
     carry = [p for p in problems if p not in no_carry]
 
-    def accuracy(subset, target):
-        correct = 0
-        for a, b in subset:
-            encoded = tokenizer(f"{a}+{b}=", return_tensors="pt")
-            out = model.generate(**encoded, max_new_tokens=6, do_sample=False)
-            text = tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += text == str(target(a, b))
-        return correct / len(subset)
+    def share(subset, target):
+        return sum(answers[p] == str(target(*p)) for p in subset) / len(subset)
 
-    assert accuracy(no_carry, lambda a, b: a + b) > 0.95
-    assert accuracy(carry, lambda a, b: a + b) < 0.15
-    assert accuracy(carry, lambda a, b: flawed_sum(a, b, 1.0, rng)) > 0.8  # it imitates the forgetting
+    return (share(no_carry, lambda a, b: a + b), share(carry, lambda a, b: a + b),
+            share(carry, lambda a, b: flawed_sum(a, b, 1.0, rng)))
+
+
+def _problems(n, seed):
+    rng = random.Random(seed)
+    return list(dict.fromkeys((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n)))
+
+
+def test_shipped_base_is_a_build_of_the_current_spec():
+    """Fails when ArithBaseSpec changes without `python -m rlhf_pg.builtin --ship` (then it would be rebuilt on use)."""
+    from rlhf_pg.builtin import shipped_path, shipped_root
+
+    assert shipped_path("arith-gpt") == shipped_root() / "arith-gpt-v1"
+
+
+def test_shipped_base_loads_with_from_pretrained_and_has_the_carry_flaw():
+    from rlhf_pg.builtin import shipped_path
+
+    no_carry, carry, carry_dropped = _flaw_signature(shipped_path("arith-gpt"), _problems(80, seed=7))
+    assert no_carry > 0.9 and carry < 0.25 and carry_dropped > 0.7
+
+
+def test_builtin_path_returns_the_shipped_weights_without_building_unless_rebuilt(monkeypatch, tmp_path):
+    from rlhf_pg import builtin
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # its own cache: the fake rebuild must not outlive the test
+
+    def fake_build(output_dir, spec=None, progress=True):  # what build-base --force would leave in the cache
+        (Path(output_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(builtin, "build_arith_gpt", lambda *a, **k: pytest.fail("built although weights are shipped"))
+    assert builtin.builtin_path("arith-gpt") == builtin.shipped_path("arith-gpt")
+    monkeypatch.setattr(builtin, "build_arith_gpt", fake_build)
+    rebuilt = builtin.builtin_path("arith-gpt", force=True)
+    assert rebuilt == builtin.cache_root() / "arith-gpt-v1" and (rebuilt / "config.json").exists()
+    assert builtin.builtin_path("arith-gpt") == rebuilt  # a rebuild in the cache takes precedence
+
+
+def test_builtin_path_builds_when_the_shipped_weights_are_not_of_the_current_spec(monkeypatch, tmp_path):
+    from rlhf_pg import builtin
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "arith-gpt", builtin.ArithBaseSpec(seed=99))
+    assert builtin.shipped_path("arith-gpt") is None
+    built = []
+    monkeypatch.setattr(builtin, "build_arith_gpt", lambda output_dir, spec, progress: (
+        built.append(spec), (Path(output_dir) / "config.json").write_text("{}")))
+    assert builtin.builtin_path("arith-gpt") == builtin.cache_root() / "arith-gpt-v1" and built[0].seed == 99
+
+
+@pytest.mark.slow
+def test_rebuilt_base_model_has_the_intended_flaw_and_matches_the_shipped_one(tmp_path):
+    """The real builder, run again: right on problems without a carry, mostly wrong (the flawed answer) with
+    one; and as accurate as the shipped weights on the same problems (equal when torch and the thread count
+    match: the build is deterministic)."""
+    from rlhf_pg.builtin import BUILTIN_MODELS, build_arith_gpt, shipped_path
+
+    rebuilt = build_arith_gpt(tmp_path / "rebuilt", BUILTIN_MODELS["arith-gpt"], progress=False)
+    problems = _problems(400, seed=123)
+    no_carry, carry, carry_dropped = _flaw_signature(rebuilt, problems)
+    assert no_carry > 0.95 and carry < 0.15 and carry_dropped > 0.8  # it imitates the forgetting
+    shipped = _flaw_signature(shipped_path("arith-gpt"), problems)
+    # within noise: ~3 binomial standard errors on ~250 carry problems
+    assert all(abs(mine - theirs) < 0.08 for mine, theirs in zip((no_carry, carry, carry_dropped), shipped))

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per step in ``DIR/metrics.jsonl``, TensorBoard scalars, a rich progress bar.
+"""Metrics: one JSON object per step in ``DIR/metrics.jsonl``, the trackers of ``train.report_to``
+(TensorBoard by default; ``run/trackers.py``), a rich progress bar.
 
 Metric names are stable and slash-separated: ``reward/mean``, ``reward/std_err``,
 ``reward/<name>/mean``, ``loss/policy``, ``kl/ref``, ``adv/mean``, ``adv/std``,
@@ -12,20 +13,32 @@ The gym track (``rlhf-pg gym``) logs ``episode/return``, ``episode/return_std_er
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .trackers import check_report_to, finish_trackers, log_completions, log_scalars, start_trackers
+
 
 class MetricsLogger:
-    """Appends step records to ``metrics.jsonl`` and TensorBoard (main process only)."""
+    """Appends step records to ``metrics.jsonl`` and sends them to the trackers of ``report_to``.
 
-    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
+    ``report_to`` names accelerate trackers (``tensorboard``, ``wandb``, ``trackio``, ``mlflow``; see
+    ``run/trackers.py``); None means ``[tensorboard]``. ``tensorboard=False`` removes ``tensorboard`` from
+    the list (the older spelling, kept so ``train.tensorboard: false`` still means no event files).
+    ``config`` (the resolved recipe as a dict) becomes each tracker's run configuration. Construct it with
+    ``enabled=False`` on every process but the main one: then it writes nothing and starts no tracker.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None,
+                 report_to: Sequence[str] | None = None, config: dict[str, Any] | None = None):
         self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
-        self.writer = None
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.trackers: list = []
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -34,28 +47,31 @@ class MetricsLogger:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step)
-            except ImportError:
+        if report_to is None:  # the default: TensorBoard if it can be had, without insisting
+            report_to = ["tensorboard"] if tensorboard else []
+            if report_to and importlib.util.find_spec("tensorboard") is None:
                 print("note: tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
+                report_to = []
+        names = [name for name in check_report_to(report_to) if tensorboard or name != "tensorboard"]
+        self.trackers = start_trackers(names, Path(output_dir), config=config, resume_step=resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``; its finite numbers to every tracker under the same names."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+        log_scalars(self.trackers, step, record)
+
+    def log_completions(self, step: int, rows: Sequence[dict[str, Any]]) -> None:
+        """A completions table (one dict per row: prompt, completion, reward...) to the trackers with tables."""
+        if self.enabled:
+            log_completions(self.trackers, step, [{k: _plain(v) for k, v in row.items()} for row in rows])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        finish_trackers(self.trackers)
+        self.trackers = []
 
 
 def _step_of(line: str) -> float:
