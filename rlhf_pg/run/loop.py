@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import NonFiniteError, TrainingInterrupted, UserError, first_line
 from . import checkpoint as ckpt
-from .metrics import MetricsLogger, progress_bar
+from .metrics import MetricsLogger, completions_table, progress_bar
 from .rundir import RunDir
 
 
@@ -79,8 +79,11 @@ class Job:
     max_nonfinite_steps: int = 5
     seed: int = 0
     tensorboard: bool = True
+    report_to: list[str] | None = None  # trackers (None: tensorboard when ``tensorboard``)
     is_main: bool = True
     counters: dict[str, Any]
+    logger: MetricsLogger | None = None  # set by run_job: steps may log completions through it
+    console: Any = None  # set by run_job: the progress bar's console (prints above the bar)
 
     def init_counters(self, saved: dict[str, Any] | None = None) -> None:
         """The loop's and the job's counters, from a checkpoint's ``trainer_state.json`` when resuming."""
@@ -125,6 +128,21 @@ class Job:
     def barrier(self) -> None:
         """Wait for every process (distributed runs)."""
 
+    def config(self) -> dict[str, Any] | None:
+        """The resolved recipe as plain data: the trackers' run configuration."""
+        recipe = getattr(self, "recipe", None)
+        return recipe.to_dict() if recipe is not None else None
+
+
+def _log_examples(job: Job, step: int, result: dict[str, Any], title: str) -> None:
+    """Held-out examples (what the model writes) to ``completions.jsonl``, the trackers and the console."""
+    examples = result.get("examples")
+    if not examples or job.logger is None:
+        return
+    job.logger.log_completions(step, [{"split": "eval", **example} for example in examples])
+    if job.console is not None and job.is_main:
+        job.console.print(completions_table(examples, f"{title} (step {step}, held-out, greedy)"))
+
 
 def eval_scalars(result: dict[str, Any]) -> dict[str, float]:
     return {key: value for key, value in result.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -139,14 +157,18 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
         raise UserError(f"--resume: {resume_from} is at step {start_step}, past train.steps={job.steps}; "
                         f"give --max-steps {start_step} or more")
     logger = MetricsLogger(job.run_dir.path, enabled=job.is_main, tensorboard=job.tensorboard,
-                           resume_step=start_step if resume_from is not None else None)
+                           resume_step=start_step if resume_from is not None else None, report_to=job.report_to,
+                           config=job.config() if job.is_main else None)
     started = time.perf_counter()
     with StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar:
+        job.logger, job.console = logger, bar.console
         job.seed_everything(resume_from)
         if counters[before_key] is None:
-            before = eval_scalars(job.evaluate())
+            result = job.evaluate()
+            before = eval_scalars(result)
             counters[before_key], counters["eval_before"] = before[score], before
             logger.log(0, {f"eval/{key}": value for key, value in before.items()})
+            _log_examples(job, 0, result, "before training")
         if stop.signal_name is not None:  # arrived during the first evaluation: keep it (checkpoint at this step)
             _stop(job, start_step, stop.signal_name, logger, started)
         task = bar.add_task(job.command, total=job.steps, completed=start_step, status="")
@@ -156,7 +178,9 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             counters["global_step"] = done
             _count(job, metrics)
             if job.eval_every and done % job.eval_every == 0 and done < job.steps:
-                result = eval_scalars(job.evaluate())
+                full = job.evaluate()
+                _log_examples(job, done, full, "evaluation")
+                result = eval_scalars(full)
                 counters["last_eval"] = result[score]
                 metrics.update({f"eval/{key}": value for key, value in result.items()})
                 shown = {k: v for k, v in result.items() if "/" not in k}  # per-reward numbers: metrics.jsonl
@@ -183,6 +207,7 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                 job.save_checkpoint(done)
         stop.then = "all steps are done: finishing the final evaluation and saving the model"
         final_eval = job.evaluate()
+        _log_examples(job, job.steps, final_eval, "after training")
     after = eval_scalars(final_eval)
     logger.log(job.steps, {f"eval/{key}": value for key, value in after.items()})
     logger.close()

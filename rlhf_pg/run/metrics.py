@@ -38,15 +38,17 @@ class MetricsLogger:
                  report_to: Sequence[str] | None = None, config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.completions_path = Path(output_dir) / "completions.jsonl"
         self.trackers: list = []
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            # drop records written after the checkpoint we resume from: they will be written again
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        for path in (self.path, self.completions_path):
+            if resume_step is not None and path.exists():
+                # drop records written after the checkpoint we resume from: they will be written again
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            elif resume_step is None and path.exists():
+                path.unlink()
         if report_to is None:  # the default: TensorBoard if it can be had, without insisting
             report_to = ["tensorboard"] if tensorboard else []
             if report_to and importlib.util.find_spec("tensorboard") is None:
@@ -65,9 +67,14 @@ class MetricsLogger:
         log_scalars(self.trackers, step, record)
 
     def log_completions(self, step: int, rows: Sequence[dict[str, Any]]) -> None:
-        """A completions table (one dict per row: prompt, completion, reward...) to the trackers with tables."""
-        if self.enabled:
-            log_completions(self.trackers, step, [{k: _plain(v) for k, v in row.items()} for row in rows])
+        """Completions (one dict per row: prompt, completion, rewards, advantage...) appended to
+        ``completions.jsonl`` (each row with its ``step``) and sent as a table to the trackers that have tables."""
+        if not self.enabled or not rows:
+            return
+        plain = [{"step": step, **{k: _plain(v) for k, v in row.items() if k != "step"}} for row in rows]
+        with self.completions_path.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in plain)
+        log_completions(self.trackers, step, plain)
 
     def close(self) -> None:
         finish_trackers(self.trackers)
@@ -105,3 +112,26 @@ def progress_bar(enabled: bool = True):
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=not enabled,
     )
+
+
+def completions_table(rows: Sequence[dict[str, Any]], title: str, limit: int = 4):
+    """A rich table of the first ``limit`` completions: prompt (its last message for a conversation), completion,
+    reward (and advantage when the rows have one) — what the model writes, in the console."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, title_justify="left", expand=False)
+    table.add_column("prompt", overflow="fold", max_width=48)
+    table.add_column("completion", overflow="fold", max_width=64)
+    table.add_column("reward", justify="right")
+    with_advantage = any("advantage" in row for row in rows)
+    if with_advantage:
+        table.add_column("advantage", justify="right")
+    for row in list(rows)[:limit]:
+        prompt = row.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+            prompt = prompt[-1].get("content", "")
+        cells = [str(prompt), str(row.get("completion")), f"{row.get('reward', float('nan')):.3f}"]
+        if with_advantage:
+            cells.append(f"{row.get('advantage', float('nan')):+.3f}")
+        table.add_row(*cells)
+    return table
