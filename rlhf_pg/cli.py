@@ -6,6 +6,7 @@
     rlhf-pg compare RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--overwrite] [key=value ...]
     rlhf-pg reward-model RECIPE [--output-dir DIR] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg report DIR [DIR ...] [--output-dir OUT] [--gold NAME] [--smooth N]
+    rlhf-pg plot DIR [DIR ...] [--output-dir OUT]
     rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--resume] [--overwrite] [key=value ...]
     rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [--presets] [--overwrite] [key=value ...]
     rlhf-pg build-base [--force]
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--gold", action="append", help="monitored reward name(s) to plot as gold (default: the "
                         "rewards with weight 0)")
     report.add_argument("--smooth", type=_positive_int, default=10, help="moving-average window, in steps (default 10)")
+
+    plot = commands.add_parser("plot", help="PNG curves of reward, held-out reward, KL, length and entropy of runs")
+    plot.add_argument("runs", nargs="+", metavar="DIR", help="run directories (each with metrics.jsonl)")
+    plot.add_argument("--output-dir", help="where the PNGs go (default: DIR/plots for one run, else plots/ in the runs' "
+                      "common parent)")
 
     gym = commands.add_parser("gym", help="REINFORCE on a gymnasium environment (the toy track)")
     _add_run_arguments(gym)
@@ -235,6 +241,12 @@ def _report(args, recipe, output_dir):
     return "\n".join(str(path) for path in write_report(args.runs, args.output_dir, gold=args.gold, smooth=args.smooth))
 
 
+def _plot(args, recipe, output_dir):
+    from .lab.plot import plot_runs
+
+    return "\n".join(str(path) for path in plot_runs(args.runs, args.output_dir))
+
+
 def _build_base(args, recipe, output_dir):
     from .builtin import builtin_path
 
@@ -264,6 +276,7 @@ COMMANDS: dict[str, Command] = {
     "gym": Command(_gym, _gym_recipe, lambda args, recipe: f"{_stem(args)}-seed{recipe.seed}"),
     "variance": Command(_variance, None, lambda args, recipe: f"variance-{_stem(args)}"),
     "report": Command(_report),
+    "plot": Command(_plot),
     "build-base": Command(_build_base),
 }
 

@@ -112,6 +112,12 @@ def test_report_on_real_runs_exits_0_and_draws_its_figures(tiny_model_dir, tmp_p
     for name in ("goodhart.png", "rewards_by_step.png"):
         assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
         assert str(tmp_path / "report" / name) in printed.out
+    # rlhf-pg plot: the curves of the same runs (kl/ref was logged, so its panel exists)
+    assert main(["plot", *runs, "--output-dir", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out.split()
+    names = {Path(path).name for path in printed}
+    assert {"curves.png", "reward_mean.png", "kl_ref.png", "policy_entropy.png"} <= names, names
+    assert all(Path(path).read_bytes()[:4] == b"\x89PNG" for path in printed)
 
 
 def test_a_failure_writing_final_keeps_the_checkpoint_and_resume_writes_final_again(tiny_model_dir, tmp_path,
