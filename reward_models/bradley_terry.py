@@ -222,6 +222,7 @@ class RewardModelRun(Job):
         self.steps = train_cfg.epochs * self.batches_per_epoch
         self.eval_every, self.save_every = train_cfg.eval_every, train_cfg.save_every
         self.max_nonfinite_steps, self.tensorboard = train_cfg.max_nonfinite_steps, train_cfg.tensorboard
+        self.report_to = train_cfg.report_to
         self.seed, self.is_main = recipe.seed, accelerator.is_main_process
         self.init_counters(saved)
         collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)  # noqa: E731

@@ -68,6 +68,8 @@ class RewardModelTrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="accelerate mixed precision")
     num_threads: int | None = option(None, min=1, help="torch CPU threads (None = torch's default)")
     tensorboard: bool = option(True, help="also write TensorBoard event files")
+    report_to: list[str] | None = option(None, help="experiment trackers (tensorboard, wandb, trackio, mlflow); null = "
+                                         "tensorboard when train.tensorboard")
     save_every: int = option(0, min=0, help="checkpoint every N steps (0 = only at the end); --resume continues from the latest")
     keep_checkpoints: int = option(2, min=1, help="how many recent checkpoints to keep")
     max_nonfinite_steps: int = option(1, min=1, help="stop after this many consecutive non-finite updates")

@@ -60,3 +60,19 @@ def test_two_process_training_run_finishes(tiny_model_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward/mean" in r] == [1, 2, 3]  # one record per step: main process only
     assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def test_fsdp2_through_accelerate_on_cpu_falls_back_to_ddp_and_this_test_says_when_it_shards(tiny_model_dir, tmp_path):
+    """accelerate 1.x switches to FSDP only for GPU-like devices (accelerate/state.py: the FSDP branch covers
+    MULTI_GPU/NPU/XPU/..., never MULTI_CPU): on 2 CPU processes an FSDP2 plugin runs plain data parallel, with
+    the right gradient but no sharding. README ("What has run where") says so. When accelerate starts to
+    shard on CPU, this test fails: then replace it by a gradient test of the sharded model."""
+    out = tmp_path / "fsdp.json"
+    result = launch([str(ROOT / "tests" / "fsdp_worker.py"), tiny_model_dir, str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["num_processes"] == 2
+    # data parallel: each process's gradient of its half, averaged, equals the full-batch gradient
+    assert found["max_grad_diff"] < 1e-5, found
+    assert found["distributed_type"] == "DistributedType.MULTI_CPU" and found["sharded_parameters"] == 0, (
+        f"accelerate now shards on CPU ({found}): test FSDP2 for real (sharded gradient == single process)")

@@ -144,3 +144,24 @@ def test_a_failure_writing_final_keeps_the_checkpoint_and_resume_writes_final_ag
     monkeypatch.setattr(LMRun, "save_final", original)
     assert main(["--no-progress", "train", str(recipe), "--output-dir", str(run_dir), "--resume"]) == 0
     assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "summary.json").exists()
+
+
+def test_report_to_an_uninstalled_tracker_is_one_clear_message_and_empty_means_metrics_only(tiny_model_dir, tmp_path,
+                                                                                            capsys):
+    import importlib.util
+
+    from rlhf_pg.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\ndata: {{max_operand: 9, num_eval: 4}}\n"
+                      "rollout: {prompts_per_step: 2, completions_per_prompt: 2, max_new_tokens: 2}\n"
+                      "train: {steps: 1, eval_every: 0, num_threads: 1}\n")
+    if importlib.util.find_spec("mlflow") is None:
+        assert main(["train", str(recipe), "train.report_to=[mlflow]", "--output-dir", str(tmp_path / "x")]) == 2
+        assert "'mlflow' needs the 'mlflow' package" in capsys.readouterr().err
+    assert main(["train", str(recipe), "train.report_to=[wand]", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "choose from tensorboard, wandb, trackio, mlflow" in capsys.readouterr().err
+    assert main(["--no-progress", "train", str(recipe), "train.report_to=[]", "--output-dir", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "tensorboard").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
+    assert main(["--no-progress", "train", str(recipe), "--output-dir", str(tmp_path / "b")]) == 0
+    assert any((tmp_path / "b" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -73,6 +73,8 @@ class GymTrainConfig:
     keep_checkpoints: int = option(2, min=1, help="how many recent checkpoints to keep")
     num_threads: int | None = option(1, min=1, help="torch CPU threads (small MLPs are fastest on one)")
     tensorboard: bool = option(False, help="also write TensorBoard event files")
+    report_to: list[str] | None = option(None, help="experiment trackers (tensorboard, wandb, trackio, mlflow); null = "
+                                         "tensorboard when train.tensorboard, else metrics.jsonl only")
 
 
 @dataclass

@@ -106,7 +106,7 @@ class GymRun(Job):
     def __init__(self, recipe: GymRecipe, run_dir: RunDir, saved: dict[str, Any] | None, resume_from: Path | None):
         self.recipe, self.run_dir = recipe, run_dir
         self.steps, self.save_every, self.eval_every = recipe.train.steps, recipe.train.save_every, recipe.eval.every
-        self.seed, self.tensorboard = recipe.seed, recipe.train.tensorboard
+        self.seed, self.tensorboard, self.report_to = recipe.seed, recipe.train.tensorboard, recipe.train.report_to
         self.init_counters(saved)
         start = int(self.counters["global_step"])
         self.envs = make_vector_env(recipe.env)
