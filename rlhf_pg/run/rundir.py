@@ -38,7 +38,7 @@ class RunDir:
         self.path = Path(path)
         self.resume_may_change = resume_may_change  # dotted keys a resumed run may change (its length, its dir)
         self.marker = marker
-        self.outputs = ("metrics.jsonl", "summary.json", "final", "tensorboard", marker, *outputs)
+        self.outputs = ("metrics.jsonl", "completions.jsonl", "summary.json", "final", "tensorboard", marker, *outputs)
         self.what = what  # for messages: "a run", "a comparison", "a measurement"
 
     # --- policy ---------------------------------------------------------------------------------------
