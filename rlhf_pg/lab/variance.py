@@ -279,24 +279,18 @@ def run_variance_lab(recipe_path: str, output_dir: str | Path, overrides: list[s
 
 def _run_variance_lab(recipe_path, run_dir: RunDir, overrides, policy, batches, reference_batches, overwrite,
                       presets, show_progress) -> dict[str, Any]:
-    data = load_yaml(recipe_path)
-    source: Any
-    if is_gym_recipe(data):
+    if is_gym_recipe(load_yaml(recipe_path)):
         from ..gym.config import load_gym_recipe
 
-        recipe = load_gym_recipe(recipe_path, overrides)
-        run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
-        set_threads(recipe.train.num_threads)
-        source = GymSource(recipe, policy)
-        batches, reference_batches = batches or 200, reference_batches or 1000
+        recipe, source_class, defaults = load_gym_recipe(recipe_path, overrides), GymSource, (200, 1000)
     else:
         from ..recipe import load_recipe
 
-        recipe = load_recipe(recipe_path, overrides)
-        run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
-        set_threads(recipe.train.num_threads)
-        source = LMSource(recipe, policy)
-        batches, reference_batches = batches or 50, reference_batches or 200
+        recipe, source_class, defaults = load_recipe(recipe_path, overrides), LMSource, (50, 200)
+    run_dir.prepare(recipe.to_dict(), overwrite=overwrite, resumable=False)
+    set_threads(recipe.train.num_threads)
+    source: Any = source_class(recipe, policy)
+    batches, reference_batches = batches or defaults[0], reference_batches or defaults[1]
     try:
         specs = default_estimators(groups=source.groups, value=isinstance(source, GymSource), gamma=source.gamma)
         if presets:
