@@ -63,3 +63,8 @@ class AsyncJudge:
 
 
 async_judge = AsyncJudge()
+
+
+def reads_a_missing_column(prompts, completions, **kwargs):
+    """A reward written for another dataset: it needs a ``solution`` column this one lacks."""
+    return [float(completion == kwargs["solution"]) for completion in completions]
