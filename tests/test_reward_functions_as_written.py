@@ -127,3 +127,19 @@ def test_the_held_out_evaluation_means_only_judged_samples(tiny_model_dir):
                                                                     "rewards_for_tests:sevens"),
                       SamplingParams(3, 1.0), seed=0)
     assert math.isnan(result["reward/judges_nothing"]) and math.isfinite(result["reward"])
+
+
+def test_a_training_step_logs_the_mean_over_judged_samples_and_the_total_with_none_as_0(tiny_model_dir, tmp_path):
+    from rlhf_pg.run.metrics import read_metrics
+    from rlhf_pg.trainer import train
+
+    recipe = recipe_from_dict({
+        "model": tiny_model_dir, "data": {"task": "arithmetic", "max_operand": 20, "num_eval": 4},
+        "rewards": ["user_rewards_for_tests:every_other"],
+        "rollout": {"prompts_per_step": 4, "completions_per_prompt": 2, "max_new_tokens": 3},
+        "train": {"steps": 1, "eval_every": 0, "save_every": 0, "tensorboard": False},
+    })
+    train(recipe, tmp_path / "run", show_progress=False)
+    step = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r][0]
+    assert step["reward/every_other/mean"] == 1.0  # the 4 judged samples, not the 8 (0.5) nor NaN
+    assert step["reward/mean"] == 0.5  # totals 1, 0, 1, 0, ...: None counts 0
