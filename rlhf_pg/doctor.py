@@ -241,6 +241,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     diagnosis = Diagnosis()
     stats = diagnosis.stats
     started = time.perf_counter()
+    stats["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before we add to it
     set_threads(recipe.train.num_threads)
     scorer = RewardScorer(recipe.rewards)  # a bad reward name fails here: exit 2, as train
     model, tokenizer, model_path = load_policy(recipe.model)
@@ -251,6 +252,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     train_set, _ = load_prompt_datasets(recipe.data)
     stats["load_s"] = time.perf_counter() - started
     _show_model(console, recipe, model, tokenizer, model_path, device, stats)
+    _check_threads(diagnosis, device, stats["load_average"])
 
     chat_kwargs = getattr(recipe.data, "chat_template_kwargs", None)
     stop_strings = getattr(recipe.rollout, "stop", None) or ()
@@ -324,7 +326,21 @@ def _show_model(console, recipe, model, tokenizer, model_path, device, stats) ->
     table.add_row("tokenizer", f"{type(tokenizer).__name__}, vocabulary {len(tokenizer):,}, "
                                f"chat template: {'yes' if getattr(tokenizer, 'chat_template', None) else 'no'}")
     table.add_row("loaded in", f"{stats['load_s']:.1f} s (model, tokenizer, prompts, reward functions)")
+    if device.type == "cpu":
+        table.add_row("CPU", f"torch uses {torch.get_num_threads()} thread(s) on {os.cpu_count()} cores; load average "
+                             f"{stats['load_average']:.1f} (other processes)")
     console.print(table)
+
+
+def _check_threads(diagnosis, device, load_average: float) -> None:
+    """On a busy CPU, several torch threads per process contend with the other processes' (spinning OpenMP
+    threads): sampling can be many times slower than with one thread."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if device.type == "cpu" and threads > 1 and load_average >= 1.0 and load_average + threads > cores + 0.5:
+        diagnosis.add("warning", "the CPU is shared",
+                      f"the load average is {load_average:.1f} on {cores} cores and torch uses {threads} threads: "
+                      "contending threads can make sampling and updates several times slower",
+                      "set train.num_threads=1 (or OMP_NUM_THREADS=1) while other processes use the cores")
 
 
 def _show_prompt(console, tokenizer, prompt, chat, chat_kwargs, stats) -> None:
@@ -578,6 +594,9 @@ def _judge_batch(diagnosis, recipe, scorer, per_reward, failures, totals, trunca
         why = []
         if rollout_config.temperature == 0:
             why.append("rollout.temperature=0 samples the same greedy completion K times: set it to 1.0")
+        elif rollout_config.temperature >= 1.0 and len(distinct) == 1:
+            why.append(f"a lower rollout.temperature (e.g. 0.7; now {rollout_config.temperature:g}) when a small "
+                       "model's samples are noise but its greedy answers are sometimes right")
         why += ["a reward with partial credit (e.g. a format reward with weight > 0 beside the exact one)",
                 f"more completions per prompt (rollout.completions_per_prompt, now {k})",
                 "prompts the policy sometimes solves (easier or harder data, or an SFT start: rlhf-pg sft)"]
