@@ -95,8 +95,8 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
         "tokenizer": type(tokenizer).__name__, "vocab": len(tokenizer),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)), "load_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(), "cores": os.cpu_count() or 1, "load_average": load_average}
-    show_model(console, diagnosis.stats["model"])
     _check_threads(diagnosis, device)
+    show_model(console, diagnosis.stats["model"])
 
     chat_kwargs = getattr(recipe.data, "chat_template_kwargs", None)  # keys read when the schema has them
     stop_strings = getattr(recipe.rollout, "stop", None) or ()
@@ -130,6 +130,8 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
         show_examples(console, diagnosis.stats["batch"]["examples"])
         _judge_rewards(diagnosis, scorer, per_reward, totals)
         _judge_batch(diagnosis, recipe)
+    if diagnosis.stats["model"].get("doctor_threads"):
+        torch.set_num_threads(diagnosis.stats["model"]["threads"])  # as the recipe set it
     _check_memory(diagnosis, recipe, model, device, int(batch.prompt_mask.sum(-1).max()) if batch is not None
                   else len(ids))
     show_memory(console, diagnosis.stats["memory"])
@@ -141,14 +143,17 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
 
 def _check_threads(diagnosis, device) -> None:
     """On a busy CPU, several torch threads per process contend with the other processes' (spinning OpenMP
-    threads): sampling can be many times slower than with one thread."""
+    threads): sampling can be many times slower than with one thread (10x measured on 2 shared cores). The
+    doctor then samples with one thread itself, to stay within its minute, and says so."""
     stats = diagnosis.stats["model"]
     threads, cores, load = stats["threads"], stats["cores"], stats["load_average"]
     if device.type == "cpu" and threads > 1 and load >= 1.0 and load + threads > cores + 0.5:
         diagnosis.add("warning", "the CPU is shared",
                       f"the load average is {load:.1f} on {cores} cores and torch uses {threads} threads: contending "
-                      "threads can make sampling and updates several times slower",
+                      "threads can make sampling and updates several times slower (the doctor sampled with 1)",
                       "set train.num_threads=1 (or OMP_NUM_THREADS=1) while other processes use the cores")
+        torch.set_num_threads(1)
+        stats["doctor_threads"] = 1
 
 
 def _check_end_tokens(diagnosis, tokenizer, model, chat_prompt, chat_kwargs, stop_ids, stop_strings) -> None:

@@ -29,8 +29,9 @@ def show_model(console, stats: dict[str, Any]) -> None:
                                f"{'yes' if stats['chat_template'] else 'no'}")
     table.add_row("loaded in", f"{stats['load_s']:.1f} s (model, tokenizer, prompts, reward functions)")
     if stats["device"] == "cpu":
-        table.add_row("CPU", f"torch uses {stats['threads']} thread(s) on {stats['cores']} cores; load average "
-                             f"{stats['load_average']:.1f} before the doctor started")
+        sampling = " (the doctor samples with 1: the CPU is shared)" if stats.get("doctor_threads") else ""
+        table.add_row("CPU", f"torch uses {stats['threads']} thread(s) on {stats['cores']} cores{sampling}; load "
+                             f"average {stats['load_average']:.1f} before the doctor started")
     console.print(table)
 
 
