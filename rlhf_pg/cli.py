@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     variance.add_argument("--overwrite", action="store_true", help="replace a measurement already in the output dir")
     variance.add_argument("--presets", action="store_true", help="also a row per algorithm preset (grpo, rloo, ...)")
 
+    doctor = commands.add_parser("doctor", help="preflight in about a minute: load, render a prompt, sample and score "
+                                 "one batch; exit 1 when the run would be wasted")
+    doctor.add_argument("recipe", help="path of a YAML recipe, e.g. recipes/quickstart.yaml")
+    doctor.add_argument("--prompts", type=_positive_int, help="sample this many of the first step's prompts "
+                        "(default: as many of rollout.prompts_per_step as --time-budget allows)")
+    doctor.add_argument("--time-budget", type=_positive_int, default=30, metavar="S",
+                        help="seconds of sampling when --prompts is not given (default 30)")
+    doctor.add_argument("--seed", type=_int, help="override the recipe's seed")
+
     build = commands.add_parser("build-base", help="build (or rebuild) the built-in arith-gpt base model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     return parser
@@ -142,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [word for word in extra if word not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command not in ("train", "eval", "sft", "compare", "reward-model", "gym", "variance"):
+    if overrides and args.command not in ("train", "eval", "sft", "compare", "reward-model", "gym", "variance", "doctor"):
         parser.error(f"{args.command} takes no key=value overrides (got {' '.join(overrides)})")
     args.overrides = overrides
     return args
@@ -253,6 +262,12 @@ def _build_base(args, recipe, output_dir):
     return str(builtin_path("arith-gpt", progress=not args.no_progress, force=args.force))
 
 
+def _doctor(args, recipe, output_dir):
+    from .doctor import doctor_command
+
+    return doctor_command(args, recipe)  # exit 1 (DoctorFoundProblems) when it finds a problem
+
+
 def _stem(args) -> str:
     return Path(args.recipe).stem
 
@@ -278,6 +293,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(_report),
     "plot": Command(_plot),
     "build-base": Command(_build_base),
+    "doctor": Command(_doctor, _lm_recipe),
 }
 
 

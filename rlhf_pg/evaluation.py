@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .core.mdp import Rollout
-from .rewards import RewardScorer
+from .rewards import RewardScorer, judged_mean
 from .rollout import SamplingParams, rollout
 
 
@@ -49,7 +49,7 @@ def evaluate(
         model.train()
     result: dict[str, Any] = {"reward": sum(totals) / max(len(totals), 1)}
     for label, values in per_reward.items():
-        result[f"reward/{label}"] = sum(values) / max(len(values), 1)
+        result[f"reward/{label}"] = judged_mean(values)  # over the samples it judged (None: not judged)
     result["truncated"] = truncated / max(len(totals), 1)
     result["examples"] = examples[:8]
     return result
@@ -68,7 +68,8 @@ def completion_records(step: int, batch: Rollout, scores: list[float], per_rewar
     lengths = batch.completion_mask.sum(-1).tolist()
     return [
         {"step": step, "group": int(batch.group_ids[i]), "prompt": batch.prompts[i], "completion": batch.completions[i],
-         "reward": scores[i], **{f"reward/{label}": values[i] for label, values in per_reward.items()},
+         "reward": scores[i], **{f"reward/{label}": None if values[i] != values[i] else values[i]  # NaN: not judged
+                                 for label, values in per_reward.items()},
          "tokens": int(lengths[i]), "truncated": not bool(batch.finished[i])}
         for i in rows
     ]

@@ -91,6 +91,8 @@ class RewardSpec:
 
     name: str = option("arithmetic_exact", help="registered name (see reward_models) or 'package.module:function'")
     weight: float = option(1.0, help="weight in the weighted sum of rewards")
+    timeout_s: float | None = option(None, min=0.0, min_exclusive=True, help="seconds one call may take; past it the "
+                                     "step fails naming the function (None = no limit)")
     params: dict[str, Any] = option(help="extra keyword arguments for the function (written inline in the recipe)", factory=dict)
 
 

@@ -12,13 +12,34 @@ reward next to a learned proxy. A function may carry ``validate_params(params)``
 recipe is read (``reward_model`` loads its model there, so a bad path fails before training). A function that
 raises, returns the wrong number of values, or returns NaN/inf is reported by name together with the
 first offending sample (``RewardFunctionError``, exit code 2 from the CLI).
+
+Reward functions as users write them (TRL's conventions):
+
+- ``async def`` functions: the async terms of one scoring call are awaited concurrently, gathered with
+  ``asyncio.gather`` in one event loop (run in a worker thread, so a scorer called from a notebook's own
+  running loop still works); sync terms are called one after the other, before them.
+- ``rewards[i].timeout_s``: a call that takes longer ends the step with a ``RewardFunctionError`` naming the
+  function and the timeout. An async function is cancelled (``asyncio.wait``); a sync one runs in a daemon
+  worker thread that is abandoned, NOT killed (Python cannot kill a thread: it keeps running in the
+  background until it returns, and holds whatever it holds). An async function that blocks its event
+  loop (``time.sleep`` instead of ``await asyncio.sleep``) is caught by the loop's own deadline, the largest
+  timeout of the async terms; without a timeout on every async term there is no such deadline.
+- ``None`` for a sample the function does not judge (TRL turns it into NaN): ``per_reward[label][i]`` is
+  NaN there; ``judged_mean`` (the ``reward/<label>`` metrics) averages the judged samples only; the
+  weighted total treats it as a 0 contribution, as TRL's ``nansum`` does:
+
+      r_i = sum_{k : f_k judged i} w_k f_k[i]      (a sample no function judges gets r_i = 0)
+
+  NaN *returned* by a function is still an error: ``None`` is the way to say "not judged".
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import inspect
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,6 +57,14 @@ class _Term:
     weight: float
     function: Callable[..., Any]
     params: dict[str, Any]
+    timeout_s: float | None = None
+    where: str = "rewards[0]"  # recipe key of the spec, for messages
+
+    @property
+    def is_async(self) -> bool:
+        """An ``async def`` function (or a callable object whose ``__call__`` is one)."""
+        return inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
+            getattr(self.function, "__call__", None))
 
 
 def _accepts(function: Callable[..., Any], keyword: str) -> bool:
@@ -67,13 +96,13 @@ class RewardScorer:
             declared = _parameter_names(function)
             for keyword in spec.params:
                 if not _accepts(function, keyword):
-                    close = difflib.get_close_matches(keyword, [*declared, "name", "weight"], n=1)
+                    close = difflib.get_close_matches(keyword, [*declared, "name", "weight", "timeout_s"], n=1)
                     hint = f"did you mean {close[0]!r}?" if close else "remove the key or fix its spelling"
                     raise RecipeError(
                         f"{where}[{index}]: reward function {spec.name!r} takes no argument {keyword!r}; {hint}"
                     )
                 # a **kwargs function accepts anything: a near-miss of a real key is a typo, not an argument
-                near = difflib.get_close_matches(keyword, [*declared, "name", "weight"], n=1, cutoff=0.8)
+                near = difflib.get_close_matches(keyword, [*declared, "name", "weight", "timeout_s"], n=1, cutoff=0.8)
                 if keyword not in declared and near:
                     raise RecipeError(
                         f"{where}[{index}]: {keyword!r} is not a key of reward {spec.name!r}; did you mean {near[0]!r}?"
@@ -88,21 +117,52 @@ class RewardScorer:
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:
                 label = f"{label}_{seen[label]}"
-            self.terms.append(_Term(label, spec.name, spec.weight, function, dict(spec.params)))
+            self.terms.append(_Term(label, spec.name, spec.weight, function, dict(spec.params),
+                                    spec.timeout_s, f"{where}[{index}]"))
 
     @property
     def labels(self) -> list[str]:
         return [term.label for term in self.terms]
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> tuple[list[float], dict[str, list[float]]]:
+        """``(total, per_reward)``: ``per_reward[label][i]`` is f_k's score of sample i (NaN where it returned
+        None), ``total = self.total(per_reward)``. Sync terms run in order, then the async ones concurrently."""
         completions = reward_completions(prompts, completions)
-        total = [0.0] * len(completions)
         per_reward: dict[str, list[float]] = {}
         for term in self.terms:
-            scores = _checked_call(term, prompts, completions, columns)
-            per_reward[term.label] = scores
-            total = [t + term.weight * s for t, s in zip(total, scores)]
-        return total, per_reward
+            if not term.is_async:
+                per_reward[term.label] = self.score_term(term, prompts, completions, columns)
+        pending = [term for term in self.terms if term.is_async]
+        if pending:
+            outcomes = _gather(pending, prompts, completions, columns)
+            for term in pending:
+                per_reward[term.label] = _checked_scores(term, prompts, completions, columns, outcomes[term.label])
+        per_reward = {term.label: per_reward[term.label] for term in self.terms}  # the recipe's order
+        return self.total(per_reward), per_reward
+
+    def total(self, per_reward: dict[str, list[float]]) -> list[float]:
+        """``r_i = sum_k w_k f_k[i]`` over the terms that judged sample i (TRL's nansum: None counts 0)."""
+        weights = {term.label: term.weight for term in self.terms}
+        size = len(next(iter(per_reward.values()), []))
+        return [sum(weights[label] * scores[i] for label, scores in per_reward.items() if not math.isnan(scores[i]))
+                for i in range(size)]
+
+    def score_term(self, term: _Term, prompts: list[Any], completions: list[Any],
+                   columns: dict[str, Any]) -> list[float]:
+        """One term's checked scores (NaN where it returned None), sync or async, within its timeout.
+        ``completions`` as the functions see them (``chat.reward_completions``)."""
+        if term.is_async:
+            outcome = _gather([term], prompts, completions, columns)[term.label]
+        else:
+            outcome = _outcome(lambda: _call(term.function, prompts, completions, {**columns, **term.params}),
+                               term.timeout_s)
+        return _checked_scores(term, prompts, completions, columns, outcome)
+
+
+def judged_mean(values: list[float]) -> float:
+    """Mean of the judged scores (NaN marks a sample the function returned None for); NaN when none is."""
+    judged = [value for value in values if not math.isnan(value)]
+    return sum(judged) / len(judged) if judged else math.nan
 
 
 def _describe(prompts: list[Any], completions: list[Any], index: int) -> str:
@@ -121,35 +181,120 @@ def _call(function: Callable[..., Any], prompts: list[Any], completions: list[An
     return function(prompts, completions, **kwargs)
 
 
-def _checked_call(term: _Term, prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> list[float]:
-    kwargs = {**columns, **term.params}
+@dataclass
+class _Outcome:
+    """What one call of a reward function gave: its value, or the exception it raised, or a timeout."""
+
+    value: Any = None
+    error: BaseException | None = None
+    timed_out: str | None = None  # what became of a call past its timeout
+
+
+def _outcome(call: Callable[[], Any], timeout_s: float | None, in_thread: bool = False) -> _Outcome:
+    """``call()`` here, or (with a ``timeout_s``, or ``in_thread``) in a daemon worker thread that is abandoned
+    after ``timeout_s`` seconds: a thread cannot be killed, it runs on until the call returns."""
+    if timeout_s is None and not in_thread:
+        try:
+            return _Outcome(value=call())
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the user's function; reported by _checked_scores
+            return _Outcome(error=error)
+    box: dict[str, _Outcome] = {}
+
+    def target():
+        try:
+            box["outcome"] = _Outcome(value=call())
+        except BaseException as error:  # noqa: BLE001 - carried back to the calling thread
+            box["outcome"] = _Outcome(error=error)
+
+    worker = threading.Thread(target=target, name="reward-function", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return _Outcome(timed_out="the call runs on in a background thread, which Python cannot kill")
+    outcome = box["outcome"]
+    if isinstance(outcome.error, UserError):
+        raise outcome.error
+    return outcome
+
+
+async def _awaited(term: _Term, prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> _Outcome:
+    """Await one async term, cancelled after its ``timeout_s`` (``asyncio.wait``: a ``TimeoutError`` the function
+    raises itself stays its own error)."""
     try:
-        scores = _call(term.function, prompts, completions, kwargs)
-    except UserError:
-        raise  # already a message for people (e.g. a reward model that cannot be loaded)
-    except Exception as error:  # noqa: BLE001 - the user's function; report it, do not crash
+        task = asyncio.ensure_future(_call(term.function, prompts, completions, kwargs))
+    except Exception as error:  # noqa: BLE001 - raised before the first await (e.g. a bad argument)
+        return _Outcome(error=error)
+    done, _ = await asyncio.wait({task}, timeout=term.timeout_s)
+    if not done:
+        task.cancel()
+        return _Outcome(timed_out="the call was cancelled")
+    error = task.exception()
+    return _Outcome(error=error) if error is not None else _Outcome(value=task.result())
+
+
+def _gather(terms: list[_Term], prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> dict[str, _Outcome]:
+    """Every async term awaited concurrently in one event loop (``asyncio.gather``), run in a daemon worker thread.
+
+    The thread is given the largest ``timeout_s`` of the terms (+1 s) when every term has one: a function that
+    blocks the loop instead of awaiting is then reported as timed out too, with the terms still unfinished.
+    """
+    outcomes: dict[str, _Outcome] = {}
+
+    async def one(term: _Term):
+        outcomes[term.label] = await _awaited(term, prompts, completions, {**columns, **term.params})
+
+    async def every():
+        await asyncio.gather(*(one(term) for term in terms))
+
+    limits = [term.timeout_s for term in terms]
+    deadline = None if None in limits else max(limits) + 1.0
+    crashed = _outcome(lambda: asyncio.run(every()), deadline, in_thread=True)  # a thread: no loop runs there
+    if crashed.error is not None:
+        raise crashed.error
+    blocked = _Outcome(timed_out="it blocked the event loop (a blocking call inside `async def`?) and runs on in a "
+                                 "background thread, which Python cannot kill")
+    return {term.label: outcomes.get(term.label, blocked) for term in terms}
+
+
+def _checked_scores(term: _Term, prompts: list[Any], completions: list[Any], columns: dict[str, Any],
+                    outcome: _Outcome) -> list[float]:
+    """The outcome's scores as floats (None -> NaN), or a ``RewardFunctionError`` naming the function."""
+    kwargs = {**columns, **term.params}
+    if outcome.timed_out:
+        raise RewardFunctionError(
+            f"reward function {term.name!r} did not return within {term.where}.timeout_s={term.timeout_s:g} s on a batch "
+            f"of {len(completions)} completions ({outcome.timed_out}); make it faster or raise {term.where}.timeout_s"
+        )
+    if outcome.error is not None:
+        error = outcome.error
+        if isinstance(error, UserError):
+            raise error  # already a message for people (e.g. a reward model that cannot be loaded)
         index = _first_failing_sample(term, prompts, completions, kwargs)
         where = _describe(prompts, completions, index) if index is not None else "the batch"
         raise RewardFunctionError(
             f"reward function {term.name!r} raised {type(error).__name__}: {error} on {where}; "
             "fix the function (rlhf-pg --debug shows the traceback into it)"
         ) from error
+    scores = outcome.value
     try:
-        scores = [float(s) for s in scores]
+        scores = [math.nan if s is None else float(s) for s in scores]
     except (TypeError, ValueError):
         raise RewardFunctionError(
-            f"reward function {term.name!r} must return a list of numbers, got {type(scores).__name__}: {scores!r:.200}"
+            f"reward function {term.name!r} must return a list of numbers, got {type(scores).__name__}: {scores!r:.200} "
+            "(None is allowed in the list, for a sample the function does not judge)"
         ) from None
     if len(scores) != len(completions):
         raise RewardFunctionError(
             f"reward function {term.name!r} returned {len(scores)} values for {len(completions)} completions; "
             "it must return exactly one float per completion"
         )
-    for index, score in enumerate(scores):
-        if not math.isfinite(score):
+    for index, (score, given) in enumerate(zip(scores, outcome.value)):
+        if given is not None and not math.isfinite(score):
             raise RewardFunctionError(
                 f"reward function {term.name!r} returned {score} for {_describe(prompts, completions, index)}; "
-                "rewards must be finite numbers"
+                "rewards must be finite numbers (return None for a sample the function does not judge)"
             )
     return scores
 
@@ -161,8 +306,16 @@ def _first_failing_sample(term: _Term, prompts: list[Any], completions: list[Any
             key: [value[index]] if isinstance(value, list) and len(value) == len(completions) else value
             for key, value in kwargs.items()
         }
-        try:
-            _call(term.function, [prompts[index]], [completions[index]], single)
-        except Exception:  # noqa: BLE001
+        if term.is_async:
+            async def alone(single=single, index=index):
+                return await _call(term.function, [prompts[index]], [completions[index]], single)
+
+            outcome = _outcome(lambda: asyncio.run(alone()), term.timeout_s, in_thread=True)
+        else:
+            outcome = _outcome(lambda: _call(term.function, [prompts[index]], [completions[index]], single),
+                               term.timeout_s)
+        if outcome.timed_out:
+            return None  # hangs on one sample too: stop looking
+        if outcome.error is not None:
             return index
     return None

@@ -271,7 +271,7 @@ def _step_metrics(accelerator, batch: Rollout, scores: list[float], per_reward: 
     if skipped:
         metrics["train/skipped_updates"] = skipped
     for label, values in per_reward.items():
-        metrics[f"reward/{label}/mean"] = float(accelerator.gather(torch.tensor(values, device=device)).mean())
+        metrics[f"reward/{label}/mean"] = float(accelerator.gather(torch.tensor(values, device=device)).nanmean())
     for key in results[-1].stats:
         metrics[key] = results[-1].stats[key]
     return metrics

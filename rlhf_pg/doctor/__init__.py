@@ -1,0 +1,54 @@
+"""``rlhf-pg doctor RECIPE [key=value ...]``: a preflight that says, in about a minute, whether a run would learn.
+
+It loads what ``rlhf-pg train`` loads (the reward functions, the model and tokenizer, the prompts), then shows
+
+    prompt    the first training prompt as the model reads it (rendered with the chat template when it is a
+              conversation) and its length in tokens
+    EOS       the ids that end a completion (``rollout.stop_token_ids``); with a chat template, that the token
+              closing an assistant turn is one of them; on the sampled batch, that every finished completion's
+              last masked token is an end token, i.e. the loss mask covers the decision to stop
+    one batch K completions for each of the first step's prompts (fewer prompts when the time budget says so;
+              the report says how many), scored one reward function at a time: truncation rate, the fraction
+              of groups whose rewards are all equal (advantage 0: no learning signal), a histogram per reward
+              function, each function's latency and errors
+    memory    an estimate for the configured batch (``memory_estimate`` has the formula)
+    recipe    the resolved recipe (presets and overrides applied, every default filled in)
+
+and ends with a verdict. Exit codes: 1 when it finds a problem that would waste the run (every group has equal
+rewards, every completion truncated, a reward function that fails or times out, an end-of-turn token that does
+not end completions, a batch that does not fit in memory), each printed with its fix; 0 when there is none
+(warnings are printed but do not fail); 2 for bad input (recipe, model, data), as every command.
+
+    measures.py   pure pieces: the memory formula, histograms, group spread, the end-of-turn token
+    diagnose.py   the checks: load, sample, score, findings
+    report.py     the rich tables
+"""
+
+from __future__ import annotations
+
+from .diagnose import DEFAULT_TIME_BUDGET_S, Diagnosis, Finding, diagnose
+from .measures import MemoryEstimate, end_of_turn_token, group_spread, histogram, memory_estimate
+
+EXIT_PROBLEMS = 1
+
+
+class DoctorFoundProblems(SystemExit):
+    """Raised after the report when it lists a problem: the process exits with code 1."""
+
+    def __init__(self, count: int):
+        super().__init__(EXIT_PROBLEMS)
+        self.count = count
+
+
+def doctor_command(args, recipe) -> str:
+    """``rlhf-pg doctor``: print the report; the verdict line is the result, ``DoctorFoundProblems`` (exit 1)
+    when the report lists a problem."""
+    diagnosis = diagnose(recipe, prompts=args.prompts, time_budget_s=args.time_budget)
+    if diagnosis.problems:
+        print(diagnosis.verdict())
+        raise DoctorFoundProblems(len(diagnosis.problems))
+    return diagnosis.verdict()
+
+
+__all__ = ["DEFAULT_TIME_BUDGET_S", "Diagnosis", "DoctorFoundProblems", "EXIT_PROBLEMS", "Finding", "MemoryEstimate",
+           "diagnose", "doctor_command", "end_of_turn_token", "group_spread", "histogram", "memory_estimate"]
