@@ -24,7 +24,7 @@ import torch
 from .recipe import Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
-from .core.mdp import Rollout
+from .core.mdp import Rollout, action_tokens
 from .models import context_length
 from .rollout import completion_logprobs, encode_prompts
 from .tasks.arithmetic import flawed_sum
@@ -71,19 +71,22 @@ def demonstration_rollout(tokenizer, prompts: list[str], completions: list[str],
 
 
 @torch.no_grad()
-def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 256) -> float:
-    """Negative log-likelihood per completion token, ``-sum_i sum_t log pi(a_it | s_it) / sum_i T_i`` (nats)."""
+def heldout_nll(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 256,
+                demonstrations=demonstration_rollout) -> float:
+    """Negative log-likelihood per completion token, ``-sum_i sum_t log pi(a_it | s_it) / sum_i T_i`` (nats).
+
+    ``demonstrations``: how pairs become a batch (``EpisodeSpec.demonstrations``: observations are not counted)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
     for start in range(0, len(prompts), batch_size):
-        batch = demonstration_rollout(tokenizer, prompts[start : start + batch_size],
-                                      completions[start : start + batch_size], device, context_length(model))
+        batch = demonstrations(tokenizer, prompts[start : start + batch_size],
+                               completions[start : start + batch_size], device, context_length(model))
         logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                        batch.completion_mask)
-        total -= float(logprobs.sum())
-        count += float(batch.completion_mask.sum())
+        total -= float((logprobs * action_tokens(batch)).sum())
+        count += float(action_tokens(batch).sum())
     if was_training:
         model.train()
     return total / max(count, 1.0)
@@ -171,10 +174,10 @@ class SftRun(LMRun):
         per_process = self.batch_size // world
         mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         prompts, completions = self.demos.batch(step)
-        batch = demonstration_rollout(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
-                                      self.max_context)
+        demonstrations = self.episodes.demonstrations if self.episodes is not None else demonstration_rollout
+        batch = demonstrations(self.tokenizer, prompts[mine], completions[mine], accelerator.device, self.max_context)
         # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
-        global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
+        global_tokens = float(accelerator.reduce(action_tokens(batch).sum(), "sum"))
         results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
                                 global_counts=(float(len(batch)), global_tokens / world),
                                 aggregation=self.recipe.algorithm.aggregation, temperature=1.0,
@@ -198,7 +201,8 @@ class SftRun(LMRun):
     def evaluate(self) -> dict[str, Any]:
         result = super().evaluate()
         result["nll"] = heldout_nll(self.unwrapped, self.tokenizer, self.demos.eval_prompts, self.demos.eval_completions,
-                                    self.recipe.eval.batch_size)
+                                    self.recipe.eval.batch_size,
+                                    self.episodes.demonstrations if self.episodes is not None else demonstration_rollout)
         return result
 
     def status(self, metrics: dict[str, float]) -> str:
