@@ -23,9 +23,9 @@ def boom(x):
 
 
 def sleepy(x):
-    """Takes half a second."""
+    """Takes a second."""
     calls["sleepy"] += 1
-    time.sleep(0.5)
+    time.sleep(1.0)
     return "late"
 
 

@@ -51,7 +51,7 @@ def test_the_shipped_data_is_the_generators_output(tmp_path):
     rows = write_dataset(tmp_path / "calculator.jsonl")
     assert (tmp_path / "calculator.jsonl").read_bytes() == (ROOT / "recipes/data/calculator.jsonl").read_bytes()
     examples = [json.loads(line) for line in (tmp_path / "calculator.jsonl").read_text().splitlines()]
-    assert rows == 7200 and 0.25 < sum("[calculator" in e["completion"] for e in examples) / rows < 0.35
+    assert rows == 7200 and 0.45 < sum("[calculator" in e["completion"] for e in examples) / rows < 0.55
     assert demonstration(123, 4, True) == "[calculator 123*4]=492;492" and demonstration(123, 4, False) == "492"
 
 

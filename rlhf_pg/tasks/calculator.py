@@ -7,10 +7,11 @@ With ``recipes/calculator_tool.yaml``'s formats an episode that uses the tool re
     prompt  action (a call)     obs    action (the answer)
 
 and the answer is scored by ``calculator_exact`` on the model's last turn. The demonstrations for the SFT
-warm-up (``write_dataset``) use the tool only some of the time (``tool_fraction``): the rest answer directly,
+warm-up (``write_dataset``) use the tool only half of the time (``tool_fraction``): the rest answer directly,
 which this model gets wrong, so the reward is what teaches it to reach for the tool.
 
     python -m rlhf_pg.tasks.calculator recipes/data/calculator.jsonl    # regenerate the shipped data
+    python -m rlhf_pg.tasks.calculator --chat    # recipes/data/calculator_chat.jsonl, for a chat model
 """
 
 from __future__ import annotations
@@ -109,23 +110,38 @@ def demonstration(a: int, b: int, use_tool: bool, tool_format: str = "[{name} {a
     return call + result_format.replace("{result}", str(a * b)) + str(a * b)
 
 
-def write_dataset(path: str | Path, tool_fraction: float = 0.3, seed: int = 0, low: int = 100, high: int = 999,
-                  factors: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9)) -> int:
+CHAT_SYSTEM = ("You have a calculator. To use it, write <tool>calculator(EXPRESSION)</tool>; its result follows "
+               "as <result>VALUE</result>.")
+CHAT_QUESTION = "What is {a}*{b}? Reply with only the number."
+
+
+def write_dataset(path: str | Path, tool_fraction: float = 0.5, seed: int = 0, low: int = 100, high: int = 999,
+                  factors: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9), chat: bool = False, rows: int | None = None) -> int:
     """Write every ``a*b`` (a in [low, high], b in ``factors``) as jsonl rows ``prompt, completion, answer``,
-    shuffled; ``completion`` uses the tool with probability ``tool_fraction``. Returns the number of rows."""
+    shuffled (the first ``rows`` only, when given); ``completion`` uses the tool with probability
+    ``tool_fraction``. ``chat``: conversational prompts (a system message that describes the tool in the default
+    formats, then the question) for a chat model. Returns the number of rows."""
     rng = random.Random(seed)
     problems = [(a, b) for a in range(low, high + 1) for b in factors]
     rng.shuffle(problems)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
-        for a, b in problems:
-            row = {"prompt": f"{a}*{b}=", "completion": demonstration(a, b, rng.random() < tool_fraction),
-                   "answer": str(a * b)}
-            handle.write(json.dumps(row) + "\n")
-    return len(problems)
+        for a, b in problems[:rows]:
+            use_tool = rng.random() < tool_fraction
+            if chat:
+                prompt = [{"role": "system", "content": CHAT_SYSTEM},
+                          {"role": "user", "content": CHAT_QUESTION.format(a=a, b=b)}]
+                completion = demonstration(a, b, use_tool, "<tool>{name}({args})</tool>", "<result>{result}</result>")
+            else:
+                prompt, completion = f"{a}*{b}=", demonstration(a, b, use_tool)
+            handle.write(json.dumps({"prompt": prompt, "completion": completion, "answer": str(a * b)}) + "\n")
+    return len(problems[:rows])
 
 
 if __name__ == "__main__":  # pragma: no cover - the data generator
-    target = sys.argv[1] if len(sys.argv) > 1 else "recipes/data/calculator.jsonl"
-    print(f"{write_dataset(target)} rows written to {target}")
+    chat = "--chat" in sys.argv
+    paths = [a for a in sys.argv[1:] if a != "--chat"]
+    target = paths[0] if paths else ("recipes/data/calculator_chat.jsonl" if chat else "recipes/data/calculator.jsonl")
+    count = write_dataset(target, chat=chat, rows=1000 if chat else None)
+    print(f"{count} rows written to {target}")
