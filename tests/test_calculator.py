@@ -55,6 +55,17 @@ def test_the_shipped_data_is_the_generators_output(tmp_path):
     assert demonstration(123, 4, True) == "[calculator 123*4]=492;492" and demonstration(123, 4, False) == "492"
 
 
+def test_the_chat_data_and_the_smollm2_recipe(tmp_path):
+    write_dataset(tmp_path / "chat.jsonl", chat=True, rows=1000)
+    assert (tmp_path / "chat.jsonl").read_bytes() == (ROOT / "recipes/data/calculator_chat.jsonl").read_bytes()
+    first = json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["prompt"]] == ["system", "user"]
+    recipe = load_recipe(ROOT / "recipes/smollm2_calculator.yaml")
+    spec = EpisodeSpec.from_recipe(recipe)
+    assert spec.call_format.render("calculator", "2*3") == "<tool>calculator(2*3)</tool>"
+    assert spec.split_demonstration(first["completion"])[1][0] is False  # the result is an observation
+
+
 def test_sft_demonstrations_keep_the_tool_results_out_of_the_loss():
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "rlhf_pg/weights/arith-gpt-v1")
     assert SPEC.split_demonstration(DEMOS[2]) == [(True, "[calculator 5*5]"), (False, "=25;"),
