@@ -251,7 +251,7 @@ def environment_scores(batch: Rollout, scores: list[float], per_reward: dict[str
     single-turn batch."""
     if batch.episodes is None:
         return list(scores)
-    if batch.step_rewards is not None and bool(batch.step_rewards.any()):
+    if batch.step_rewards is not None:  # an environment's episodes (tools pay nothing)
         paid = batch.step_rewards.sum(-1).tolist()
         per_reward["environment"] = paid
         scores = [s + p for s, p in zip(scores, paid)]

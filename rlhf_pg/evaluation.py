@@ -47,7 +47,7 @@ def evaluate(
         truncated += int((~batch.finished).sum())
         totals.extend(total)
         for label, values in scores.items():
-            per_reward[label].extend(values)
+            per_reward.setdefault(label, []).extend(values)  # episodes with an environment add "environment"
         if len(examples) < 8:
             examples.extend(
                 {"prompt": p, "completion": c, "reward": r}

@@ -71,7 +71,6 @@ class _Row:
             self._end_turn(cut_at_stop(text, stop) if stopped else text)
             if self.environment is None:
                 return self._finish("stop" if stopped and token not in eos else "eos")
-            self.rewards[len(self.tokens) - 1] = 0.0
             self.pending, self.pending_tool = PendingCall(self.environment.step, [self.episode.turns[-1].text], {},
                                                           spec.tool_timeout_s, "step"), None
             self.state = WAITING
@@ -100,6 +99,7 @@ class _Row:
     def collect(self) -> None:
         """Take the pending answer (it is ready): the observation is appended and fed, or the episode ends."""
         value, error = self.pending.outcome()
+        timed_out = not self.pending.done.is_set()
         self.pending, spec = None, self.spec
         if self.pending_tool is not None:
             self.episode.tool_errors += error is not None
@@ -109,9 +109,12 @@ class _Row:
             return
         name = type(self.environment).__name__
         turn = self.episode.turns[-1]
+        if timed_out:
+            raise UserError(f"environment {name}: step({turn.text!r:.40}) did not return within rollout.tool_timeout_s="
+                            f"{spec.tool_timeout_s:g} s; make it faster or raise rollout.tool_timeout_s")
         if error is not None:
             raise UserError(f"environment {name}: step({turn.text!r:.40}) raised {error}; fix the class (rlhf-pg "
-                            "--debug shows the traceback) or, for a slow step, raise rollout.tool_timeout_s")
+                            "--debug shows the traceback)")
         observation, reward, done = checked_step(name, value, turn.text)
         turn.reward = reward
         self.rewards[len(self.tokens) - 1] = reward
@@ -255,7 +258,8 @@ def episode_rollout(spec: EpisodeSpec, model, tokenizer, prompts: list[Any], com
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k) + group_offset,
         prompts=repeated, completions=[episode.text for episode in episodes],
         finished=torch.tensor([episode.finished for episode in episodes], device=device), extras=columns,
-        action_mask=action_mask.to(device), step_rewards=step_rewards.to(device), episodes=episodes,
+        action_mask=action_mask.to(device), episodes=episodes,
+        step_rewards=step_rewards.to(device) if spec.environment is not None else None,  # tools pay no reward
     )
 
 

@@ -79,3 +79,9 @@ class RaisingEnv(CountingEnv):
 class NoStep:
     def reset(self, **row):
         return ""
+
+
+class SlowEnv(CountingEnv):
+    def step(self, text):
+        time.sleep(2.0)
+        return super().step(text)

@@ -192,6 +192,25 @@ def test_a_bad_environment_is_a_user_error_naming_the_class(environment, message
         run(env_spec(environment), [ids("a") + [EOS]])
 
 
+def test_an_environment_step_that_hangs_is_a_user_error_naming_the_class():
+    with pytest.raises(UserError, match=r"environment SlowEnv: step\('a'\) did not return within "
+                                        r"rollout.tool_timeout_s=0.2 s"):
+        run(env_spec(helpers.SlowEnv, tool_timeout_s=0.2), [ids("a") + [EOS]])
+
+
+def test_evaluation_reports_the_environment_reward_tool_calls_and_rendered_episodes():
+    from rlhf_pg.evaluation import evaluate
+    from rlhf_pg.recipe import RewardSpec
+    from rlhf_pg.rewards import RewardScorer
+
+    script = ids("a") + [EOS] + ids("<a>") + ids("bc") + [EOS]
+    result = evaluate(ScriptedLM([script, script]), TOKENIZER, ["p", "q"], {}, RewardScorer(
+        [RewardSpec(name="rewards_for_tests:sevens")]), SamplingParams(max_new_tokens=30), episodes=env_spec(
+        helpers.CountingEnv))
+    assert result["reward/environment"] == 1.25 and result["reward"] == 1.25 and result["tool_calls"] == 0.0
+    assert result["examples"][0]["episode"].splitlines()[:2] == ["[model reward=1] a", "    [environment] <a>"]
+
+
 def test_an_environment_class_must_have_reset_and_step():
     with pytest.raises(UserError, match="class NoStep has no step method"):
         EpisodeSpec.from_recipe(SimpleNamespace(tools=[], environment="episodes_for_tests:NoStep", rollout=None))
