@@ -9,8 +9,14 @@ cache ``[layers, B, heads, S, head_dim]`` written in place, and the attention ov
     decoder = make_decoder(model, batch_size, max_length)   # lean for GPT-2 / Llama-family, else HF
     logits = decoder.prefill(prompt_ids, prompt_mask)         # [B, V] at each prompt's last position
     logits = decoder.step(tokens)                             # [B, V] after appending tokens [B]
+    logits = decoder.extend(tokens, valid)                    # [B, V] after appending a block [B, L]
 
-Both return the same logits as ``model(...)`` (tested to float tolerance against the HF forward).
+``extend`` appends a block of L tokens per row at once (a multi-turn episode's observations are
+prefilled into the cache this way, never recomputed): right-aligned, with ``valid`` ``[B, L]`` False on
+the slots a row does not use (they are masked out of every later attention, and positions skip them),
+so rows may append different numbers of tokens, or none, in the same forward.
+
+All return the same logits as ``model(...)`` (tested to float tolerance against the HF forward).
 """
 
 from __future__ import annotations
@@ -48,6 +54,15 @@ class HFDecoder:
         self.next_position = self.next_position + 1
         return logits
 
+    def extend(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        """Append ``tokens`` ``[B, L]`` (right-aligned; ``valid`` False on unused slots); logits at the last slot."""
+        self.attention_mask = torch.cat([self.attention_mask, valid.long()], dim=1)
+        positions = self.next_position[:, None] + valid.long().cumsum(-1) - 1
+        logits = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions.clamp(min=0),
+                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.next_position = self.next_position + valid.long().sum(-1)
+        return logits
+
 
 class _KVCacheDecoder:
     """Shared part of the lean decoders: the cache, positions and masked attention."""
@@ -78,9 +93,11 @@ class _KVCacheDecoder:
             grouped = query.view(batch, keys.shape[1], heads // keys.shape[1], head_dim)  # [B, Hkv, G, D]
             scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).add_(self.key_bias[..., :end])
             output = torch.matmul(torch.softmax(scores, dim=-1), values).view(batch, heads, 1, head_dim)
-        else:  # prefill (cache empty): causal, and every query sees itself (all-pad rows are not all-masked)
-            causal = torch.ones(new, new, dtype=torch.bool, device=query.device).tril()
-            mask = (self.key_valid[..., :end] & causal) | torch.eye(new, dtype=torch.bool, device=query.device)
+        else:  # a block after self.length cached slots (0 = prefill): causal, and every query sees itself
+            # (all-pad rows are not all-masked); query i sits at slot length + i
+            causal = torch.ones(new, end, dtype=torch.bool, device=query.device).tril(diagonal=self.length)
+            itself = causal & ~torch.ones_like(causal).tril(diagonal=self.length - 1)
+            mask = (self.key_valid[..., :end] & causal) | itself
             output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
                                                     enable_gqa=heads != keys.shape[1])
         return output.transpose(1, 2).reshape(batch, new, -1)
@@ -101,6 +118,25 @@ class _KVCacheDecoder:
         logits = self.forward(tokens[:, None], self.next_position)
         self.length += 1
         self.next_position = self.next_position + 1
+        return logits
+
+    def extend(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        """Append ``tokens`` ``[B, L]`` (right-aligned; ``valid`` False on unused slots); logits at the last slot."""
+        width = tokens.shape[1]
+        end = self.length + width
+        if end > self.keys.shape[3]:  # more slots than reserved (blocks leave unused slots): grow the cache
+            extra = max(end - self.keys.shape[3], self.keys.shape[3] // 2)
+            self.keys = F.pad(self.keys, (0, 0, 0, extra))
+            self.values = F.pad(self.values, (0, 0, 0, extra))
+            self.key_valid = F.pad(self.key_valid, (0, extra), value=True)
+            self.key_bias = F.pad(self.key_bias, (0, extra), value=0.0)
+        self.key_valid[:, 0, 0, self.length : end] = valid
+        self.key_bias[:, 0, 0, self.length : end] = torch.zeros_like(valid, dtype=self.key_bias.dtype).masked_fill_(
+            ~valid, float("-inf"))
+        positions = (self.next_position + valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        logits = self.forward(tokens, positions)
+        self.length = end
+        self.next_position = self.next_position + valid.long().sum(-1, keepdim=True)
         return logits
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from .core.mdp import Rollout
+from .episodes import environment_scores, episode_metrics, render_episode
+from .multiturn import episode_sampler
 from .rewards import RewardScorer, judged_mean
 from .rollout import SamplingParams, rollout
 
@@ -15,14 +17,18 @@ from .rollout import SamplingParams, rollout
 def evaluate(
     model, tokenizer, prompts: list[Any], columns: dict[str, list[Any]], scorer: RewardScorer,
     params: SamplingParams, batch_size: int = 256, seed: int = 0, all_finished=None,
-    chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None, episodes=None,
 ) -> dict[str, Any]:
     """Mean reward over ``prompts`` (text or conversations; one completion each), per-reward means, the
     truncation rate and a few examples.
 
     Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "truncated": fraction of
-    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``.
+    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``. With ``episodes``
+    (an ``EpisodeSpec``) each completion is a multi-turn episode; the result also has ``tool_calls`` and
+    ``tool_errors`` per episode, and each example its ``episode`` rendered turn by turn.
     """
+    sample = episode_sampler(episodes) or rollout
+    all_episodes = []
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -33,24 +39,31 @@ def evaluate(
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
-        batch = rollout(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished,
-                        chat_template_kwargs=chat_template_kwargs)
+        batch = sample(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished,
+                       chat_template_kwargs=chat_template_kwargs)
         total, scores = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
+        total = environment_scores(batch, total, scores)
+        all_episodes += batch.episodes or []
         truncated += int((~batch.finished).sum())
         totals.extend(total)
         for label, values in scores.items():
-            per_reward[label].extend(values)
+            per_reward.setdefault(label, []).extend(values)  # episodes with an environment add "environment"
         if len(examples) < 8:
             examples.extend(
                 {"prompt": p, "completion": c, "reward": r}
                 for p, c, r in zip(batch.prompts[:8], batch.completions[:8], total[:8])
             )
+            for example, episode in zip(examples[-8:], (batch.episodes or [])[:8]):
+                example["episode"] = render_episode(episode)
     if was_training:
         model.train()
     result: dict[str, Any] = {"reward": sum(totals) / max(len(totals), 1)}
     for label, values in per_reward.items():
         result[f"reward/{label}"] = judged_mean(values)  # over the samples it judged (None: not judged)
     result["truncated"] = truncated / max(len(totals), 1)
+    if all_episodes:
+        metrics = episode_metrics(all_episodes)
+        result["tool_calls"], result["tool_errors"] = metrics["episode/tool_calls"], metrics["episode/tool_errors"]
     result["examples"] = examples[:8]
     return result
 
@@ -62,14 +75,19 @@ def completion_records(step: int, batch: Rollout, scores: list[float], per_rewar
 
     Each row: ``step``, ``group`` (prompt id), ``prompt`` (text or messages, as the reward functions saw it),
     ``completion`` (text), ``reward`` (the weighted total), ``reward/<label>``, ``tokens`` (completion length,
-    EOS included) and ``truncated`` (hit max_new_tokens without EOS or a stop string).
+    EOS included) and ``truncated`` (hit max_new_tokens without EOS or a stop string). A multi-turn batch
+    adds ``episode`` (``render_episode``: the turns, actions and observations marked) and ``turns``.
     """
     rows = range(len(batch)) if limit is None else range(min(limit, len(batch)))
     lengths = batch.completion_mask.sum(-1).tolist()
-    return [
+    records = [
         {"step": step, "group": int(batch.group_ids[i]), "prompt": batch.prompts[i], "completion": batch.completions[i],
          "reward": scores[i], **{f"reward/{label}": None if values[i] != values[i] else values[i]  # NaN: not judged
                                  for label, values in per_reward.items()},
          "tokens": int(lengths[i]), "truncated": not bool(batch.finished[i])}
         for i in rows
     ]
+    for record, i in zip(records, rows):
+        if batch.episodes is not None:
+            record.update(episode=render_episode(batch.episodes[i]), turns=batch.episodes[i].messages())
+    return records

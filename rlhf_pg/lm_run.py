@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .data import PromptSampler, columns_of, load_prompt_datasets
+from .episodes import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
 from .core.kl_control import KLController
@@ -51,6 +52,7 @@ class LMRun(Job):
     reference: Any  # frozen copy of the initial policy, "adapter" (LoRA: adapter disabled), or None
     max_context: int | None
     counters: dict[str, Any] = field(default_factory=dict)  # totals kept in checkpoints
+    episodes: EpisodeSpec | None = None  # multi-turn episodes (tools / environment), or None
 
     counter_defaults = {"tokens_total": 0}
 
@@ -97,7 +99,7 @@ class LMRun(Job):
         params = eval_sampling(self.recipe)
         result = evaluate(self.unwrapped, self.tokenizer, prompts, columns, self.eval_scorer, params,
                           eval_config.batch_size, seed=self.recipe.seed + rank, all_finished=self.all_finished,
-                          chat_template_kwargs=self.recipe.data.chat_template_kwargs)
+                          chat_template_kwargs=self.recipe.data.chat_template_kwargs, episodes=self.episodes)
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -163,6 +165,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
+    episodes = EpisodeSpec.from_recipe(recipe)  # tools / environment imported: a bad path fails before any write
     run_dir = RunDir(output_dir)
     resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process)
     from accelerate.utils import set_seed
@@ -208,7 +211,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         optimizer=optimizer, scheduler=scheduler,
         sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
-        reference=reference, max_context=max_context,
+        reference=reference, max_context=max_context, episodes=episodes,
     )
     run.init_counters(saved)
     if accelerator.is_main_process:
@@ -270,7 +273,7 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
                          "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=recipe.data.chat_template_kwargs)
     result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed,
-                      chat_template_kwargs=recipe.data.chat_template_kwargs)
+                      chat_template_kwargs=recipe.data.chat_template_kwargs, episodes=EpisodeSpec.from_recipe(recipe))
     result["num_prompts"] = len(prompts)
     result["model"] = model_config.name_or_path
     return result

@@ -2,8 +2,9 @@
 
 from .core.mdp import (  # noqa: F401
     Rollout,
+    action_tokens,
     concat_rollouts,
     terminal_rewards,
 )
 
-__all__ = ["Rollout", "concat_rollouts", "terminal_rewards"]
+__all__ = ["Rollout", "action_tokens", "concat_rollouts", "terminal_rewards"]

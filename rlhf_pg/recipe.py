@@ -22,6 +22,7 @@ from .errors import RecipeError, UserError
 from .run.trackers import check_report_to
 from .tasks.arithmetic import PROMPT_FORMATS
 from .run.optim import OptimConfig
+from .tools import DEFAULT_RESULT_FORMAT, DEFAULT_TOOL_FORMAT, check_episode_keys
 
 MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
 PRESET_NAMES = tuple(PRESETS)
@@ -110,6 +111,15 @@ class RolloutConfig:
                              "EOS ids of the tokenizer and of the model's generation_config always stop)", factory=list)
     mask_truncated: bool = option(False, help="completions that hit max_new_tokens without EOS or a stop string get no "
                                   "gradient (they still count in the baselines); the rate is logged as completion/truncated")
+    # multi-turn episodes, when `tools` or `environment` is set (rlhf_pg/episodes.py); max_new_tokens is the episode's
+    max_turns: int = option(4, min=1, help="episodes: most model turns per episode (a turn ends at a tool call or EOS)")
+    max_tool_errors: int = option(3, min=1, help="episodes: failed tool calls after which the episode ends with reward 0")
+    tool_timeout_s: float = option(10.0, min=0.0, min_exclusive=True, help="episodes: seconds a tool call (or an "
+                                   "environment step) may take; a late tool call is an error observation")
+    tool_format: str = option(DEFAULT_TOOL_FORMAT, help="episodes: how the model writes a call, PREFIX{name}SEP{args}CLOSE "
+                              "(e.g. '[{name} {args}]')")
+    result_format: str = option(DEFAULT_RESULT_FORMAT, help="episodes: how a tool's result is appended, with {result}")
+
 
 @dataclass
 class AlgorithmConfig:
@@ -248,6 +258,10 @@ class Recipe:
     peft: PeftConfig | None = option(None, help="LoRA adapters (null = full fine-tuning)")
     sft: SftConfig = option(help="maximum likelihood on demonstrations (rlhf-pg sft)", factory=SftConfig)
     compare: CompareConfig = option(help="arms of rlhf-pg compare", factory=CompareConfig)
+    tools: list[str] = option(help="multi-turn: tools the model may call, 'package.module:function' (rlhf_pg/tools.py)",
+                              factory=list)
+    environment: str | None = option(None, help="multi-turn: 'package.module:Class' with reset(**row) -> observation "
+                                     "and step(text) -> (observation, reward, done), one instance per episode")
     seed: int = option(0, min=0, max=SEED_MAX, help="seed for sampling, data order and initialization")
     output_dir: str | None = option(None, help="where the run is written (default runs/<recipe name>)")
 
@@ -297,6 +311,7 @@ class Recipe:
             raise RecipeError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
         if not self.rewards:
             raise RecipeError("rewards: list at least one reward function, e.g. rewards: [{name: arithmetic_exact}]")
+        check_episode_keys(self.tools, self.environment, self.rollout.tool_format, self.rollout.result_format)
         if self.algorithm.kl_target is not None and self.algorithm.kl_coef == 0:
             raise RecipeError("algorithm.kl_target adapts the KL coefficient multiplicatively, so it needs a starting "
                               "algorithm.kl_coef > 0 (e.g. 0.05)")

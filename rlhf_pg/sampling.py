@@ -17,6 +17,8 @@ import torch
 from .core import estimator
 from .core.advantages import degenerate_groups, overlong_penalty
 from .core.mdp import Rollout, concat_rollouts
+from .episodes import environment_scores, episode_metrics
+from .multiturn import episode_sampler
 from .lm_run import LMRun
 from .rollout import rollout
 
@@ -40,10 +42,12 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
     seed = ((recipe.seed * 1_000_003 + step) * 997 + accelerator.process_index) * 31 + round_
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     chat = recipe.data.chat_template_kwargs
-    batch = rollout(run.unwrapped, run.tokenizer, prompts, recipe.rollout.completions_per_prompt, run.sampling(),
-                    columns, generator, group_offset=group_offset, max_context=run.max_context,
-                    all_finished=run.all_finished, chat_template_kwargs=chat)
+    sample = episode_sampler(run.episodes) or rollout  # tools / an environment: multi-turn episodes (multiturn.py)
+    batch = sample(run.unwrapped, run.tokenizer, prompts, recipe.rollout.completions_per_prompt, run.sampling(),
+                   columns, generator, group_offset=group_offset, max_context=run.max_context,
+                   all_finished=run.all_finished, chat_template_kwargs=chat)
     scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
+    scores = environment_scores(batch, scores, per_reward)  # + the environment's rewards (episodes only)
     algorithm, max_new = recipe.algorithm, recipe.rollout.max_new_tokens
     if algorithm.overlong_buffer_fraction > 0:  # DAPO: r -= ramp over the last fraction of max_new_tokens
         penalty = overlong_penalty(batch.completion_mask.sum(-1), max_new, round(algorithm.overlong_buffer_fraction
@@ -53,16 +57,17 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
     greedy = None
     if algorithm.baseline == estimator.REMAX_BASELINE:  # b = r(greedy completion of the same prompt), not trained on
         params = replace(run.sampling(), temperature=0.0)
-        greedy_batch = rollout(run.unwrapped, run.tokenizer, prompts, 1, params, columns, generator,
-                               max_context=run.max_context, all_finished=run.all_finished, chat_template_kwargs=chat)
+        greedy_batch = sample(run.unwrapped, run.tokenizer, prompts, 1, params, columns, generator,
+                              max_context=run.max_context, all_finished=run.all_finished, chat_template_kwargs=chat)
         greedy_scores, _ = run.scorer(greedy_batch.prompts, greedy_batch.completions,
                                       finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
+        greedy_scores = environment_scores(greedy_batch, greedy_scores, {})
         if algorithm.overlong_buffer_fraction > 0:
             penalty = overlong_penalty(greedy_batch.completion_mask.sum(-1), max_new,
                                        round(algorithm.overlong_buffer_fraction * max_new), algorithm.overlong_penalty)
             greedy_scores = [s + float(p) for s, p in zip(greedy_scores, penalty)]
         greedy = [g for g in greedy_scores for _ in range(recipe.rollout.completions_per_prompt)]
-    return Scored(batch, list(scores), per_reward, greedy)
+    return Scored(batch, list(scores), per_reward, greedy, episode_metrics(batch.episodes or []))
 
 
 def sample_step(run: LMRun, step: int) -> Scored:

@@ -14,6 +14,7 @@ prompts are left-padded and completions right-padded, padding is masked out.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from .recipe import Recipe
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
-from .core.mdp import Rollout
+from .core.mdp import Rollout, action_tokens
 from .models import context_length
 from .chat import assistant_completion_ids, completion_text, is_conversation
 from .rollout import completion_logprobs, encode_prompts, stop_token_ids
@@ -80,20 +81,25 @@ def demonstration_rollout(tokenizer, prompts: list[Any], completions: list[Any],
 
 @torch.no_grad()
 def heldout_nll(model, tokenizer, prompts: list[Any], completions: list[Any], batch_size: int = 256,
-                chat_template_kwargs: dict[str, Any] | None = None) -> float:
-    """Negative log-likelihood per completion token, ``-sum_i sum_t log pi(a_it | s_it) / sum_i T_i`` (nats)."""
+                chat_template_kwargs: dict[str, Any] | None = None, demonstrations=None) -> float:
+    """Negative log-likelihood per completion token, ``-sum_i sum_t log pi(a_it | s_it) / sum_i T_i`` (nats).
+
+    ``demonstrations``: how pairs become a batch (default ``demonstration_rollout``;
+    ``EpisodeSpec.demonstrations``: observations are not counted)."""
+    if demonstrations is None:
+        demonstrations = functools.partial(demonstration_rollout, chat_template_kwargs=chat_template_kwargs,
+                                           eos_token_ids=stop_token_ids(tokenizer, model))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0.0
     for start in range(0, len(prompts), batch_size):
-        batch = demonstration_rollout(tokenizer, prompts[start : start + batch_size],
-                                      completions[start : start + batch_size], device, context_length(model),
-                                      chat_template_kwargs, stop_token_ids(tokenizer, model))
+        batch = demonstrations(tokenizer, prompts[start : start + batch_size],
+                               completions[start : start + batch_size], device, context_length(model))
         logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                        batch.completion_mask)
-        total -= float(logprobs.sum())
-        count += float(batch.completion_mask.sum())
+        total -= float((logprobs * action_tokens(batch)).sum())
+        count += float(action_tokens(batch).sum())
     if was_training:
         model.train()
     return total / max(count, 1.0)
@@ -182,7 +188,7 @@ class SftRun(LMRun):
     loss_key = "loss/nll"
     demos: Demonstrations
     batch_size: int
-    stop_ids: list[int]  # the end-of-turn ids a chat template's turn may end with
+    demonstrations: Any  # (tokenizer, prompts, completions, device, max_context) -> Rollout
 
     def step(self, step: int) -> dict[str, float]:
         accelerator, world = self.accelerator, self.accelerator.num_processes
@@ -191,10 +197,10 @@ class SftRun(LMRun):
         per_process = self.batch_size // world
         mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         prompts, completions = self.demos.batch(step)
-        batch = demonstration_rollout(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
-                                      self.max_context, self.recipe.data.chat_template_kwargs, self.stop_ids)
+        batch = self.demonstrations(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
+                                    self.max_context)
         # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
-        global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
+        global_tokens = float(accelerator.reduce(action_tokens(batch).sum(), "sum"))
         results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
                                 global_counts=(float(len(batch)), global_tokens / world),
                                 aggregation=self.recipe.algorithm.aggregation, temperature=1.0,
@@ -218,7 +224,7 @@ class SftRun(LMRun):
     def evaluate(self) -> dict[str, Any]:
         result = super().evaluate()
         result["nll"] = heldout_nll(self.unwrapped, self.tokenizer, self.demos.eval_prompts, self.demos.eval_completions,
-                                    self.recipe.eval.batch_size, self.recipe.data.chat_template_kwargs)
+                                    self.recipe.eval.batch_size, demonstrations=self.demonstrations)
         return result
 
     def status(self, metrics: dict[str, float]) -> str:
@@ -246,7 +252,10 @@ def train_sft(recipe: Recipe, output_dir: str | Path, resume: bool = False, over
         if batch_size % world:
             raise UserError(f"sft.batch_size={batch_size} must be divisible by the number of processes ({world})")
         run.demos, run.batch_size = demos, batch_size
-        run.stop_ids = stop_token_ids(run.tokenizer, run.unwrapped)
+        # pairs -> trajectories: observations masked out for episodes; a chat turn ends with its end-of-turn id
+        run.demonstrations = (run.episodes.demonstrations if run.episodes is not None else functools.partial(
+            demonstration_rollout, chat_template_kwargs=recipe.data.chat_template_kwargs,
+            eos_token_ids=stop_token_ids(run.tokenizer, run.unwrapped)))
         return run_job(run, resume_from, show_progress)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from .core import estimator
 from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_policy_loss, policy_gradient_loss
-from .core.mdp import Rollout, terminal_rewards
+from .core.mdp import Rollout, action_tokens, terminal_rewards
 from .lm_run import LMRun, setup_run
 from .recipe import Recipe
 from .evaluation import completion_records
@@ -49,7 +49,7 @@ def compute_advantages(batch: Rollout, spec: estimator.EstimatorSpec, accelerato
     exactly as in a single process, and each process keeps its own rows: results do not depend on
     the number of processes.
     """
-    rewards, mask, group_ids = batch.rewards, batch.completion_mask, batch.group_ids
+    rewards, mask, group_ids = batch.rewards, action_tokens(batch), batch.group_ids  # mask: actions only (episodes)
     local_rows, local_width = rewards.shape
     if accelerator.num_processes > 1:
         rewards = accelerator.gather(accelerator.pad_across_processes(rewards, dim=1))
@@ -114,7 +114,7 @@ def policy_update(
                 logprobs = completion_logprobs(
                     model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, temperature
                 )
-                mask = part.completion_mask
+                mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
                 if epoch == 0:
                     old_logprobs[chunk] = logprobs.detach()
                 if updates_per_batch == 1:
@@ -192,8 +192,8 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     run.unwrapped.eval()
     scored = sample_step(run, step)
     run.unwrapped.train()
-    batch, scores, mask = scored.batch, scored.scores, scored.batch.completion_mask
-    batch.rewards = terminal_rewards(torch.tensor(scores, device=mask.device), mask)
+    batch, scores, mask = scored.batch, scored.scores, action_tokens(scored.batch)  # episodes: actions only
+    batch.rewards = terminal_rewards(torch.tensor(scores, device=mask.device), mask, batch.step_rewards)
     # 2. optional per-token KL penalty r_t -= beta * KL_t
     kl_stats: dict[str, float] = {}
     if run.reference is not None:
@@ -249,7 +249,7 @@ def _step_metrics(accelerator, batch: Rollout, scores: list[float], per_reward: 
     device = batch.completion_mask.device
     all_scores = accelerator.gather(torch.tensor(scores, device=device, dtype=torch.float32))
     lengths = accelerator.gather(batch.completion_mask.sum(-1))
-    mask = batch.completion_mask
+    mask = action_tokens(batch)
     metrics = {
         "reward/mean": float(all_scores.mean()),
         "reward/std_err": float(all_scores.std() / math.sqrt(all_scores.numel())) if all_scores.numel() > 1 else 0.0,

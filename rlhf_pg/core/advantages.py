@@ -20,17 +20,19 @@ Tensor = torch.Tensor
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """Reward-to-go ``G[b, t] = sum_{t' >= t, mask[b, t'] = 1} gamma^(t'-t) rewards[b, t']``.
+    """Reward-to-go ``G[b, t] = sum_{t' >= t, mask[b, t'] = 1} gamma^(k(t') - k(t)) rewards[b, t']``.
 
-    ``rewards``, ``mask``: ``[B, T]``. Returns ``[B, T]``, 0 where ``mask`` is 0. Computed by the
-    backward recursion ``G_t = r_t + gamma * G_{t+1}``; masked steps contribute no reward.
+    ``rewards``, ``mask``: ``[B, T]``; k(t) counts the steps with mask 1 before t, so the discount is per
+    action. Returns ``[B, T]``, 0 where ``mask`` is 0. Computed by the backward recursion
+    ``G_t = r_t + gamma * G_{t+1}`` over the masked steps; a step with mask 0 contributes no reward and no
+    discount (in a multi-turn episode the observation tokens between two actions are not time steps).
     """
     # rewards, mask: [B, T]
     masked_rewards = rewards * mask
     returns = torch.zeros_like(masked_rewards)
     running = torch.zeros_like(masked_rewards[:, 0])  # [B]
     for t in range(rewards.shape[1] - 1, -1, -1):
-        running = masked_rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t] > 0, masked_rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 

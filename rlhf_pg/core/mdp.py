@@ -7,6 +7,10 @@
             per-token terms such as a KL penalty
     trajectory  tau = (s_0, a_0, r_0, ..., s_{T-1}, a_{T-1}, r_{T-1}), one completion
 
+In a multi-turn episode the environment also writes: after some actions it appends observation tokens
+o (a tool's result, an environment's reply) drawn from its own distribution, s_{t+1} = s_t + a_t + o.
+They are part of the *transition*, not actions: ``action_mask`` marks which completion tokens are actions.
+
 A ``Rollout`` is a batch of B trajectories padded to T completion tokens.
 """
 
@@ -35,6 +39,13 @@ class Rollout:
       finished         ``[B]`` bool: the completion ended with EOS (not cut at max_new_tokens).
       extras           per-prompt dataset columns, repeated per completion (reward-function kwargs).
       ref_logprobs     ``[B, T]``: log pi_ref(a_t | s_t) under the reference policy, when KL control is on.
+      action_mask      ``[B, T]`` float 0/1, multi-turn episodes only: 1 on the policy's own tokens (actions),
+                       0 on the environment's (observations: tool results, environment replies), which are
+                       transitions, appended to the context but never in the loss, the KL or the advantages.
+                       None: every completion token is an action. ``action_tokens`` is the mask to use.
+      step_rewards     ``[B, T]``, multi-turn episodes only: rewards the environment paid along the way, each on
+                       the last action token of the turn that earned it (already part of the row's score).
+      episodes         multi-turn episodes only: per row, the episode's record turn by turn (``episodes.Episode``).
     """
 
     prompt_ids: Tensor
@@ -49,6 +60,9 @@ class Rollout:
     finished: Tensor | None = None
     extras: dict[str, list] = field(default_factory=dict)
     ref_logprobs: Tensor | None = None
+    action_mask: Tensor | None = None
+    step_rewards: Tensor | None = None
+    episodes: list | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -74,17 +88,34 @@ class Rollout:
         return replace(self, **updates)
 
 
-def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
+def action_tokens(batch: Rollout) -> Tensor:
+    """``[B, T]`` float 0/1: the positions that are the policy's actions, ``completion_mask * action_mask``.
+
+    The mask of every loss, KL term, aggregation and advantage: in a multi-turn episode the environment's
+    tokens (observations) are in the context but are not actions, so their log-probabilities are never used.
+    """
+    if batch.action_mask is None:
+        return batch.completion_mask
+    return batch.completion_mask * batch.action_mask
+
+
+def terminal_rewards(scores: Tensor, mask: Tensor, step_rewards: Tensor | None = None) -> Tensor:
     """Place each trajectory's score on its last real action: ``r[b, t] = scores[b]`` at the last t with mask 1.
 
-    ``scores``: ``[B]``; ``mask``: ``[B, T]``. All other steps get reward 0, so the undiscounted
-    reward-to-go at every step equals the score.
+    ``scores``: ``[B]``; ``mask``: ``[B, T]`` (it may have holes: the observations of an episode). All other
+    steps get reward 0, so the undiscounted reward-to-go at every step equals the score. ``step_rewards``
+    ``[B, T]``: rewards already paid along the way (an environment's, on the last action of their turn) and
+    counted in ``scores``; they stay where they are and the last action gets the rest,
+    ``scores[b] - sum_t step_rewards[b, t]``.
     """
-    lengths = mask.sum(-1).long()  # [B]
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, -1).max(-1).values  # [B]: the last action, -1 when none
     rewards = torch.zeros_like(mask, dtype=scores.dtype)
-    has_actions = lengths > 0
-    rows = torch.nonzero(has_actions).squeeze(-1)
-    rewards[rows, lengths[rows] - 1] = scores[rows]
+    if step_rewards is not None:
+        scores = scores - step_rewards.to(scores.dtype).sum(-1)
+        rewards = rewards + step_rewards.to(scores.dtype) * (mask > 0)
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    rewards[rows, last[rows]] += scores[rows]
     return rewards
 
 
