@@ -47,27 +47,30 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
                    columns, generator, group_offset=group_offset, max_context=run.max_context,
                    all_finished=run.all_finished, chat_template_kwargs=chat)
     scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
-    scores = environment_scores(batch, scores, per_reward)  # + the environment's rewards (episodes only)
-    algorithm, max_new = recipe.algorithm, recipe.rollout.max_new_tokens
-    if algorithm.overlong_buffer_fraction > 0:  # DAPO: r -= ramp over the last fraction of max_new_tokens
-        penalty = overlong_penalty(batch.completion_mask.sum(-1), max_new, round(algorithm.overlong_buffer_fraction
-                                                                                   * max_new), algorithm.overlong_penalty)
-        scores = [s + float(p) for s, p in zip(scores, penalty)]
-        per_reward["overlong_penalty"] = penalty.tolist()
+    scores = _shaped(run, batch, scores, per_reward)
     greedy = None
-    if algorithm.baseline == estimator.REMAX_BASELINE:  # b = r(greedy completion of the same prompt), not trained on
+    if recipe.algorithm.baseline == estimator.REMAX_BASELINE:  # b = r(greedy completion of the prompt), not trained on
         params = replace(run.sampling(), temperature=0.0)
         greedy_batch = sample(run.unwrapped, run.tokenizer, prompts, 1, params, columns, generator,
                               max_context=run.max_context, all_finished=run.all_finished, chat_template_kwargs=chat)
-        greedy_scores, _ = run.scorer(greedy_batch.prompts, greedy_batch.completions,
-                                      finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
-        greedy_scores = environment_scores(greedy_batch, greedy_scores, {})
-        if algorithm.overlong_buffer_fraction > 0:
-            penalty = overlong_penalty(greedy_batch.completion_mask.sum(-1), max_new,
-                                       round(algorithm.overlong_buffer_fraction * max_new), algorithm.overlong_penalty)
-            greedy_scores = [s + float(p) for s, p in zip(greedy_scores, penalty)]
+        greedy_scores, greedy_per_reward = run.scorer(greedy_batch.prompts, greedy_batch.completions,
+                                                      finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
+        greedy_scores = _shaped(run, greedy_batch, greedy_scores, greedy_per_reward)
         greedy = [g for g in greedy_scores for _ in range(recipe.rollout.completions_per_prompt)]
     return Scored(batch, list(scores), per_reward, greedy, episode_metrics(batch.episodes or []))
+
+
+def _shaped(run: LMRun, batch: Rollout, scores: list[float], per_reward: dict[str, list[float]]) -> list[float]:
+    """The scores + the environment's rewards (episodes only) + DAPO's soft overlong penalty (a ramp to
+    -overlong_penalty over the last ``overlong_buffer_fraction`` of max_new_tokens), also in ``per_reward``."""
+    scores = environment_scores(batch, scores, per_reward)
+    algorithm, max_new = run.recipe.algorithm, run.recipe.rollout.max_new_tokens
+    if algorithm.overlong_buffer_fraction > 0:
+        penalty = overlong_penalty(batch.completion_mask.sum(-1), max_new,
+                                   round(algorithm.overlong_buffer_fraction * max_new), algorithm.overlong_penalty)
+        scores = [s + float(p) for s, p in zip(scores, penalty)]
+        per_reward["overlong_penalty"] = penalty.tolist()
+    return scores
 
 
 def sample_step(run: LMRun, step: int) -> Scored:
