@@ -1,4 +1,5 @@
-"""Loading policies and tokenizers with plain ``from_pretrained`` (built-in names resolve to a local cache)."""
+"""Loading policies and tokenizers with plain ``from_pretrained`` (built-in names resolve to a local directory:
+the shipped or rebuilt arith-gpt, or a GGUF dequantized once into the cache)."""
 
 from __future__ import annotations
 
