@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 
 
 def option(default: Any = None, *, help: str, min: float | None = None, max: float | None = None,
@@ -329,7 +329,12 @@ def _check_all(instance: Any) -> None:
             _check_all(value)
     check = getattr(instance, "check", None)
     if check is not None:
-        check()
+        try:
+            check()
+        except RecipeError:
+            raise
+        except UserError as error:  # a shared validator (chat kwargs, trackers) speaks of the key itself
+            raise RecipeError(str(error)) from None
 
 
 def load(schema: type, path: str | Path, overrides: list[str] | None = None) -> Any:

@@ -18,7 +18,7 @@ from .core.estimator import (AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES
                              REMAX_BASELINE, SCALE_NAMES, WEIGHTINGS, EstimatorSpec)
 from .core.presets import PRESETS, check_compatibility, resolve_preset
 from .chat import check_chat_template_kwargs
-from .errors import RecipeError, UserError
+from .errors import RecipeError
 from .run.trackers import check_report_to
 from .tasks.arithmetic import PROMPT_FORMATS
 from .run.optim import OptimConfig
@@ -54,10 +54,7 @@ class DataConfig:
     """Where prompts come from: a built-in generated task, or a dataset loaded with ``datasets``."""
 
     def check(self) -> None:
-        try:
-            check_chat_template_kwargs(self.chat_template_kwargs)
-        except UserError as error:
-            raise RecipeError(str(error)) from None
+        check_chat_template_kwargs(self.chat_template_kwargs)
 
     task: Literal["arithmetic"] | None = option("arithmetic", help="built-in generated task; set to null when using path")
     max_operand: int = option(99, min=0, help="arithmetic: largest operand")
@@ -194,10 +191,7 @@ class TrainConfig:
                                         "evaluations are always logged)")
 
     def check(self) -> None:
-        try:
-            check_report_to(self.report_to)
-        except UserError as error:
-            raise RecipeError(str(error)) from None
+        check_report_to(self.report_to)
 
 
 @dataclass
