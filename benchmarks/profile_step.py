@@ -3,6 +3,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/profile_step.py                  # the throughput settings
     HF_HUB_OFFLINE=1 python benchmarks/profile_step.py --quickstart     # recipes/quickstart.yaml
     HF_HUB_OFFLINE=1 python benchmarks/profile_step.py --hf-decoder     # transformers' forward for decoding
+    HF_HUB_OFFLINE=1 python benchmarks/profile_step.py --model builtin:smollm2-135m-instruct --steps 4
+        # a real model at vs_trl.py --model's settings: 8 chat prompts x 4, exactly 64 new tokens
 
 Phases: rollout (sampling), reward, update (forward + backward + optimizer), rest (advantages,
 metrics). The profiler table lists the operators with the most self CPU time over a few steps.
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 import rlhf_pg.rollout
+import rlhf_pg.sampling as sampling
 import rlhf_pg.trainer as trainer
 from rlhf_pg.recipe import load_recipe, recipe_from_dict
 
@@ -41,11 +44,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quickstart", action="store_true", help="profile recipes/quickstart.yaml's step")
     parser.add_argument("--hf-decoder", action="store_true", help="decode with transformers' forward + DynamicCache")
+    parser.add_argument("--model", help="profile this model at vs_trl.py --model's settings (chat prompts, 8 x 4, 64 tokens)")
+    parser.add_argument("--kl-coef", type=float, default=0.0, help="with --model: beta (> 0 loads a reference model)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler after the timed ones")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quickstart:
+    if args.model:
+        from reward_models import register_reward
+        from vs_trl import digit_fraction
+
+        register_reward("digit_fraction")(digit_fraction)
+        recipe = recipe_from_dict({
+            "model": args.model, "data": {"task": "arithmetic", "prompt_format": "chat", "min_operand": 10},
+            "rewards": [{"name": "digit_fraction"}],
+            "rollout": {"prompts_per_step": 8, "completions_per_prompt": 4, "max_new_tokens": 64, "min_new_tokens": 64},
+            "algorithm": {"baseline": "group_mean", "kl_coef": args.kl_coef}, "optim": {"lr": 1e-6},
+            "train": {"tensorboard": False, "log_completions_every": 0},
+        })
+    elif args.quickstart:
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["train.tensorboard=false"])
     else:
         from reward_models import register_reward
@@ -61,7 +79,7 @@ def main() -> None:
         original = rlhf_pg.rollout.sample_completions
         rlhf_pg.rollout.sample_completions = lambda *a, **k: original(*a, **{**k, "lean": False})
     phases: dict[str, list[float]] = defaultdict(list)
-    trainer.rollout = timed(phases, "rollout", trainer.rollout)
+    sampling.rollout = timed(phases, "rollout", sampling.rollout)
     trainer.policy_update = timed(phases, "update", trainer.policy_update)
     run, _ = trainer.setup(recipe, tempfile.mkdtemp())
     run.scorer = timed(phases, "reward", run.scorer)
@@ -70,9 +88,9 @@ def main() -> None:
         started = time.perf_counter()
         trainer.train_step(run, step)
         totals.append(time.perf_counter() - started)
-    warm = slice(2, None)
+    warm = slice(2 if args.steps > 3 else 1, None)
     step_time = statistics.median(totals[warm])
-    print(f"median step {step_time * 1000:.1f} ms over {len(totals[warm])} steps (after 2 warm-up steps)")
+    print(f"median step {step_time * 1000:.1f} ms over {len(totals[warm])} steps (after {warm.start} warm-up steps)")
     accounted = 0.0
     for name in ("rollout", "reward", "update"):
         value = statistics.median(phases[name][warm])
@@ -80,7 +98,7 @@ def main() -> None:
         print(f"  {name:8s} {value * 1000:7.1f} ms  {100 * value / step_time:5.1f} %")
     print(f"  {'rest':8s} {(step_time - accounted) * 1000:7.1f} ms  {100 * (step_time - accounted) / step_time:5.1f} %")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        for step in range(args.steps, args.steps + 3):
+        for step in range(args.steps, args.steps + args.profile_steps):
             trainer.train_step(run, step)
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 

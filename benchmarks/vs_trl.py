@@ -71,7 +71,8 @@ def digit_fraction(prompts, completions, **kwargs):
     arithmetic reward is 0 for every sample, every advantage is 0, and rlhf-pg would skip the
     forward/backward altogether — an exact optimization, but it would make the comparison moot.)
     """
-    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # chat: [{"role", "content"}]
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in texts]
 
 
 def trl_reward(prompts, completions, completion_ids=None, answer=None, **kwargs):
