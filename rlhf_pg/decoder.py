@@ -8,6 +8,7 @@ cache ``[layers, B, heads, S, head_dim]`` written in place, and the attention ov
 
     decoder = make_decoder(model, batch_size, max_length)   # lean for GPT-2 / Llama-family, else HF
     logits = decoder.prefill(prompt_ids, prompt_mask)         # [B, V] at each prompt's last position
+    decoder.expand(rows)                                      # row b <- row rows[b] (a shared prompt's cache)
     logits = decoder.step(tokens)                             # [B, V] after appending tokens [B]
     logits = decoder.extend(tokens, valid)                    # [B, V] after appending a block [B, L]
 
@@ -53,6 +54,11 @@ class HFDecoder:
                             position_ids=self.next_position[:, None], cache=self.cache, use_cache=True).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
+
+    def expand(self, rows: Tensor) -> None:
+        """Row b of the cache becomes old row ``rows[b]`` (a prompt prefilled once, shared by its completions)."""
+        self.cache.reorder_cache(rows)
+        self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
 
     def extend(self, tokens: Tensor, valid: Tensor) -> Tensor:
         """Append ``tokens`` ``[B, L]`` (right-aligned; ``valid`` False on unused slots); logits at the last slot."""
@@ -113,6 +119,12 @@ class _KVCacheDecoder:
         logits = self.forward(prompt_ids, positions)
         self.length = prompt_ids.shape[1]
         return logits
+
+    def expand(self, rows: Tensor) -> None:
+        """Row b of the cache becomes old row ``rows[b]`` (a prompt prefilled once, shared by its completions)."""
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        self.key_valid, self.key_bias = self.key_valid[rows], self.key_bias[rows]
+        self.next_position = self.next_position[rows]
 
     def step(self, tokens: Tensor) -> Tensor:
         logits = self.forward(tokens[:, None], self.next_position)

@@ -21,6 +21,7 @@ from .episodes import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
 from .core.kl_control import KLController
+from .kernels import use_onednn_linears, want_onednn
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
 from .recipe import Recipe
 from .rewards import RewardScorer
@@ -202,6 +203,10 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if isinstance(reference, torch.nn.Module):
         reference = reference.to(accelerator.device)
+    if want_onednn(recipe.train.cpu_matmul, accelerator.unwrap_model(policy)):  # train.cpu_matmul (kernels.py)
+        for model in (accelerator.unwrap_model(policy), reference):
+            if isinstance(model, torch.nn.Module):
+                use_onednn_linears(model)
     kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, optimizer, scheduler)

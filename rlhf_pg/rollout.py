@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from .chat import prompt_texts
 from .decoder import make_decoder, positions_from_mask
 from .errors import UserError
+from .kernels import head_for_logprobs, hidden_states, linear_logprobs, token_logprobs
 from .core.mdp import Rollout
 
 Tensor = torch.Tensor
@@ -97,21 +98,6 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log softmax(logits / temperature)[tokens]`` without materializing the full log-softmax.
-
-    ``logits``: ``[..., V]``, ``tokens``: ``[...]``. Computed as ``logit[token] - logsumexp(logits)``
-    in float32 one row-block at a time, so no second ``[..., V]`` float32 tensor is kept.
-    """
-    if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
-    flat = logits.reshape(-1, logits.shape[-1])
-    chunk = 4096
-    lse = torch.cat([torch.logsumexp(flat[i : i + chunk].float(), dim=-1) for i in range(0, flat.shape[0], chunk)])
-    return picked - lse.view(picked.shape)
-
-
 def _choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Next tokens ``[B]`` from last-position logits ``[B, V]`` and their log-probabilities under the policy.
 
@@ -175,8 +161,16 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
     batch_size = prompt_ids.shape[0]
-    decoder = make_decoder(model, batch_size, prompt_ids.shape[1] + params.max_new_tokens, lean=lean)
-    logits = decoder.prefill(prompt_ids, prompt_mask)
+    max_length = prompt_ids.shape[1] + params.max_new_tokens
+    groups = _distinct_rows(prompt_ids, prompt_mask)
+    if groups is None:
+        decoder = make_decoder(model, batch_size, max_length, lean=lean)
+        logits = decoder.prefill(prompt_ids, prompt_mask)
+    else:  # the K completions of a prompt share its prefill: run it once, then copy its cache to each row
+        unique_rows, row_of = groups
+        decoder = make_decoder(model, len(unique_rows), max_length, lean=lean)
+        logits = decoder.prefill(prompt_ids[unique_rows], prompt_mask[unique_rows])[row_of]
+        decoder.expand(row_of)
     temperature = params.temperature if params.temperature > 0 else 1.0
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
@@ -203,7 +197,7 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
 
 def completion_logprobs(
     model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-    temperature: float = 1.0, share_prompts: bool = True,
+    temperature: float = 1.0, share_prompts: bool = True, fused_head: bool = True,
 ) -> Tensor:
     """``log pi_theta(a_t | s_t)`` ``[B, T]`` for given completions, with gradients; 0 where the mask is 0.
 
@@ -212,18 +206,31 @@ def completion_logprobs(
     is run once and its key/value cache is reused by every completion of the group (the gradient
     flows through the shared cache): the same log-probs and gradients as one forward over
     ``[prompt | completion]`` per row (``share_prompts=False``), with 1/K of the prompt compute.
+    With ``fused_head`` (where ``kernels.head_for_logprobs`` allows it) the model stops at its final hidden
+    states and ``kernels.linear_logprobs`` applies the output layer in chunks: no ``[B, T, V]`` logits.
     """
     temperature = temperature if temperature > 0 else 1.0
+    head = head_for_logprobs(model) if fused_head else None
+    if head is not None:
+        with hidden_states(head):
+            hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+        return linear_logprobs(hidden, head, completion_ids, temperature) * completion_mask
+    logits = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+    return token_logprobs(logits, completion_ids, temperature) * completion_mask
+
+
+def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts) -> Tensor:
+    """The model's outputs ``[B, T, *]`` at the T positions that predict completion tokens (logits, or
+    the hidden states when the head is cut off)."""
     prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     positions = positions_from_mask(attention_mask)
     num_actions = completion_ids.shape[1]
     if prompts is None:
-        logits = model(
+        return model(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
             position_ids=positions, logits_to_keep=num_actions + 1, use_cache=False,
         ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
-        return token_logprobs(logits, completion_ids, temperature) * completion_mask
     unique_rows, row_of = prompts
     body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
     cache = DynamicCache(config=body.config)
@@ -240,7 +247,7 @@ def completion_logprobs(
             position_ids=positions[:, prompt_length:-1], cache=cache, use_cache=True,
         ).logits
         logits = torch.cat([logits, rest], dim=1)
-    return token_logprobs(logits, completion_ids, temperature) * completion_mask
+    return logits
 
 
 def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -250,8 +257,11 @@ def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Ten
     checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
     if checkpointing is None:
         checkpointing = getattr(body, "is_gradient_checkpointing", False)
-    if checkpointing:
-        return None
+    return None if checkpointing else _distinct_rows(prompt_ids, prompt_mask)
+
+
+def _distinct_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first row of each distinct prompt, its index for every row)``, or None when all rows differ."""
     keyed = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     distinct, row_of = torch.unique(keyed, dim=0, return_inverse=True)
     if distinct.shape[0] == prompt_ids.shape[0]:

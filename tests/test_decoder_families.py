@@ -92,6 +92,15 @@ def test_sampled_logprobs_equal_one_plain_forward_pass(family):
         assert_sampler_matches_plain_forward(model, PROMPTS, EOS, lean=False)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "gemma2", "opt"])
+@pytest.mark.parametrize("lean", [True, False])
+def test_repeated_prompts_prefilled_once_still_match_the_plain_forward(family, lean):
+    """Completions of one prompt (a group) share one prefill whose cache is copied to each row (``expand``)."""
+    model = tiny_model(family)
+    grouped = [prompt for prompt in PROMPTS for _ in range(3)]
+    assert_sampler_matches_plain_forward(model, grouped, EOS, lean=lean)
+
+
 def test_the_smollm2_shaped_llama_ties_its_head_and_groups_three_query_heads_per_kv_head():
     model = tiny_model("llama-smollm2-shape")
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -1,0 +1,273 @@
+"""Two CPU kernels that the profile of a 135M model's step pointed at (benchmarks/profile_step.py --model).
+
+**oneDNN fp32 linear layers.** torch's CPU float32 ``mm`` goes to MKL's sgemm. On some processors (the
+AMD EPYC these benchmarks ran on) oneDNN's float32 matmul, which torch also ships, is about twice as
+fast at a transformer's shapes (measured 390-430 GFLOPS against MKL's 160-210 at ``[2048, 576] x
+[576, 1536]`` on 2 threads; 2-3x at decoding's 32-row shapes). ``use_onednn_linears(model)`` routes
+each ``nn.Linear`` of a model through it, forward and backward (``OneDNNLinear``: the same float32
+product, summed in another order: relative error ~1e-6, like any two BLAS libraries), and leaves
+everything else alone: a bf16/autocast run, a GPU, tiny shapes where MKL wins, non-float32 weights
+all take ``F.linear``. ``train.cpu_matmul: auto`` (the default) measures both on this processor once and
+uses oneDNN only where it is faster; ``onednn`` / ``torch`` force one.
+
+**The log-probability head, chunked.** The update needs ``log softmax(h W^T / tau)[a_t]`` at every
+completion position: as logits, that is a ``[B, T, V]`` float32 tensor (400 MB at B*T = 2048 and
+SmolLM2's 49,152-token vocabulary), kept for the backward pass with its gradient and a copy or two.
+``linear_logprobs`` computes it ``rows`` at a time and keeps only ``h`` and one log-sum-exp per row;
+its backward recomputes each chunk's logits (one extra ``lm_head`` matmul) and forms
+``d/dh = g (onehot(a) - softmax) W / tau`` and ``d/dW`` chunk by chunk. ``head_for_logprobs(model)``
+says whether a model's forward may be cut before its ``lm_head`` (families whose logits are exactly
+``lm_head(hidden)``: no soft-capping or logit scaling after it), ``hidden_states(model)`` does the cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+# below this many output elements per call (rows x out_features) MKL's small-matrix path wins (measured)
+MIN_ONEDNN_ELEMENTS = 10_000
+CPU_MATMUL_CHOICES = ("auto", "onednn", "torch")
+
+
+def onednn_available() -> bool:
+    return _LINEAR is not None and torch.backends.mkldnn.is_available()
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return _LINEAR(x, weight, bias, "none", [], "")
+
+
+def _eligible(x: Tensor, weight: Tensor) -> bool:
+    return (x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and x.numel() // x.shape[-1] * weight.shape[0] >= MIN_ONEDNN_ELEMENTS)
+
+
+def matmul_nt(x: Tensor, weight: Tensor, onednn: bool) -> Tensor:
+    """``x @ weight.T`` for 2-D ``x`` ``[N, in]`` and ``weight`` ``[out, in]``, through oneDNN when asked and eligible."""
+    if onednn and _eligible(x, weight):
+        return _onednn(x.contiguous(), weight.contiguous())
+    return F.linear(x, weight)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with every matmul (forward, d/dx, d/dW) done by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        ctx.save_for_backward(flat, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        flat, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).contiguous()  # [N, out]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_nt(g, weight.t(), True).view(*grad.shape[:-1], weight.shape[1])  # g W
+        if ctx.needs_input_grad[1]:
+            grad_w = matmul_nt(g.t(), flat.t(), True)  # g^T x  [out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` through oneDNN where eligible (CPU, float32, no autocast, not a tiny shape), else ``F.linear``."""
+    if _eligible(x, weight):
+        return OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    return onednn_linear(input, self.weight, self.bias)
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Route every plain ``nn.Linear`` of ``model`` (LoRA's base and adapter layers included) through
+    ``onednn_linear``. Parameters, state dicts and saving are untouched. Returns how many layers."""
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_linear_forward, module)
+            count += 1
+    return count
+
+
+def uses_onednn(model: torch.nn.Module) -> bool:
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _linear_forward for m in model.modules())
+
+
+_PROBE: dict[tuple[int, int], bool] = {}
+
+
+def onednn_is_faster(hidden: int = 576, out: int = 1536, rows: int = 512) -> bool:
+    """Measured once per process and shape: is oneDNN's float32 matmul >= 1.15x MKL's here (``cpu_matmul: auto``)?"""
+    key = (hidden, out)
+    if key not in _PROBE:
+        if not onednn_available():
+            _PROBE[key] = False
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, hidden, generator=generator)
+        weight = torch.randn(out, hidden, generator=generator)
+
+        def best(function) -> float:
+            function()
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                function()
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        with torch.inference_mode():
+            try:
+                onednn = best(lambda: _onednn(x, weight))
+            except RuntimeError:  # an op this build of torch cannot run
+                _PROBE[key] = False
+                return False
+            mkl = best(lambda: F.linear(x, weight))
+        _PROBE[key] = mkl >= 1.15 * onednn
+    return _PROBE[key]
+
+
+def want_onednn(choice: str, model: torch.nn.Module) -> bool:
+    """Whether ``train.cpu_matmul`` = ``choice`` routes this model's linear layers through oneDNN."""
+    parameter = next(model.parameters(), None)
+    if choice == "torch" or parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return False
+    if choice == "onednn":
+        return onednn_available()
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 576
+    return onednn_is_faster(hidden=int(hidden), out=int(4 * hidden))
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[tokens]`` without materializing the full log-softmax.
+
+    ``logits``: ``[..., V]``, ``tokens``: ``[...]``. Computed as ``logit[token] - logsumexp(logits)``
+    in float32 one row-block at a time, so no second ``[..., V]`` float32 tensor is kept.
+    """
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk = 4096
+    lse = torch.cat([torch.logsumexp(flat[i : i + chunk].float(), dim=-1) for i in range(0, flat.shape[0], chunk)])
+    return picked - lse.view(picked.shape)
+
+
+# --- the log-probability head ------------------------------------------------------------------------
+
+# model types whose CausalLM forward returns exactly lm_head(hidden) (nothing applied after the head),
+# each tested against the plain forward (tests/test_decoder_families.py)
+HEAD_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "opt", "olmo2",
+                 "starcoder2")
+
+
+def _body(model):
+    body = getattr(model, "module", model)  # DDP
+    return body.get_base_model() if hasattr(body, "get_base_model") else body  # PEFT
+
+
+def head_for_logprobs(model) -> torch.nn.Linear | None:
+    """The model's output layer when its logits are exactly ``head(hidden)`` (a plain linear layer without
+    hooks, of a family in ``HEAD_FAMILIES``), so ``linear_logprobs`` may replace it; else None."""
+    body = _body(model)
+    config = getattr(body, "config", None)
+    if config is None or getattr(config, "model_type", None) not in HEAD_FAMILIES:
+        return None
+    if any(getattr(config, key, None) not in (None, 1.0) for key in ("final_logit_softcapping", "logit_scale",
+                                                                      "logits_scaling")):
+        return None
+    head = body.get_output_embeddings() if hasattr(body, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None  # a LoRA-wrapped head, or hooks that expect logits
+    return head
+
+
+@contextlib.contextmanager
+def hidden_states(head: torch.nn.Module) -> Iterator[None]:
+    """Inside, ``head`` returns its input: the model's ``.logits`` are the final hidden states."""
+    saved = head.__dict__.get("forward")
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """``log softmax((x W^T + b) / tau)[tokens]`` for ``x`` ``[N, H]``, ``rows`` rows at a time (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tokens, temperature: float, rows: int, onednn: bool):
+        scale = 1.0 / temperature
+        picked = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(picked)
+        for start in range(0, x.shape[0], rows):
+            logits = _chunk_logits(x[start : start + rows], weight, bias, scale, onednn)
+            lse[start : start + rows] = torch.logsumexp(logits, dim=-1)
+            picked[start : start + rows] = logits.gather(-1, tokens[start : start + rows, None]).squeeze(-1)
+        ctx.save_for_backward(x, weight, bias, tokens, lse)
+        ctx.scale, ctx.rows, ctx.onednn = scale, rows, onednn
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, tokens, lse = ctx.saved_tensors
+        scale, rows, onednn = ctx.scale, ctx.rows, ctx.onednn
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if want_b and bias is not None else None
+        weight_t = weight.t().contiguous() if want_x and onednn else weight.t()  # [H, V], copied once, not per chunk
+        for start in range(0, x.shape[0], rows):
+            part, g = x[start : start + rows], grad[start : start + rows].float()
+            logits = _chunk_logits(part, weight, bias, scale, onednn)
+            # d picked-lse / d logits = onehot(a) - softmax; times the upstream g and the 1/tau of the logits
+            probs = logits.sub_(lse[start : start + rows, None]).exp_().mul_(-(g * scale)[:, None])
+            probs.scatter_add_(-1, tokens[start : start + rows, None], (g * scale)[:, None])
+            probs = probs.to(weight.dtype)
+            if want_x:
+                grad_x[start : start + rows] = matmul_nt(probs, weight_t, onednn)
+            if want_w:
+                grad_w.addmm_(probs.t(), part)  # accumulated in place (oneDNN here would need two transposed copies)
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        return (grad_x, grad_w.to(weight.dtype) if want_w else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None)
+
+
+def _chunk_logits(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, onednn: bool) -> Tensor:
+    logits = matmul_nt(x, weight, onednn)
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.float()
+    return logits.mul_(scale) if scale != 1.0 else logits
+
+
+def linear_logprobs(hidden: Tensor, head: torch.nn.Linear, tokens: Tensor, temperature: float = 1.0,
+                    max_chunk_elements: int = 1 << 25) -> Tensor:
+    """``log softmax(head(hidden) / temperature)[tokens]`` with ``hidden`` ``[..., H]``, ``tokens`` ``[...]``,
+    never holding more than ``max_chunk_elements`` logits (default 32M: 128 MB of float32) at once."""
+    flat, ids = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    rows = max(1, min(flat.shape[0], max_chunk_elements // head.weight.shape[0]))
+    onednn = uses_onednn(head) or False
+    out = LinearLogprobs.apply(flat, head.weight, head.bias, ids, float(temperature), rows, onednn)
+    return out.view(tokens.shape)

@@ -1,0 +1,154 @@
+"""The CPU kernels (rlhf_pg/kernels.py) compute what the plain torch code computes, values and gradients.
+
+oneDNN's float32 matmul sums in another order than MKL's: agreement is to float32 rounding (~1e-6
+relative), checked against ``F.linear`` and autograd. The chunked log-prob head is checked against
+``log_softmax(F.linear(...))`` with autograd, and through ``completion_logprobs`` on a tiny random model
+of every family the decoder tests cover (the fused path where ``head_for_logprobs`` allows it).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_pg import kernels
+from rlhf_pg.rollout import completion_logprobs
+from tests.test_decoder_families import FAMILIES, tiny_model
+
+needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN linear op")
+
+
+def _leaf(*shape, generator, scale=1.0):
+    return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_equals_f_linear_forward_and_backward(bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = _leaf(3, 70, 48, generator=g), _leaf(200, 48, generator=g)  # 210 rows x 200 outputs: oneDNN's path
+    b = _leaf(200, generator=g) if bias else None
+    upstream = torch.randn(3, 70, 200, generator=g)
+    assert kernels._eligible(x, w)
+    ours = kernels.onednn_linear(x, w, b)
+    grads = torch.autograd.grad((ours * upstream).sum(), [x, w] + ([b] if bias else []))
+    plain = F.linear(x, w, b)
+    expected = torch.autograd.grad((plain * upstream).sum(), [x, w] + ([b] if bias else []))
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_onednn_linear_with_a_frozen_weight_gives_only_the_input_gradient():
+    g = torch.Generator().manual_seed(1)
+    x, w = _leaf(256, 64, generator=g), torch.randn(96, 64, generator=g)
+    (grad_x,) = torch.autograd.grad(kernels.onednn_linear(x, w).sum(), [x])
+    torch.testing.assert_close(grad_x, torch.ones(256, 96) @ w, rtol=1e-5, atol=1e-4)
+    with torch.inference_mode():  # sampling calls it under inference mode
+        torch.testing.assert_close(kernels.onednn_linear(x.detach(), w), x.detach() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_shapes_bf16_and_autocast_take_f_linear():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    assert not kernels._eligible(x, w)  # 8 outputs: MKL's small-matrix path is faster
+    big_x, big_w = torch.randn(256, 64), torch.randn(256, 64)
+    assert not kernels._eligible(big_x.bfloat16(), big_w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels._eligible(big_x, big_w)
+        assert kernels.onednn_linear(big_x, big_w).dtype == torch.bfloat16  # autocast's F.linear, not ours
+
+
+@needs_onednn
+def test_use_onednn_linears_keeps_outputs_parameters_and_copies():
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]] * 40)  # 320 rows per linear: oneDNN's path
+    with torch.no_grad():
+        before = model(ids).logits
+    keys = list(model.state_dict())
+    assert kernels.use_onednn_linears(model) == sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert kernels.uses_onednn(model) and list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    clone = copy.deepcopy(model)  # the patched forward is bound to the copy, not to the original
+    layer = clone.model.layers[0].mlp.up_proj
+    assert layer.forward.__self__ is layer
+
+
+def test_want_onednn_follows_the_choice():
+    model = tiny_model("llama")
+    assert kernels.want_onednn("torch", model) is False
+    assert kernels.want_onednn("onednn", model) is kernels.onednn_available()
+    assert kernels.want_onednn("onednn", model.to(torch.bfloat16)) is False
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
+def test_chunked_linear_logprobs_equal_log_softmax_with_gradients(temperature, bias, onednn):
+    if onednn and not kernels.onednn_available():
+        pytest.skip("no oneDNN")
+    kernels.MIN_ONEDNN_ELEMENTS  # noqa: B018  (37 x 500 outputs: above it, oneDNN's path when asked)
+    g = torch.Generator().manual_seed(2)
+    x, w = _leaf(37, 24, generator=g), _leaf(500, 24, generator=g, scale=0.5)
+    b = _leaf(500, generator=g) if bias else None
+    tokens = torch.randint(0, 500, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    params = [x, w] + ([b] if bias else [])
+    # 9 rows per chunk: 5 chunks, the last one short
+    ours = kernels.LinearLogprobs.apply(x, w, b, tokens, temperature, 9, onednn)
+    grads = torch.autograd.grad((ours * upstream).sum(), params)
+    plain = torch.log_softmax(F.linear(x, w, b) / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((plain * upstream).sum(), params)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_logprobs_bounds_the_chunk_and_keeps_the_shape():
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden, tokens = torch.randn(2, 11, 16), torch.randint(0, 300, (2, 11))
+    out = kernels.linear_logprobs(hidden, head, tokens, max_chunk_elements=1000)  # 3 rows of 300 logits a chunk
+    expected = torch.log_softmax(head(hidden), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_with_hooks_or_soft_capping_is_not_cut():
+    model = tiny_model("llama")
+    assert kernels.head_for_logprobs(model) is model.lm_head
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    assert kernels.head_for_logprobs(model) is None
+    handle.remove()
+    assert kernels.head_for_logprobs(tiny_model("gemma2")) is None  # final_logit_softcapping after the head
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_completion_logprobs_fused_head_equals_the_plain_forward(family, onednn, monkeypatch):
+    if onednn and not kernels.onednn_available():
+        pytest.skip("no oneDNN")
+    model = tiny_model(family)  # eval mode: no dropout, so both passes see the same function
+    assert (kernels.head_for_logprobs(model) is not None) == (family != "gemma2")  # the fused path is the one tested
+    if onednn:  # every linear layer through oneDNN, even at these tiny shapes
+        monkeypatch.setattr(kernels, "MIN_ONEDNN_ELEMENTS", 0)
+        kernels.use_onednn_linears(model)
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(3, 97, (3, 5), generator=g).repeat_interleave(2, 0)  # groups of 2 share a prompt
+    prompt_mask = torch.ones(6, 5)
+    prompt_mask[4:, :2] = 0  # a left-padded group
+    completions = torch.randint(3, 97, (6, 4), generator=g)
+    completion_mask = torch.tensor([[1.0] * 4] * 5 + [[1.0, 1.0, 0.0, 0.0]])
+    weights = torch.randn(6, 4, generator=g)
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        logprobs = completion_logprobs(model, prompts, prompt_mask, completions, completion_mask, 0.9, fused_head=fused)
+        (logprobs * weights).sum().backward()
+        return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, fused_grads = run(True)
+    plain, plain_grads = run(False)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4, msg=name)
