@@ -1,6 +1,6 @@
 """``vs_trl.py --sizes``: rlhf-pg vs TRL's GRPOTrainer over model sizes, and the plot.
 
-    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --sizes --plot                  # 0.8M, 7.3M, 31.5M, 134.5M; sizes.png
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --sizes --plot                  # 0.8M, 7.3M, 31.5M, 134.5M: ~12 min
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --sizes 10m --rounds 1 --measured-steps 1   # one size only
 
 Ours vs TRL at beta 0 in the same setting over model sizes: builtin:arith-gpt (0.8M,

@@ -1,6 +1,6 @@
 """``vs_trl.py --model NAME``: rlhf-pg vs TRL vs a naive loop on a real model (and the workers of ``--sizes``).
 
-    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct    # ~15 min on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct    # ~30 min on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct --rounds 1 --measured-steps 1
 
 The setting (the same for every contender): the chat prompts of the built-in arithmetic task
