@@ -4,6 +4,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py                 # both parts (~10 min on 2 cores)
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --part throughput --rounds 3
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --part target --trl-lrs 3e-4 5e-4 1e-3
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct   # real_model.py
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --sizes --plot        # over model sizes: model_sizes.py
 
 Every measurement runs in its own subprocess (so peak RSS is per contender), on the same locally
 built model (builtin:arith-gpt, 0.8M-parameter GPT-2), tokenizer, prompts, reward and threads
@@ -30,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import real_model  # --model and --sizes (benchmarks/real_model.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -273,6 +277,7 @@ WORKERS = {
     "throughput-naive": lambda a: {"times": throughput_naive(a.steps)},
     "target-ours": lambda a: target_ours(a.eval_every, a.max_steps, a.lr),
     "target-trl": lambda a: target_trl(a.eval_every, a.max_steps, a.lr),
+    **real_model.WORKERS,
 }
 
 
@@ -358,7 +363,8 @@ def time_to_target(eval_every: int, max_steps: int, trl_lrs: list[float]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["throughput", "target", "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default 3; "
+                        f"--model/--sizes: {real_model.ROUNDS})")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--trl-lrs", type=float, nargs="+", default=[3e-4, 5e-4, 1e-3])
@@ -366,10 +372,14 @@ def main() -> None:
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=STEPS_WARMUP + STEPS_MEASURED, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
+    real_model.add_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker_main(args)
         return
+    if real_model.main(args, spawn, THREADS):  # --model, --sizes
+        return
+    args.rounds = args.rounds or 3
     spawn_check = _model_path()  # build the base model once, before any timing
     print(f"model: {spawn_check}; threads: {THREADS}")
     results = {}

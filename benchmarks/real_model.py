@@ -1,0 +1,399 @@
+"""``vs_trl.py --model NAME``: rlhf-pg vs TRL vs a naive loop on a real model (and the workers of ``--sizes``).
+
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct    # ~30 min on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model builtin:smollm2-135m-instruct --rounds 1 --measured-steps 1
+
+The setting (the same for every contender): the chat prompts of the built-in arithmetic task
+(``"What is {a}+{b}? Reply with only the number."``, a, b in 10-99), 8 prompts x 4 completions per step
+(B = 32), exactly 64 new tokens (min_new_tokens = max_new_tokens), temperature 1, top_p 1 (no top-k),
+the dense reward ``vs_trl.digit_fraction``, lr 1e-6, fp32, no gradient checkpointing, gradient
+clipping 1.0, ``BENCH_THREADS`` torch threads. Two settings: beta = 0 (no reference model) and
+beta = 0.04 (a frozen reference model and a k3 KL term in the loss, as TRL's GRPO does):
+
+- ours: ``rlhf_pg.trainer.setup`` + ``train_step`` (baseline group_mean, ``kl_mode: loss``,
+  ``kl_estimator: k3``; the default seq-mean-token-sum aggregation);
+- trl: TRL ``GRPOTrainer`` with its defaults otherwise (loss_type "dapo", scale_rewards "group",
+  num_iterations 1, KL multiplied by the (on-policy, = 1) importance ratio, entropies computed);
+- naive: HF ``generate`` on the chat-template-rendered prompts + one forward over prompt+completion with
+  full logits and log_softmax + REINFORCE loss (group-mean baseline) (+ a reference forward under
+  no_grad and beta x k3 KL) + clipping + AdamW.
+
+The model is resolved to a plain HF directory once, before any timing (``resolve_model_path``). Each
+contender runs in its own subprocess (``vs_trl.spawn``; peak RSS from ``ru_maxrss``); rounds are
+interleaved (ours, trl, naive, ours, ... over both settings), warm-up steps are excluded, and the
+median over rounds of the per-round medians is reported.
+
+FLOP bound. N = the parameter count (embeddings included, tied weights once), P = the templated prompt
+tokens of the step's 8 prompts together. Counted FLOPs: sampling 2N (B x 64 + 4P) (every row's prompt
+and its sampled tokens), update 3 x 2N (P + B x 64) (each prompt once per group), and with beta > 0 the
+reference forward 2N (P + B x 64). The fp32 matmul rate is measured in the same run (own subprocess,
+same threads), per shape the faster of ``F.linear(x, W)`` and oneDNN's ``mkldnn._linear_pointwise``, at
+the model's Llama-style shapes hidden->q (q_proj, o_proj: 2 per layer), hidden->kv (k, v: 2 per layer),
+hidden->intermediate (gate, up: 2 per layer), intermediate->hidden (1 per layer), hidden->vocab (once),
+with rows = B x 64 (update-like) and rows = B (decode-like): each set's FLOPs / its time is a rate, and
+update + reference count at the update-like rate, sampling at the decode-like one, weighted by their
+shares of the counted FLOPs: rate = 1 / (share_update / rate_update + share_sampling / rate_decode).
+``flop_bound_seconds`` = counted FLOPs / rate; ``flop_bound_fraction`` = that / our s/step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+PROMPTS, GROUP, NEW_TOKENS = 8, 4, 64
+BATCH = PROMPTS * GROUP
+LR = 1e-6
+BETAS = (0.0, 0.04)
+ROUNDS, WARMUP, MEASURED = 2, 1, 2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help=f"throughput on this model (e.g. {DEFAULT_MODEL}, or a local HF "
+                        "directory): ours, TRL and naive at beta 0 and 0.04 (benchmarks/real_model.py)")
+    parser.add_argument("--sizes", nargs="*", default=None, metavar="SIZE",
+                        help="ours vs TRL over model sizes; SIZE among arith, 10m, 40m, real (default: all; "
+                        "benchmarks/model_sizes.py)")
+    parser.add_argument("--plot", action="store_true", help="--sizes: write benchmarks/sizes.png")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help=f"--model/--sizes: warm-up steps (default {WARMUP})")
+    parser.add_argument("--measured-steps", type=int, default=None,
+                        help=f"--model/--sizes: measured steps (default {MEASURED})")
+    for flag, kind, default in (("--model-path", str, None), ("--beta", float, 0.0), ("--prompt-format", str, "chat"),
+                                ("--new-tokens", int, NEW_TOKENS), ("--reward", str, "digit_fraction"),
+                                ("--rows-update", int, 0), ("--rows-decode", int, 0)):
+        parser.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
+
+
+def main(args, spawn, threads: int) -> bool:
+    """Run --sizes (where --model names the largest size) or --model (True), else leave it to the toy parts."""
+    if args.sizes is None and not args.model:
+        return False
+    import model_sizes  # the script's directory is on sys.path (run as benchmarks/vs_trl.py)
+
+    results = {"sizes": model_sizes.run_sizes(args, spawn, threads)} if args.sizes is not None \
+        else {"model": run_model(args, spawn, threads)}
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return True
+
+
+def _vs():
+    import vs_trl  # (as model_sizes above)
+
+    return vs_trl
+
+
+def _reward(name: str):
+    """A reward by name: vs_trl's ``digit_fraction``, or model_sizes' ``digit_vowel_fraction``."""
+    if name == "digit_fraction":
+        return _vs().digit_fraction
+    import model_sizes
+
+    return getattr(model_sizes, name)
+
+
+def _datasets(prompt_format: str):
+    from rlhf_pg.data import load_prompt_datasets
+    from rlhf_pg.recipe import DataConfig
+
+    return load_prompt_datasets(DataConfig(task="arithmetic", prompt_format=prompt_format, min_operand=10,
+                                           max_operand=99, num_eval=200))
+
+
+def _render(tokenizer, prompt) -> str:
+    """A conversation through the chat template (with the assistant header), a text prompt as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+# --- workers (each in its own subprocess) ---------------------------------------------------------
+
+
+def real_ours(args) -> tuple[list[float], list[float]]:
+    """Step times, and per step the fraction of groups with equal rewards (rows rlhf-pg skips at beta 0)."""
+    from reward_models import register_reward
+
+    from rlhf_pg.recipe import recipe_from_dict
+    from rlhf_pg.trainer import setup, train_step
+
+    vs = _vs()
+    reward, equal = _reward(args.reward), []
+
+    def counted(prompts, completions, **kwargs):  # records the groups whose rewards are all equal
+        scores = reward(prompts, completions, **kwargs)
+        groups: dict[str, list[float]] = {}
+        for prompt, score in zip(prompts, scores):
+            groups.setdefault(str(prompt), []).append(score)
+        equal.append(sum(max(g) == min(g) for g in groups.values()) / len(groups))
+        return scores
+
+    register_reward(args.reward)(counted)
+    recipe = recipe_from_dict({
+        "model": args.model_path,
+        "data": {"task": "arithmetic", "prompt_format": args.prompt_format, "min_operand": 10, "max_operand": 99,
+                 "num_eval": 200},
+        "rewards": [{"name": args.reward}],
+        "rollout": {"prompts_per_step": PROMPTS, "completions_per_prompt": GROUP, "max_new_tokens": args.new_tokens,
+                    "min_new_tokens": args.new_tokens, "temperature": 1.0, "top_p": 1.0},
+        "algorithm": {"baseline": "group_mean", "kl_coef": args.beta, "kl_mode": "loss", "kl_estimator": "k3"},
+        "optim": {"lr": LR, "max_grad_norm": 1.0},
+        "train": {"steps": args.steps, "tensorboard": False, "num_threads": vs.THREADS, "log_completions_every": 0},
+    })
+    run, _ = setup(recipe, tempfile.mkdtemp())
+    times = []
+    for step in range(args.steps):
+        started = time.perf_counter()
+        train_step(run, step)
+        times.append(time.perf_counter() - started)
+    return times, equal
+
+
+def real_trl(args) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.started)
+
+    train_set, _ = _datasets(args.prompt_format)
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, num_generations=GROUP,
+        max_completion_length=args.new_tokens, generation_kwargs={"min_new_tokens": args.new_tokens},
+        temperature=1.0, top_p=1.0, beta=args.beta, learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0,
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_steps=args.steps,
+        logging_steps=10_000, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32),
+                          reward_funcs=_reward(args.reward), args=config, train_dataset=train_set,
+                          processing_class=AutoTokenizer.from_pretrained(args.model_path), callbacks=[Timer()])
+    trainer.train()
+    return times
+
+
+def real_naive(args) -> list[float]:
+    """HF generate + one full-logits forward/backward of the REINFORCE loss (+ k3 KL) + AdamW."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reward = _reward(args.reward)
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None  # frozen
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    train_set, _ = _datasets(args.prompt_format)
+    chat = args.prompt_format == "chat"
+
+    def token_logprobs(network, ids, attention, width, completion):
+        logits = network(input_ids=ids, attention_mask=attention).logits[:, width - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None]).squeeze(-1)
+
+    times = []
+    for step in range(args.steps):
+        started = time.perf_counter()
+        prompts = [p for p in train_set[step * PROMPTS:(step + 1) * PROMPTS]["prompt"] for _ in range(GROUP)]
+        encoded = tokenizer([_render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=not chat)
+        model.eval()
+        with torch.no_grad():
+            output = model.generate(**encoded, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)
+        model.train()
+        width = encoded["input_ids"].shape[1]
+        completion = output[:, width:]
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        rewards = torch.tensor(reward(prompts, texts)).view(PROMPTS, GROUP)
+        advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
+        attention = torch.cat([encoded["attention_mask"], torch.ones_like(completion)], dim=1)
+        logprobs = token_logprobs(model, output, attention, width, completion)
+        loss = -(logprobs.sum(1) * advantages).mean()
+        if reference is not None:
+            with torch.no_grad():
+                ref_logprobs = token_logprobs(reference, output, attention, width, completion)
+            delta = ref_logprobs - logprobs
+            loss = loss + args.beta * (delta.exp() - delta - 1).sum(1).mean()  # k3
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def linear_shapes(config) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, count in one forward) of a Llama-style model's matmuls."""
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return [("hidden->q", hidden, heads * head_dim, 2 * layers),
+            ("hidden->kv", hidden, kv_heads * head_dim, 2 * layers),
+            ("hidden->intermediate", hidden, intermediate, 2 * layers),
+            ("intermediate->hidden", intermediate, hidden, layers), ("hidden->vocab", hidden, config.vocab_size, 1)]
+
+
+def _best_seconds(function, min_repeats: int = 3, min_total: float = 0.2) -> float:
+    function()
+    best, total, repeats = float("inf"), 0.0, 0
+    while repeats < min_repeats or total < min_total:
+        started = time.perf_counter()
+        function()
+        elapsed = time.perf_counter() - started
+        best, total, repeats = min(best, elapsed), total + elapsed, repeats + 1
+    return best
+
+
+def matmul_rate(args) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    linear = torch.nn.functional.linear
+    shapes = linear_shapes(AutoConfig.from_pretrained(args.model_path))
+    result = {}
+    for kind, rows in (("update", args.rows_update), ("decode", args.rows_decode)):
+        flops, best_s, torch_s, per_shape = 0.0, 0.0, 0.0, {}
+        for name, fan_in, fan_out, count in shapes:
+            x, weight = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in)
+            seconds_torch = _best_seconds(lambda x=x, weight=weight: linear(x, weight))
+            try:
+                seconds_onednn = _best_seconds(
+                    lambda x=x, weight=weight: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))
+            except (AttributeError, RuntimeError):  # torch without oneDNN
+                seconds_onednn = float("inf")
+            shape_flops = 2.0 * rows * fan_in * fan_out
+            per_shape[name] = {"gflops_torch": shape_flops / seconds_torch / 1e9,
+                               "gflops_onednn": shape_flops / seconds_onednn / 1e9, "count": count}
+            flops += count * shape_flops
+            best_s += count * min(seconds_torch, seconds_onednn)
+            torch_s += count * seconds_torch
+        result[kind] = {"rows": rows, "flops": flops, "gflops": flops / best_s / 1e9,
+                        "gflops_torch": flops / torch_s / 1e9, "shapes": per_shape}
+    return result
+
+
+WORKERS = {
+    "real-ours": lambda a: dict(zip(("times", "equal_reward_groups"), real_ours(a))),
+    "real-trl": lambda a: {"times": real_trl(a)},
+    "real-naive": lambda a: {"times": real_naive(a)},
+    "matmul-rate": matmul_rate,
+}
+
+
+# --- the parent: model facts, rounds, figures -------------------------------------------------------
+def model_facts(path: str, prompt_format: str) -> dict:
+    """Parameter count (tied weights once, built on the meta device) and the templated prompt lengths."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        parameters = AutoModelForCausalLM.from_config(config).num_parameters()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = _datasets(prompt_format)[0][:PROMPTS]["prompt"]
+    lengths = [len(tokenizer(_render(tokenizer, p), add_special_tokens=prompt_format != "chat")["input_ids"])
+               for p in prompts]
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return {"parameters": parameters, "prompt_tokens": lengths, "max_positions": positions}
+
+
+def counted_flops(parameters: int, prompt_tokens: list[int], beta: float, new_tokens: int = NEW_TOKENS) -> dict:
+    prompt, completions = sum(prompt_tokens), len(prompt_tokens) * GROUP * new_tokens
+    return {"sampling": 2.0 * parameters * (completions + GROUP * prompt),
+            "update": 6.0 * parameters * (prompt + completions),
+            "reference": 2.0 * parameters * (prompt + completions) if beta > 0 else 0.0}
+
+
+def combined_rate(flops: dict, rate: dict, key: str = "gflops") -> float:
+    """FLOPs per second at the counted FLOPs' mix: update + reference at the update-like rate, sampling at decode's."""
+    total = sum(flops.values())
+    seconds = (flops["update"] + flops["reference"]) / (rate["update"][key] * 1e9) \
+        + flops["sampling"] / (rate["decode"][key] * 1e9)
+    return total / seconds
+
+
+def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: int) -> dict:
+    """jobs: setting -> spawn options. Interleaved rounds; setting -> contender -> per-round medians, peak RSS."""
+    figures = {setting: {name: {"per_round": [], "peak_rss_mb": 0.0} for name in contenders} for setting in jobs}
+    for round_index in range(rounds):
+        for setting, options in jobs.items():
+            for name in contenders:
+                result = spawn(f"real-{name}", steps=warmup + measured, **options)
+                per_step = statistics.median(result["times"][warmup:])
+                entry = figures[setting][name]
+                entry["per_round"].append(per_step)
+                entry["peak_rss_mb"] = max(entry["peak_rss_mb"], result["peak_rss_mb"])
+                note = ""
+                if "equal_reward_groups" in result:  # rlhf-pg skips rows of equal-reward groups (at beta 0)
+                    equal = statistics.mean(result["equal_reward_groups"][warmup:])
+                    entry.setdefault("equal_reward_groups", []).append(equal)
+                    note = f"  (groups with equal rewards: {equal:.2f})"
+                print(f"  round {round_index + 1}: {setting} {name:5s} {per_step:.3f} s/step{note}", flush=True)
+    return figures
+
+
+def _summarize(label: str, entries: dict, tokens_per_step: int) -> None:
+    for name, entry in entries.items():
+        entry["s_per_step"] = statistics.median(entry["per_round"])
+        entry["tokens_per_s"] = tokens_per_step / entry["s_per_step"]
+        print(f"{name:5s}  {label}  {entry['s_per_step']:.2f} s/step  {entry['tokens_per_s']:.1f} tokens/s  "
+              f"peak RSS {entry['peak_rss_mb']:.0f} MB")
+
+
+def _defaults(args) -> tuple[int, int, int]:
+    return (args.rounds or ROUNDS, WARMUP if args.warmup_steps is None else args.warmup_steps,
+            args.measured_steps or MEASURED)
+
+
+def run_model(args, spawn, threads: int) -> dict:
+    from rlhf_pg.models import resolve_model_path
+
+    name = args.model or DEFAULT_MODEL
+    path = resolve_model_path(name)  # GGUF dequantized / built once, before any timing
+    rounds, warmup, measured = _defaults(args)
+    facts = model_facts(path, "chat")
+    print(f"model: {name} ({path}); {facts['parameters'] / 1e6:.1f}M parameters; "
+          f"prompt tokens {facts['prompt_tokens']}; threads: {threads}")
+    print(f"== throughput on a real model (B={BATCH}: {PROMPTS} chat prompts x {GROUP}, {NEW_TOKENS} new tokens, "
+          f"fp32, lr {LR:g}; {warmup} warm-up + {measured} measured steps, {rounds} rounds) ==")
+    jobs = {f"beta{beta:g}": {"model_path": path, "beta": beta, "prompt_format": "chat"} for beta in BETAS}
+    figures = _rounds(spawn, jobs, ("ours", "trl", "naive"), rounds, warmup, measured)
+    rate = spawn("matmul-rate", model_path=path, rows_update=BATCH * NEW_TOKENS, rows_decode=BATCH)
+    print(f"  matmul rate: update-like (rows {BATCH * NEW_TOKENS}) {rate['update']['gflops']:.1f} GFLOPS "
+          f"(torch {rate['update']['gflops_torch']:.1f}), decode-like (rows {BATCH}) {rate['decode']['gflops']:.1f} "
+          f"GFLOPS (torch {rate['decode']['gflops_torch']:.1f})", flush=True)
+    results = {"model": name, "path": path, **facts, "threads": threads, "rounds": rounds, "warmup_steps": warmup,
+               "measured_steps": measured, "matmul": rate, "settings": {}}
+    for (setting, options), entries in zip(jobs.items(), figures.values()):
+        _summarize(f"beta={options['beta']:g}", entries, BATCH * NEW_TOKENS)
+        flops = counted_flops(facts["parameters"], facts["prompt_tokens"], options["beta"])
+        gflops, gflops_torch = combined_rate(flops, rate) / 1e9, combined_rate(flops, rate, "gflops_torch") / 1e9
+        bound = sum(flops.values()) / (gflops * 1e9)
+        ours, trl, naive = entries["ours"], entries["trl"], entries["naive"]
+        summary = {"counted_gflop": sum(flops.values()) / 1e9, "flops": flops, "matmul_gflops": gflops,
+                   "matmul_gflops_torch": gflops_torch, "flop_bound_seconds": bound,
+                   "flop_bound_fraction": bound / ours["s_per_step"],
+                   "ratio_vs_trl": ours["tokens_per_s"] / trl["tokens_per_s"],
+                   "ratio_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
+                   "peak_rss_ratio_vs_trl": ours["peak_rss_mb"] / trl["peak_rss_mb"]}
+        print(f"setting={setting} counted_gflop={summary['counted_gflop']:.0f} matmul_gflops={gflops:.1f} "
+              f"matmul_gflops_torch={gflops_torch:.1f} flop_bound_seconds={bound:.2f}")
+        print(f"setting={setting} " + " ".join(f"{key}={summary[key]:.2f}" for key in (
+            "ratio_vs_trl", "ratio_vs_naive", "peak_rss_ratio_vs_trl", "flop_bound_fraction")), flush=True)
+        results["settings"][setting] = {"beta": options["beta"], "contenders": entries, **summary}
+    return results
