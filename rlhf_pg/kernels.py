@@ -54,7 +54,7 @@ def _eligible(x: Tensor, weight: Tensor) -> bool:
 def matmul_nt(x: Tensor, weight: Tensor, onednn: bool) -> Tensor:
     """``x @ weight.T`` for 2-D ``x`` ``[N, in]`` and ``weight`` ``[out, in]``, through oneDNN when asked and eligible."""
     if onednn and _eligible(x, weight):
-        return _onednn(x.contiguous(), weight.contiguous())
+        return _onednn(x, weight)  # transposed views are fine (faster than copying them first: measured)
     return F.linear(x, weight)
 
 
@@ -236,7 +236,7 @@ class LinearLogprobs(torch.autograd.Function):
         grad_x = torch.empty_like(x) if want_x else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if want_b and bias is not None else None
-        weight_t = weight.t().contiguous() if want_x and onednn else weight.t()  # [H, V], copied once, not per chunk
+        weight_t = weight.t()  # [H, V]
         for start in range(0, x.shape[0], rows):
             part, g = x[start : start + rows], grad[start : start + rows].float()
             logits = _chunk_logits(part, weight, bias, scale, onednn)

@@ -173,11 +173,14 @@ def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: f
 def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
     """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off)."""
     args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, run.recipe.rollout.temperature)
-    with torch.no_grad():
+    # inference mode: no autograd bookkeeping at all; the result is cloned out so the loss may use it
+    with torch.inference_mode():
         if run.reference == "adapter":
             with run.unwrapped.disable_adapter():
-                return completion_logprobs(run.unwrapped, *args)
-        return completion_logprobs(run.reference, *args)
+                logprobs = completion_logprobs(run.unwrapped, *args)
+        else:
+            logprobs = completion_logprobs(run.reference, *args)
+    return logprobs.clone()
 
 
 # --- one step ---------------------------------------------------------------------------------------
