@@ -61,13 +61,15 @@ def add_arguments(parser) -> None:
                         help="ours vs TRL over model sizes; SIZE among arith, 10m, 40m, real (default: all; "
                         "benchmarks/model_sizes.py)")
     parser.add_argument("--plot", action="store_true", help="--sizes: write benchmarks/sizes.png")
+    parser.add_argument("--bf16", action="store_true", help="--model: also ours and TRL with bf16 mixed precision "
+                        "(beta 0), against ours in fp32")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help=f"--model/--sizes: warm-up steps (default {WARMUP})")
     parser.add_argument("--measured-steps", type=int, default=None,
                         help=f"--model/--sizes: measured steps (default {MEASURED})")
     for flag, kind, default in (("--model-path", str, None), ("--beta", float, 0.0), ("--prompt-format", str, "chat"),
                                 ("--new-tokens", int, NEW_TOKENS), ("--reward", str, "digit_fraction"),
-                                ("--rows-update", int, 0), ("--rows-decode", int, 0)):
+                                ("--rows-update", int, 0), ("--rows-decode", int, 0), ("--precision", str, "no")):
         parser.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
 
 
@@ -145,7 +147,8 @@ def real_ours(args) -> tuple[list[float], list[float]]:
                     "min_new_tokens": args.new_tokens, "temperature": 1.0, "top_p": 1.0},
         "algorithm": {"baseline": "group_mean", "kl_coef": args.beta, "kl_mode": "loss", "kl_estimator": "k3"},
         "optim": {"lr": LR, "max_grad_norm": 1.0},
-        "train": {"steps": args.steps, "tensorboard": False, "num_threads": vs.THREADS, "log_completions_every": 0},
+        "train": {"steps": args.steps, "tensorboard": False, "num_threads": vs.THREADS, "log_completions_every": 0,
+                  "mixed_precision": args.precision},
     })
     run, _ = setup(recipe, tempfile.mkdtemp())
     times = []
@@ -175,7 +178,7 @@ def real_trl(args) -> list[float]:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, num_generations=GROUP,
         max_completion_length=args.new_tokens, generation_kwargs={"min_new_tokens": args.new_tokens},
         temperature=1.0, top_p=1.0, beta=args.beta, learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_steps=args.steps,
+        bf16=args.precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True, max_steps=args.steps,
         logging_steps=10_000, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32),
@@ -396,4 +399,15 @@ def run_model(args, spawn, threads: int) -> dict:
         print(f"setting={setting} " + " ".join(f"{key}={summary[key]:.2f}" for key in (
             "ratio_vs_trl", "ratio_vs_naive", "peak_rss_ratio_vs_trl", "flop_bound_fraction")), flush=True)
         results["settings"][setting] = {"beta": options["beta"], "contenders": entries, **summary}
+    if args.bf16:  # bf16 mixed precision on CPU, measured rather than assumed (beta 0)
+        print("== bf16 mixed precision (train.mixed_precision: bf16; TRL bf16=True), beta 0 ==", flush=True)
+        bf16 = _rounds(spawn, {"bf16": {"model_path": path, "beta": 0.0, "prompt_format": "chat", "precision": "bf16"}},
+                       ("ours", "trl"), rounds, warmup, measured)["bf16"]
+        _summarize("bf16", bf16, BATCH * NEW_TOKENS)
+        fp32 = results["settings"]["beta0"]["contenders"]
+        summary = {"ours_bf16_vs_fp32_speed": fp32["ours"]["s_per_step"] / bf16["ours"]["s_per_step"],
+                   "trl_bf16_vs_fp32_speed": fp32["trl"]["s_per_step"] / bf16["trl"]["s_per_step"],
+                   "ratio_vs_trl_bf16": bf16["ours"]["tokens_per_s"] / bf16["trl"]["tokens_per_s"]}
+        print("setting=bf16 " + " ".join(f"{key}={value:.2f}" for key, value in summary.items()), flush=True)
+        results["settings"]["bf16"] = {"contenders": bf16, **summary}
     return results

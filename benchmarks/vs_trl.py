@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import real_model  # --model and --sizes (benchmarks/real_model.py)
+import real_target  # --part target-real (benchmarks/real_target.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -278,6 +279,7 @@ WORKERS = {
     "target-ours": lambda a: target_ours(a.eval_every, a.max_steps, a.lr),
     "target-trl": lambda a: target_trl(a.eval_every, a.max_steps, a.lr),
     **real_model.WORKERS,
+    **real_target.WORKERS,
 }
 
 
@@ -362,23 +364,32 @@ def time_to_target(eval_every: int, max_steps: int, trl_lrs: list[float]) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["throughput", "target", "all"], default="all")
+    parser.add_argument("--part", choices=["throughput", "target", "all", "target-real"], default="all",
+                        help="the toy model's parts, or target-real: time to 0.6 on recipes/smollm2_arithmetic.yaml")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default 3; "
                         f"--model/--sizes: {real_model.ROUNDS})")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--trl-lrs", type=float, nargs="+", default=[3e-4, 5e-4, 1e-3])
+    parser.add_argument("--trl-lrs", type=float, nargs="+", default=None,
+                        help=f"TRL's learning rates (default 3e-4 5e-4 1e-3; target-real: {' '.join(map(str, real_target.TRL_LRS))})")
     parser.add_argument("--output", default=None, help="also write the figures as JSON here")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=STEPS_WARMUP + STEPS_MEASURED, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     real_model.add_arguments(parser)
+    real_target.add_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker_main(args)
         return
     if real_model.main(args, spawn, THREADS):  # --model, --sizes
         return
+    if args.part == "target-real":
+        results = {"time_to_target_real": real_target.run_target_real(args, spawn, args.trl_lrs or real_target.TRL_LRS)}
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=2))
+        return
+    args.trl_lrs = args.trl_lrs or [3e-4, 5e-4, 1e-3]
     args.rounds = args.rounds or 3
     spawn_check = _model_path()  # build the base model once, before any timing
     print(f"model: {spawn_check}; threads: {THREADS}")
