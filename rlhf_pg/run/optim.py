@@ -58,9 +58,18 @@ def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
-def build_optimizer(params: Iterable[Any], optim) -> torch.optim.AdamW:
-    """AdamW over ``params`` (tensors, or parameter groups with their own ``lr``) with the config's settings."""
-    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+def build_optimizer(params: Iterable[Any], optim, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``params`` (tensors, or parameter groups with their own ``lr``) with the config's settings.
+
+    ``fused``: torch's fused AdamW kernel (the LM commands ask for it on CPU: one kernel per tensor
+    instead of ~10 foreach passes; 134.5M parameters: 0.05 s a step against 0.29 s, measured), the same
+    update up to float rounding. Only for float32 parameters; otherwise the default implementation.
+    """
+    params = list(params)
+    tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
+    fused = fused and bool(tensors) and all(t.dtype == torch.float32 for t in tensors)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay,
+                             fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int,
