@@ -1,8 +1,8 @@
 """Sample completions from a causal-LM policy, and recompute their log-probabilities for the update.
 
 Sampling is a plain loop over decode steps with a KV cache (``decoder``): one prefill forward over
-the left-padded prompts, then one single-token forward per step, stopping as soon as every sequence
-has ended. The policy pi_theta(a | s) is ``softmax(logits(s) / temperature)``; the same
+the left-padded distinct prompts (a group's K rows share one, its cache copied to each), then one
+single-token forward per step, stopping as soon as every sequence has ended. The policy pi_theta(a | s) is ``softmax(logits(s) / temperature)``; the same
 temperature is used when the update recomputes log-probabilities, so both sides agree.
 
 A completion ends at the first of: any EOS id (the tokenizer's and every id of the model's
