@@ -23,6 +23,7 @@ says whether a model's forward may be cut before its ``lm_head`` (families whose
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import types
 from typing import Iterator
@@ -109,10 +110,15 @@ def uses_onednn(model: torch.nn.Module) -> bool:
 
 
 _PROBE: dict[tuple[int, int], bool] = {}
+PROBE_TIMES: dict[tuple[int, int], tuple[float, float]] = {}  # shape -> (oneDNN, MKL) median seconds
 
 
 def onednn_is_faster(hidden: int = 576, out: int = 1536, rows: int = 512) -> bool:
-    """Measured once per process and shape: is oneDNN's float32 matmul >= 1.15x MKL's here (``cpu_matmul: auto``)?"""
+    """Measured once per process and shape: is oneDNN's float32 matmul >= 1.15x MKL's here (``cpu_matmul: auto``)?
+
+    The two are timed interleaved, 9 times each, and their medians compared, so that a moment of load on
+    the machine cannot tip the choice (a min-of-5 probe once chose MKL by chance, measured: 15 s steps
+    instead of 11)."""
     key = (hidden, out)
     if key not in _PROBE:
         if not onednn_available():
@@ -121,23 +127,22 @@ def onednn_is_faster(hidden: int = 576, out: int = 1536, rows: int = 512) -> boo
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(rows, hidden, generator=generator)
         weight = torch.randn(out, hidden, generator=generator)
-
-        def best(function) -> float:
-            function()
-            times = []
-            for _ in range(5):
-                started = time.perf_counter()
-                function()
-                times.append(time.perf_counter() - started)
-            return min(times)
-
+        kernels = {"onednn": lambda: _onednn(x, weight), "mkl": lambda: F.linear(x, weight)}
+        times: dict[str, list[float]] = {name: [] for name in kernels}
         with torch.inference_mode():
             try:
-                onednn = best(lambda: _onednn(x, weight))
+                kernels["onednn"]()
             except RuntimeError:  # an op this build of torch cannot run
                 _PROBE[key] = False
                 return False
-            mkl = best(lambda: F.linear(x, weight))
+            kernels["mkl"]()
+            for _ in range(9):
+                for name, function in kernels.items():
+                    started = time.perf_counter()
+                    function()
+                    times[name].append(time.perf_counter() - started)
+        onednn, mkl = statistics.median(times["onednn"]), statistics.median(times["mkl"])
+        PROBE_TIMES[key] = (onednn, mkl)
         _PROBE[key] = mkl >= 1.15 * onednn
     return _PROBE[key]
 

@@ -21,7 +21,7 @@ from .episodes import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
 from .core.kl_control import KLController
-from .kernels import use_onednn_linears, want_onednn
+from .kernels import use_onednn_linears, uses_onednn, want_onednn
 from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
 from .recipe import Recipe
 from .rewards import RewardScorer
@@ -143,6 +143,7 @@ class LMRun(Job):
             "completion_tokens": counters["tokens_total"],
             "world_size": self.accelerator.num_processes,
             "model": self.recipe.model.name_or_path,
+            "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # train.cpu_matmul's outcome
             "examples": after.get("examples", []),
         }
 
