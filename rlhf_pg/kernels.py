@@ -49,7 +49,8 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and x.numel() // x.shape[-1] * weight.shape[0] >= MIN_ONEDNN_ELEMENTS)
+            and not torch.is_autocast_enabled("cpu")
+            and x.numel() // max(x.shape[-1], 1) * weight.shape[0] >= MIN_ONEDNN_ELEMENTS)
 
 
 def matmul_nt(x: Tensor, weight: Tensor, onednn: bool) -> Tensor:
