@@ -161,17 +161,10 @@ def real_ours(args) -> tuple[list[float], list[float]]:
 
 def real_trl(args) -> list[float]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.started)
 
     train_set, _ = _datasets(args.prompt_format)
     config = GRPOConfig(
@@ -183,7 +176,8 @@ def real_trl(args) -> list[float]:
     )
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32),
                           reward_funcs=_reward(args.reward), args=config, train_dataset=train_set,
-                          processing_class=AutoTokenizer.from_pretrained(args.model_path), callbacks=[Timer()])
+                          processing_class=AutoTokenizer.from_pretrained(args.model_path),
+                          callbacks=[_vs().step_timer(times)])
     trainer.train()
     return times
 

@@ -192,11 +192,9 @@ def _trl_trainer(learning_rate: float, batch: int, new_tokens: int, min_new_toke
                        callbacks=callbacks)
 
 
-def throughput_trl(steps: int) -> list[float]:
-    _setup_torch()
+def step_timer(times: list[float]):
+    """A TrainerCallback appending each optimizer step's wall time to ``times``."""
     from transformers import TrainerCallback
-
-    times: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -205,7 +203,13 @@ def throughput_trl(steps: int) -> list[float]:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.started)
 
-    trainer = _trl_trainer(1e-4, 64, 32, 32, steps, [Timer()], reward=digit_fraction)
+    return Timer()
+
+
+def throughput_trl(steps: int) -> list[float]:
+    _setup_torch()
+    times: list[float] = []
+    trainer = _trl_trainer(1e-4, 64, 32, 32, steps, [step_timer(times)], reward=digit_fraction)
     trainer.train()
     return times
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .kernels import onednn_linear, uses_onednn
+from .kernels import onednn_linear, sharded, uses_onednn
 
 Tensor = torch.Tensor
 
@@ -231,7 +231,7 @@ def _fused_projection(attention):
 def _lean_decoder_class(model):
     """The lean decoder for this model's architecture, or None when only HF's forward is safe."""
     config = model.config
-    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(sharded(p) for p in model.parameters()):
         return None  # sharded parameters (ZeRO-3, FSDP): gathering happens in the model's own forward
     if config.model_type == "gpt2":
         if getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False):

@@ -36,7 +36,6 @@ Tensor = torch.Tensor
 _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 # below this many output elements per call (rows x out_features) MKL's small-matrix path wins (measured)
 MIN_ONEDNN_ELEMENTS = 10_000
-CPU_MATMUL_CHOICES = ("auto", "onednn", "torch")
 
 
 def onednn_available() -> bool:
@@ -153,7 +152,7 @@ def want_onednn(choice: str, model: torch.nn.Module) -> bool:
     parameter = next(model.parameters(), None)
     if choice == "torch" or parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         return False
-    if any(_sharded(p) for p in model.parameters()):
+    if any(sharded(p) for p in model.parameters()):
         return False
     if choice == "onednn":
         return onednn_available()
@@ -190,7 +189,7 @@ def _body(model):
     return body.get_base_model() if hasattr(body, "get_base_model") else body  # PEFT
 
 
-def _sharded(parameter) -> bool:
+def sharded(parameter) -> bool:
     """A parameter that is sharded between forwards (FSDP2 DTensor, DeepSpeed ZeRO-3): only the model's own
     forward sees it whole."""
     return hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor"
@@ -209,7 +208,7 @@ def head_for_logprobs(model) -> torch.nn.Linear | None:
                                                                       "logits_scaling")):
         return None
     head = body.get_output_embeddings() if hasattr(body, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or _sharded(head.weight):
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or sharded(head.weight):
         return None  # a LoRA-wrapped head, hooks that expect logits, or a weight sharded after the forward
     return head
 
