@@ -92,7 +92,7 @@ def filler_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    from rlhf_pg.builtin import CHARACTERS, SPECIAL_TOKENS
+    from rlhf_pg.models.builtin import CHARACTERS, SPECIAL_TOKENS
 
     base = SPECIAL_TOKENS + CHARACTERS
     pairs = ["".join(p) for p in itertools.product(CHARACTERS, repeat=2)]
@@ -384,7 +384,7 @@ def main() -> int:
             setting["new_tokens"] = args.new_tokens or setting["new_tokens"]
             label = setting["label"]
             if key == "arith-gpt":
-                from rlhf_pg.builtin import builtin_path
+                from rlhf_pg.models.builtin import builtin_path
 
                 prepared = {"path": str(builtin_path("arith-gpt", progress=False)), "prompt_format": "text",
                             "tokenizer": "builtin char tokenizer", "params_m": 0.8}

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-import rlhf_pg.rollout
-import rlhf_pg.sampling as sampling
 import rlhf_pg.trainer as trainer
 from rlhf_pg.recipe import load_recipe, recipe_from_dict
 
@@ -75,13 +73,12 @@ def main() -> None:
             "rollout": {"prompts_per_step": 16, "completions_per_prompt": 4, "max_new_tokens": 32, "min_new_tokens": 32},
             "algorithm": {"baseline": "group_mean"}, "optim": {"lr": 1e-4}, "train": {"tensorboard": False},
         })
-    if args.hf_decoder:
-        original = rlhf_pg.rollout.sample_completions
-        rlhf_pg.rollout.sample_completions = lambda *a, **k: original(*a, **{**k, "lean": False})
     phases: dict[str, list[float]] = defaultdict(list)
-    sampling.rollout = timed(phases, "rollout", sampling.rollout)
     trainer.policy_update = timed(phases, "update", trainer.policy_update)
     run, _ = trainer.setup(recipe, tempfile.mkdtemp())
+    if args.hf_decoder:
+        run.sampler.lean = False  # the built-in engine with transformers' own forward
+    run.sampler.sample = timed(phases, "rollout", run.sampler.sample)
     run.scorer = timed(phases, "reward", run.scorer)
     totals = []
     for step in range(args.steps):

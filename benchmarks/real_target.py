@@ -48,13 +48,13 @@ def _recipe(threads: int):
 
 def _accuracy(model, tokenizer, recipe, prompts, columns) -> float:
     from rlhf_pg.evaluation import evaluate
-    from rlhf_pg.rewards import RewardScorer
-    from rlhf_pg.rollout import SamplingParams
+    from reward_models import RewardScorer
+    from rlhf_pg.policy.sampler import SamplingParams, make_sampler
 
     scorer = RewardScorer([spec for spec in recipe.rewards if spec.weight != 0])
     params = SamplingParams(max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, temperature=0.0)
-    result = evaluate(model, tokenizer, prompts, columns, scorer, params, batch_size=recipe.eval.batch_size,
-                      chat_template_kwargs=recipe.data.chat_template_kwargs)
+    result = evaluate(make_sampler(recipe, model, tokenizer), model, prompts, columns, scorer, params,
+                      batch_size=recipe.eval.batch_size)
     return float(result["reward"])
 
 

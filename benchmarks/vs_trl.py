@@ -53,7 +53,7 @@ def _setup_torch():
 
 
 def _model_path() -> str:
-    from rlhf_pg.builtin import builtin_path
+    from rlhf_pg.models.builtin import builtin_path
 
     return str(builtin_path("arith-gpt", progress=False))
 
@@ -84,7 +84,7 @@ def trl_reward(prompts, completions, completion_ids=None, answer=None, **kwargs)
     """``arithmetic_exact`` with ``finished`` taken from TRL's completion ids (EOS present)."""
     from reward_models.rules import arithmetic_exact
 
-    from rlhf_pg.builtin import char_tokenizer
+    from rlhf_pg.models.builtin import char_tokenizer
 
     eos = char_tokenizer().eos_token_id
     finished = [eos in ids for ids in completion_ids] if completion_ids is not None else None
@@ -97,11 +97,11 @@ def _greedy_accuracy(model, tokenizer, eval_set) -> float:
     from rlhf_pg.recipe import RewardSpec
     from rlhf_pg.data import columns_of
     from rlhf_pg.evaluation import evaluate
-    from rlhf_pg.rewards import RewardScorer
-    from rlhf_pg.rollout import SamplingParams
+    from reward_models import RewardScorer
+    from rlhf_pg.policy.sampler import SamplingParams, make_sampler
 
     prompts, columns = columns_of(eval_set)
-    result = evaluate(model, tokenizer, prompts, columns, RewardScorer([RewardSpec("arithmetic_exact")]),
+    result = evaluate(make_sampler(None, model, tokenizer), model, prompts, columns, RewardScorer([RewardSpec("arithmetic_exact")]),
                       SamplingParams(max_new_tokens=6, temperature=0.0), batch_size=500)
     return result["reward"]
 

@@ -36,7 +36,7 @@ def generate_arith_preferences(
     (``split_problems(max_operand, heldout_problems, seed)``); completions that did not finish
     (no EOS within ``max_new_tokens``), identical pairs and gold ties are dropped.
     """
-    from rlhf_pg.rollout import SamplingParams, rollout
+    from rlhf_pg.policy.sampler import SamplingParams, make_sampler
 
     try:
         gold_function = resolve_reward(gold)
@@ -49,6 +49,7 @@ def generate_arith_preferences(
     rng = random.Random(seed)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    sampler = make_sampler(None, model, tokenizer)
     records: list[dict[str, Any]] = []
     attempts = 0
     model.eval()
@@ -60,7 +61,7 @@ def generate_arith_preferences(
                             "or use a gold reward that separates the samples")
         prompts = [format_prompt(*rng.choice(problems)) for _ in range(batch_prompts)]
         with torch.no_grad():
-            batch = rollout(model, tokenizer, prompts, 2, params, generator=generator)
+            batch = sampler.sample(prompts, 2, params, generator=generator)
         finished = batch.finished.tolist()
         scores = [float(s) for s in gold_function(batch.prompts, batch.completions, finished=finished)]
         for i in range(0, len(batch.prompts), 2):

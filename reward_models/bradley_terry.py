@@ -42,7 +42,7 @@ def build_reward_model(config: RewardModelBackbone):
     """``(model, tokenizer)``: pretrained weights with a new one-output score head, or a small model from scratch."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rlhf_pg.builtin import char_tokenizer
+    from rlhf_pg.models.builtin import char_tokenizer
     from rlhf_pg.models import load_tokenizer, resolve_model_path
 
     weights = resolve_model_path(config.name_or_path) if config.name_or_path else None
@@ -125,7 +125,7 @@ def load_pairs(recipe: RewardModelRecipe, tokenizer, output_dir: Path, is_main: 
 
 
 def _generate(recipe: RewardModelRecipe, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from rlhf_pg.recipe import ModelConfig
+    from rlhf_pg.models.config import ModelConfig
     from rlhf_pg.models import load_policy
 
     from .arith_preferences import generate_arith_preferences
@@ -143,8 +143,8 @@ def _generate(recipe: RewardModelRecipe, progress: bool) -> tuple[list[dict[str,
 
 def _encode(tokenizer, pairs: PreferencePairs, max_length: int | None) -> list[dict[str, Any]]:
     """Token ids of both sides of each pair; pairs with a side longer than ``max_length`` are dropped."""
-    chosen = tokenizer(pairs.chosen, add_special_tokens=True)["input_ids"]
-    rejected = tokenizer(pairs.rejected, add_special_tokens=True)["input_ids"]
+    chosen = tokenizer(pairs.chosen, add_special_tokens=pairs.special_tokens)["input_ids"]
+    rejected = tokenizer(pairs.rejected, add_special_tokens=pairs.special_tokens)["input_ids"]
     examples = []
     for index, (good, bad) in enumerate(zip(chosen, rejected)):
         if max_length is not None and max(len(good), len(bad)) > max_length:
@@ -370,7 +370,7 @@ def _gold_agreement(model, tokenizer, recipe: RewardModelRecipe, records: list[d
     import datasets
 
     from .registry import resolve_reward
-    from .scoring import score_texts
+    from .reward_model import score_texts
 
     gold = resolve_reward(recipe.data.gold)
     prompts = [r["prompt"] for r in records]
@@ -378,8 +378,8 @@ def _gold_agreement(model, tokenizer, recipe: RewardModelRecipe, records: list[d
     gold_rejected = gold(prompts, [r["rejected"] for r in records])
     model.eval()
     pairs = pairs_from_dataset(datasets.Dataset.from_list(records), tokenizer)
-    chosen = score_texts(model, tokenizer, pairs.chosen, recipe.train.eval_batch_size)
-    rejected = score_texts(model, tokenizer, pairs.rejected, recipe.train.eval_batch_size)
+    chosen = score_texts(model, tokenizer, pairs.chosen, recipe.train.eval_batch_size, pairs.special_tokens)
+    rejected = score_texts(model, tokenizer, pairs.rejected, recipe.train.eval_batch_size, pairs.special_tokens)
     agree = [(c > r) == (gc > gr) for c, r, gc, gr in zip(chosen, rejected, gold_chosen, gold_rejected)]
     return sum(agree) / len(agree)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_pg.chat import completion_text
 from rlhf_pg.errors import UserError
 
 
@@ -28,6 +29,7 @@ class PreferencePairs:
     chosen: list[str]
     rejected: list[str]
     margin: list[float] | None = None
+    special_tokens: bool = True  # encode with the tokenizer's special tokens (False: a chat template wrote them)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -40,14 +42,40 @@ def with_eos(text: str, eos_token: str | None) -> str:
     return text
 
 
-def reward_texts(tokenizer, prompts: list[str], completions: list[str], finished: list[bool] | None = None) -> list[str]:
-    """What the reward model reads for policy samples: ``prompt + completion``, plus EOS if the completion finished."""
+def reward_texts(tokenizer, prompts: list[Any], completions: list[Any], finished: list[bool] | None = None) -> list[str]:
+    """What the reward model reads for policy samples, encoded as its training pairs were.
+
+    A text prompt: ``prompt + completion``, plus EOS if the completion finished. A conversation (TRL's
+    conversational format: ``prompt`` a list of messages, the completion its text or
+    ``[{"role": "assistant", "content": ...}]``): the messages with the assistant reply appended, rendered with
+    the reward model's own chat template (a truncated reply is left open, ``continue_final_message``, so it is
+    not presented as a finished turn); when its tokenizer has no template, the contents joined by newlines.
+    """
     texts = []
     for index, (prompt, completion) in enumerate(zip(prompts, completions)):
         done = True if finished is None else bool(finished[index])
-        text = prompt + completion
+        if _is_conversation(prompt):
+            texts.append(conversation_text(tokenizer, list(prompt) + [{"role": "assistant",
+                                                                       "content": completion_text(completion)}], done))
+            continue
+        text = prompt + completion_text(completion)
         texts.append(with_eos(text, tokenizer.eos_token) if done else text)
     return texts
+
+
+def templated(tokenizer, prompts: list[Any]) -> bool:
+    """The reward model reads these prompts' samples through its chat template, which writes the special tokens
+    itself: encode them without the tokenizer's own (else a BOS is read twice)."""
+    return bool(prompts) and _is_conversation(prompts[0]) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def conversation_text(tokenizer, messages: list[dict[str, Any]], finished: bool = True) -> str:
+    """A conversation as the reward model reads it: its chat template (the last turn left open when not
+    ``finished``), else the contents joined by newlines (+ EOS when finished)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=not finished)
+    text = "\n".join(str(message.get("content", "")) for message in messages)
+    return with_eos(text, tokenizer.eos_token) if finished else text
 
 
 def _is_conversation(value: Any) -> bool:
@@ -81,12 +109,17 @@ def pairs_from_dataset(dataset, tokenizer, chosen_column: str = "chosen", reject
         raise UserError(f"data: {source} has no rows")
     prompts = dataset[prompt_column] if prompt_column in columns else [None] * len(dataset)
     chosen, rejected = [], []
+    conversational = _is_conversation(dataset[0][chosen_column])
     for index, (prompt, good, bad) in enumerate(zip(prompts, dataset[chosen_column], dataset[rejected_column])):
         where = f"data: {source} row {index}"
+        if _is_conversation(good) != conversational:
+            raise UserError(f"{where}: {chosen_column!r} is {'text' if conversational else 'a list of messages'}, but "
+                            f"row 0 is {'a list of messages' if conversational else 'text'}; one dataset must use one "
+                            "format (all text, or all conversations)")
         chosen.append(_render(tokenizer, prompt, good, where))
         rejected.append(_render(tokenizer, prompt, bad, where))
     margin = [float(m) for m in dataset["margin"]] if "margin" in columns else None
-    return PreferencePairs(chosen, rejected, margin)
+    return PreferencePairs(chosen, rejected, margin, special_tokens=not conversational)
 
 
 def load_preference_dataset(path: str, split: str):

@@ -1,4 +1,5 @@
-"""Command line: argument parsing only. Errors become one clear message and exit code 2.
+"""Command line: parse the arguments, run the command's row of ``COMMANDS``, print its outcome. A ``UserError``
+becomes one clear message and exit code 2; an interrupted run, its checkpoint and the resume command.
 
     rlhf-pg train RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
@@ -9,6 +10,7 @@
     rlhf-pg plot DIR [DIR ...] [--output-dir OUT]
     rlhf-pg gym RECIPE [--output-dir DIR] [--seed S] [--max-steps N] [--resume] [--overwrite] [key=value ...]
     rlhf-pg variance RECIPE [--output-dir DIR] [--policy DIR] [--batches N] [--reference-batches M] [--presets] [--overwrite] [key=value ...]
+    rlhf-pg doctor RECIPE [--prompts N] [--time-budget S] [--seed S] [key=value ...]
     rlhf-pg build-base [--force]
 
 ``key=value`` words (recipe overrides such as ``optim.lr=5e-4``) may appear anywhere after the command.
@@ -257,7 +259,7 @@ def _plot(args, recipe, output_dir):
 
 
 def _build_base(args, recipe, output_dir):
-    from .builtin import builtin_path
+    from .models.builtin import builtin_path
 
     return str(builtin_path("arith-gpt", progress=not args.no_progress, force=args.force))
 

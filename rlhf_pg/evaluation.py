@@ -6,28 +6,26 @@ from typing import Any
 
 import torch
 
+from reward_models import RewardScorer, judged_mean
+
 from .core.mdp import Rollout
-from .episodes import environment_scores, episode_metrics, render_episode
-from .multiturn import episode_sampler
-from .rewards import RewardScorer, judged_mean
-from .rollout import SamplingParams, rollout
+from .episodes.spec import environment_scores, episode_metrics, render_episode
+from .policy.sampler import Sampler, SamplingParams
 
 
 @torch.no_grad()
 def evaluate(
-    model, tokenizer, prompts: list[Any], columns: dict[str, list[Any]], scorer: RewardScorer,
-    params: SamplingParams, batch_size: int = 256, seed: int = 0, all_finished=None,
-    chat_template_kwargs: dict[str, Any] | None = None, episodes=None,
+    sampler: Sampler, model, prompts: list[Any], columns: dict[str, list[Any]], scorer: RewardScorer,
+    params: SamplingParams, batch_size: int = 256, seed: int = 0,
 ) -> dict[str, Any]:
-    """Mean reward over ``prompts`` (text or conversations; one completion each), per-reward means, the
-    truncation rate and a few examples.
+    """Mean reward over ``prompts`` (text or conversations; one completion each, drawn by ``sampler`` from
+    ``model``), per-reward means, the truncation rate and a few examples.
 
     Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "truncated": fraction of
-    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``. With ``episodes``
-    (an ``EpisodeSpec``) each completion is a multi-turn episode; the result also has ``tool_calls`` and
-    ``tool_errors`` per episode, and each example its ``episode`` rendered turn by turn.
+    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``. When the sampler
+    draws multi-turn episodes, the result also has ``tool_calls`` and ``tool_errors`` per episode, and each
+    example its ``episode`` rendered turn by turn. ``model`` is put in eval mode meanwhile (no dropout).
     """
-    sample = episode_sampler(episodes) or rollout
     all_episodes = []
     was_training = model.training
     model.eval()
@@ -39,8 +37,7 @@ def evaluate(
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
-        batch = sample(model, tokenizer, batch_prompts, 1, params, batch_columns, generator, all_finished=all_finished,
-                       chat_template_kwargs=chat_template_kwargs)
+        batch = sampler.sample(batch_prompts, 1, params, columns=batch_columns, generator=generator)
         total, scores = scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
         total = environment_scores(batch, total, scores)
         all_episodes += batch.episodes or []

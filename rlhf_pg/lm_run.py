@@ -16,16 +16,18 @@ from typing import Any
 
 import torch
 
+from reward_models import RewardScorer
+
+from .core.kl_control import KLController
 from .data import PromptSampler, columns_of, load_prompt_datasets
-from .episodes import EpisodeSpec
+from .episodes.spec import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
-from .core.kl_control import KLController
-from .kernels import use_onednn_linears, uses_onednn, want_onednn
-from .models import apply_lora, context_length, load_causal_lm, load_lora_checkpoint, load_policy
+from .models import apply_lora, load_causal_lm, load_lora_checkpoint, load_policy
+from .policy.kernels import use_onednn_linears, uses_onednn, want_onednn
+from .policy.prompts import check_prompt_lengths, context_length
+from .policy.sampler import Sampler, SamplingParams, make_sampler
 from .recipe import Recipe
-from .rewards import RewardScorer
-from .rollout import SamplingParams, check_prompt_lengths
 from .run import checkpoint as ckpt
 from .run.accel import new_accelerator, set_threads
 from .run.loop import Job
@@ -44,7 +46,7 @@ class LMRun(Job):
     tokenizer: Any
     optimizer: Any
     scheduler: Any
-    sampler: PromptSampler
+    prompts: PromptSampler  # the training prompts of each step
     scorer: RewardScorer
     eval_scorer: RewardScorer
     eval_prompts: list[str]
@@ -54,6 +56,7 @@ class LMRun(Job):
     max_context: int | None
     counters: dict[str, Any] = field(default_factory=dict)  # totals kept in checkpoints
     episodes: EpisodeSpec | None = None  # multi-turn episodes (tools / environment), or None
+    sampler: Sampler | None = None  # the engine that draws completions (make_sampler); set by setup_run
 
     counter_defaults = {"tokens_total": 0}
 
@@ -73,8 +76,16 @@ class LMRun(Job):
         return self.accelerator.unwrap_model(self.policy)
 
     def sampling(self) -> SamplingParams:
-        r = self.recipe.rollout
-        return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens, stop=tuple(r.stop))
+        return SamplingParams.for_training(self.recipe)
+
+    def sync_sampler(self) -> None:
+        """Hand the policy's current weights to the sampler (after an optimizer step, after ``--resume``)."""
+        self.sampler.update_weights(self.unwrapped)
+
+    def close(self) -> None:
+        """Free the sampler's engine (end of the run, or an error)."""
+        if self.sampler is not None:
+            self.sampler.close()
 
     def all_finished(self, finished: torch.Tensor) -> bool:
         """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
@@ -96,11 +107,8 @@ class LMRun(Job):
         world, rank = accelerator.num_processes, accelerator.process_index
         prompts = self.eval_prompts[rank::world]
         columns = {key: values[rank::world] for key, values in self.eval_columns.items()}
-        eval_config = self.recipe.eval
-        params = eval_sampling(self.recipe)
-        result = evaluate(self.unwrapped, self.tokenizer, prompts, columns, self.eval_scorer, params,
-                          eval_config.batch_size, seed=self.recipe.seed + rank, all_finished=self.all_finished,
-                          chat_template_kwargs=self.recipe.data.chat_template_kwargs, episodes=self.episodes)
+        result = evaluate(self.sampler, self.unwrapped, prompts, columns, self.eval_scorer,
+                          SamplingParams.for_eval(self.recipe), self.recipe.eval.batch_size, seed=self.recipe.seed + rank)
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -146,12 +154,6 @@ class LMRun(Job):
             "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # train.cpu_matmul's outcome
             "examples": after.get("examples", []),
         }
-
-
-def eval_sampling(recipe: Recipe) -> SamplingParams:
-    """Held-out decoding: ``eval.temperature`` (greedy by default), the rollout's stop strings."""
-    return SamplingParams(recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens, recipe.eval.temperature,
-                          stop=tuple(recipe.rollout.stop))
 
 
 def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, resume: bool = False,
@@ -216,10 +218,13 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     run = run_class(
         recipe=recipe, accelerator=accelerator, run_dir=run_dir, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler,
-        sampler=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
+        prompts=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
         reference=reference, max_context=max_context, episodes=episodes,
     )
+    run.sampler = make_sampler(recipe, run.unwrapped, tokenizer, episodes=episodes, all_finished=run.all_finished)
+    if resume_from is not None:
+        run.sync_sampler()  # an engine with its own copy of the weights starts from the checkpoint's
     run.init_counters(saved)
     if accelerator.is_main_process:
         run_dir.write_marker(recipe.to_dict())
@@ -275,12 +280,15 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
     _, eval_set = load_prompt_datasets(recipe.data)
     prompts, columns = columns_of(eval_set)
     scorer = RewardScorer(recipe.eval.rewards or recipe.rewards)
-    params = eval_sampling(recipe)
+    params = SamplingParams.for_eval(recipe)
     check_prompt_lengths(tokenizer, prompts, params.max_new_tokens, context_length(model),
                          "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=recipe.data.chat_template_kwargs)
-    result = evaluate(model, tokenizer, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed,
-                      chat_template_kwargs=recipe.data.chat_template_kwargs, episodes=EpisodeSpec.from_recipe(recipe))
+    sampler = make_sampler(recipe, model, tokenizer)
+    try:
+        result = evaluate(sampler, model, prompts, columns, scorer, params, recipe.eval.batch_size, recipe.seed)
+    finally:
+        sampler.close()
     result["num_prompts"] = len(prompts)
     result["model"] = model_config.name_or_path
     return result

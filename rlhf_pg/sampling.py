@@ -1,8 +1,9 @@
 """The step's batch: this process's prompts, K sampled completions each, and their rewards.
 
     prompts       <- the step's prompts (this process's shard; a prompt's group stays on one process)
-    tau_1..tau_K  <- K completions per prompt from pi_theta                        (rollout.py)
-    r(tau)        <- the weighted reward functions (+ DAPO's soft overlong penalty)  (rewards.py, core/advantages.py)
+    tau_1..tau_K  <- K completions per prompt from pi_theta      (run.sampler: the recipe's engine, policy/sampler.py)
+    r(tau)        <- the weighted reward functions (+ DAPO's soft overlong penalty)
+                                                          (reward_models/scorer.py, core/advantages.py)
     b_ReMax       <- r(greedy completion of the same prompt), when the baseline is remax
     dynamic sampling (DAPO): drop groups of equal rewards, sample more prompts, for at most N rounds
 """
@@ -17,10 +18,8 @@ import torch
 from .core import estimator
 from .core.advantages import degenerate_groups, overlong_penalty
 from .core.mdp import Rollout, concat_rollouts
-from .episodes import environment_scores, episode_metrics
-from .multiturn import episode_sampler
+from .episodes.spec import environment_scores, episode_metrics
 from .lm_run import LMRun
-from .rollout import rollout
 
 
 @dataclass
@@ -41,18 +40,14 @@ def _score(run: LMRun, prompts: list[Any], columns: dict[str, list[Any]], step: 
     recipe, accelerator = run.recipe, run.accelerator
     seed = ((recipe.seed * 1_000_003 + step) * 997 + accelerator.process_index) * 31 + round_
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    chat = recipe.data.chat_template_kwargs
-    sample = episode_sampler(run.episodes) or rollout  # tools / an environment: multi-turn episodes (multiturn.py)
-    batch = sample(run.unwrapped, run.tokenizer, prompts, recipe.rollout.completions_per_prompt, run.sampling(),
-                   columns, generator, group_offset=group_offset, max_context=run.max_context,
-                   all_finished=run.all_finished, chat_template_kwargs=chat)
+    batch = run.sampler.sample(prompts, recipe.rollout.completions_per_prompt, run.sampling(), columns=columns,
+                               generator=generator, group_offset=group_offset)
     scores, per_reward = run.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
     scores = _shaped(run, batch, scores, per_reward)
     greedy = None
     if recipe.algorithm.baseline == estimator.REMAX_BASELINE:  # b = r(greedy completion of the prompt), not trained on
         params = replace(run.sampling(), temperature=0.0)
-        greedy_batch = sample(run.unwrapped, run.tokenizer, prompts, 1, params, columns, generator,
-                              max_context=run.max_context, all_finished=run.all_finished, chat_template_kwargs=chat)
+        greedy_batch = run.sampler.sample(prompts, 1, params, columns=columns, generator=generator)
         greedy_scores, greedy_per_reward = run.scorer(greedy_batch.prompts, greedy_batch.completions,
                                                       finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
         greedy_scores = _shaped(run, greedy_batch, greedy_scores, greedy_per_reward)
@@ -84,7 +79,7 @@ def sample_step(run: LMRun, step: int) -> Scored:
     recipe, accelerator = run.recipe, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process, k = recipe.rollout.prompts_per_step // world, recipe.rollout.completions_per_prompt
-    prompts, columns = run.sampler.batch(step)
+    prompts, columns = run.prompts.batch(step)
     mine = slice(rank * per_process, (rank + 1) * per_process)
     first = _score(run, prompts[mine], {key: v[mine] for key, v in columns.items()}, step, 0, mine.start)
     if not recipe.algorithm.dynamic_sampling:
@@ -143,7 +138,7 @@ def _merge(parts: list[Scored], pad_token_id: int, k: int, groups: int) -> Score
 def _extra_prompts(run: LMRun, step: int, round_: int, count: int) -> tuple[list[Any], dict[str, list[Any]]]:
     """``count`` more training prompts for a dynamic-sampling round, drawn by (seed, step, round, process)."""
     seed = ((run.recipe.seed * 1_000_003 + step) * 101 + round_) * 997 + run.accelerator.process_index
-    dataset = run.sampler.dataset
+    dataset = run.prompts.dataset
     indices = torch.randint(len(dataset), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = dataset[indices]
     return rows.pop("prompt"), rows

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from .recipe import Recipe
+from .chat import assistant_completion_ids, completion_text, is_conversation
+from .core.mdp import Rollout, action_tokens
 from .data import PromptSampler, columns_of, load_prompt_datasets
 from .errors import UserError
-from .core.mdp import Rollout, action_tokens
-from .models import context_length
-from .chat import assistant_completion_ids, completion_text, is_conversation
-from .rollout import completion_logprobs, encode_prompts, stop_token_ids
+from .policy.logprobs import completion_logprobs
+from .policy.prompts import context_length, encode_demonstrations, stop_token_ids
+from .recipe import Recipe
 from .tasks.arithmetic import flawed_sum
 from .lm_run import LMRun, setup_run
 from .run.loop import run_job
@@ -45,38 +45,20 @@ def demonstration_rollout(tokenizer, prompts: list[Any], completions: list[Any],
                           eos_token_ids: list[int] | None = None) -> Rollout:
     """Demonstrations as a batch of trajectories: s_0 = the prompt, actions = the completion's tokens + EOS.
 
-    Prompts are encoded exactly as ``rollout`` encodes them (left-padded; a conversation rendered with the
-    chat template). A text completion is its tokens without special tokens, then EOS; for a conversation
-    prompt the completion (a text or ``[{"role": "assistant", "content": ...}]``, TRL's conversational
+    Prompts are encoded exactly as every sampler encodes them (``policy.prompts.encode_demonstrations``:
+    left-padded; a conversation rendered with the chat template). A text completion is its tokens without
+    special tokens, then EOS; for a conversation prompt the completion (a text or ``[{"role": "assistant", "content": ...}]``, TRL's conversational
     prompt-completion format) is the assistant turn as the template writes it, up to and including its
     end token (``chat.assistant_completion_ids``). Right-padded; ``completion_mask`` is 1 on the
     completion tokens and the end token. ``logprobs`` (log pi_old) are unknown for a demonstrator and left
     at 0: with one update per batch they are never read.
     """
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, chat_template_kwargs)
     tokens = [assistant_completion_ids(tokenizer, prompt, completion, chat_template_kwargs, eos_token_ids)
               if is_conversation(prompt) else
               tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
               for prompt, completion in zip(prompts, completions)]
-    longest = max(len(ids) for ids in tokens)
-    if max_context is not None and prompt_ids.shape[1] + longest > max_context:
-        row = max(range(len(tokens)), key=lambda i: int(prompt_mask[i].sum()) + len(tokens[i]))
-        raise UserError(
-            f"demonstration {prompts[row]!r} -> {completions[row]!r} is {int(prompt_mask[row].sum()) + len(tokens[row])} "
-            f"tokens with EOS; it exceeds the model's context of {max_context} tokens. Shorten or drop the long rows"
-        )
-    completion_ids = torch.full((len(tokens), longest), tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros(len(tokens), longest)
-    for row, ids in enumerate(tokens):
-        completion_ids[row, : len(ids)] = torch.tensor(ids)
-        completion_mask[row, : len(ids)] = 1.0
-    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
-        logprobs=torch.zeros_like(completion_mask), group_ids=torch.arange(len(tokens), device=device),
-        prompts=list(prompts), completions=[completion_text(c) for c in completions],
-        finished=torch.ones(len(tokens), dtype=torch.bool, device=device),
-    )
+    return encode_demonstrations(tokenizer, prompts, [completion_text(c) for c in completions], tokens, None, device,
+                                 max_context, chat_template_kwargs)
 
 
 @torch.no_grad()
@@ -150,7 +132,7 @@ class Demonstrations:
                                     "every completion must be a string or a list of assistant messages "
                                     "[{role: assistant, content: ...}]")
             train_set, eval_set = _as_completion(train_set, column), _as_completion(eval_set, column)
-        self.sampler = PromptSampler(train_set, batch_size, recipe.data.shuffle_seed + recipe.seed)
+        self.prompts = PromptSampler(train_set, batch_size, recipe.data.shuffle_seed + recipe.seed)
         self.eval_prompts, self.eval_columns = columns_of(eval_set)
         self.eval_completions = self._complete(self.eval_prompts, self.eval_columns, random.Random(recipe.data.shuffle_seed))
 
@@ -161,7 +143,7 @@ class Demonstrations:
 
     def batch(self, step: int) -> tuple[list[str], list[str]]:
         """The global batch of step ``step``: ``(prompts, completions)``."""
-        prompts, columns = self.sampler.batch(step)
+        prompts, columns = self.prompts.batch(step)
         rng = random.Random(self.recipe.seed * 1_000_003 + step)
         return prompts, self._complete(prompts, columns, rng)
 
@@ -203,7 +185,7 @@ class SftRun(LMRun):
         global_tokens = float(accelerator.reduce(action_tokens(batch).sum(), "sum"))
         results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
                                 global_counts=(float(len(batch)), global_tokens / world),
-                                aggregation=self.recipe.algorithm.aggregation, temperature=1.0,
+                                aggregation=self.recipe.algorithm.aggregation,
                                 micro_batch_size=self.recipe.train.micro_batch_size,
                                 max_grad_norm=self.recipe.optim.max_grad_norm)
         step_scheduler(self.scheduler)
@@ -222,6 +204,7 @@ class SftRun(LMRun):
         return metrics
 
     def evaluate(self) -> dict[str, Any]:
+        self.sync_sampler()  # SFT samples only here: the engine gets the weights the steps since wrote
         result = super().evaluate()
         result["nll"] = heldout_nll(self.unwrapped, self.tokenizer, self.demos.eval_prompts, self.demos.eval_completions,
                                     self.recipe.eval.batch_size, demonstrations=self.demonstrations)
@@ -256,7 +239,10 @@ def train_sft(recipe: Recipe, output_dir: str | Path, resume: bool = False, over
         run.demonstrations = (run.episodes.demonstrations if run.episodes is not None else functools.partial(
             demonstration_rollout, chat_template_kwargs=recipe.data.chat_template_kwargs,
             eos_token_ids=stop_token_ids(run.tokenizer, run.unwrapped)))
-        return run_job(run, resume_from, show_progress)
+        try:
+            return run_job(run, resume_from, show_progress)
+        finally:
+            run.close()
 
 
 __all__ = ["Demonstrations", "demonstration_rollout", "heldout_nll", "sft_batch_size", "train_sft", "SftRun"]

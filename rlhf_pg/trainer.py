@@ -2,12 +2,13 @@
 
     for step in range(steps):
         prompts            <- the step's prompts (this process's shard; a prompt's group stays together)
-        tau_1..tau_N       <- sample completions from pi_theta                      (rollout.py)
-        r(tau_i)           <- weighted reward functions, on the last token          (rewards.py)
+        tau_1..tau_N       <- sample completions from pi_theta       (the run's Sampler: policy/sampler.py)
+        r(tau_i)           <- weighted reward functions, on the last token          (reward_models/scorer.py)
         r_t               -= beta * KL_t(pi_theta || pi_ref)  (optional penalty)    (core/losses.py)
         A_t                <- returns -> baseline -> whiten over the *global* batch (core/estimator.py)
                               (filtered_bc: A_t = 1[G_0 >= threshold], ML on the good samples)
         theta              <- theta - lr * grad[-(1/N) sum_i sum_t log pi(a_it|s_it) A_it]   (core/losses.py)
+        sampler            <- the new theta (a no-op for the built-in engine, which shares the parameters)
 
 The same code runs on CPU, one GPU or many (``accelerate launch``); only the main process writes. The
 loop around the step (evaluation, checkpoints, signals, the final save) is ``run.loop``; the model,
@@ -27,11 +28,11 @@ import torch
 
 from .core import estimator
 from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_policy_loss, policy_gradient_loss
-from .core.mdp import Rollout, action_tokens, terminal_rewards
-from .lm_run import LMRun, setup_run
-from .recipe import Recipe
+from .core.mdp import Rollout, action_tokens, mask_truncated, terminal_rewards, truncated
 from .evaluation import completion_records
-from .rollout import completion_logprobs, mask_truncated, truncated
+from .lm_run import LMRun, setup_run
+from .policy.logprobs import completion_logprobs
+from .recipe import Recipe
 from .run.metrics import completions_table
 from .sampling import sample_step
 from .run.loop import run_job
@@ -73,13 +74,14 @@ class UpdateResult:
 
 def policy_update(
     model, optimizer, accelerator, batch: Rollout, advantages: torch.Tensor, *, global_counts: tuple[float, float],
-    aggregation: str = "seq-mean-token-sum", temperature: float = 1.0, micro_batch_size: int | None = None,
+    aggregation: str = "seq-mean-token-sum", micro_batch_size: int | None = None,
     max_grad_norm: float | None = None, updates_per_batch: int = 1, clip_eps: float = 0.2,
     clip_eps_high: float | None = None, ratio_level: str = "token", max_approx_kl: float | None = None,
     kl_coef: float = 0.0, kl_estimator: str = "k1", importance: str = "clip", norm_length: float | None = None,
 ) -> list[UpdateResult]:
     """``updates_per_batch`` optimizer steps on one rollout batch, in micro-batches.
 
+    log pi_theta is recomputed at the batch's own temperature (``batch.temperature``: the policy that sampled it).
     One update: the REINFORCE loss. Several: the importance-weighted loss against the log-probs of the
     first pass (so the first step's ratio is exactly 1), PPO-clipped (``importance="clip"``) or CISPO-
     truncated (``"truncate"``), stopping early once the approximate KL to pi_old exceeds ``max_approx_kl``.
@@ -111,9 +113,8 @@ def policy_update(
             accelerator.gradient_state._set_sync_gradients(last_chunk)
             sync = contextlib.nullcontext() if last_chunk else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                logprobs = completion_logprobs(
-                    model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, temperature
-                )
+                logprobs = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                               part.completion_mask, batch.temperature)
                 mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
                 if epoch == 0:
                     old_logprobs[chunk] = logprobs.detach()
@@ -150,8 +151,7 @@ def policy_update(
 def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
     """``policy_update``'s keyword arguments as a recipe sets them (``kl_coef``: the KL-in-loss coefficient now)."""
     algorithm = recipe.algorithm
-    return dict(aggregation=algorithm.aggregation, temperature=recipe.rollout.temperature,
-                micro_batch_size=recipe.train.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm,
+    return dict(aggregation=algorithm.aggregation, micro_batch_size=recipe.train.micro_batch_size, max_grad_norm=recipe.optim.max_grad_norm,
                 updates_per_batch=algorithm.updates_per_batch, clip_eps=algorithm.clip_eps,
                 clip_eps_high=algorithm.clip_eps_high, ratio_level=algorithm.ratio_level,
                 max_approx_kl=algorithm.max_approx_kl, kl_coef=kl_coef if algorithm.kl_mode == "loss" else 0.0,
@@ -172,7 +172,7 @@ def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: f
 
 def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
     """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off)."""
-    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, run.recipe.rollout.temperature)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.temperature)
     # inference mode: no autograd bookkeeping at all; the result is cloned out so the loss may use it
     with torch.inference_mode():
         if run.reference == "adapter":
@@ -216,6 +216,7 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
                             global_counts=(float(len(batch)), global_tokens / world),
                             **update_settings(recipe, run.kl.coef))
     step_scheduler(run.scheduler)
+    run.sync_sampler()  # the engine samples the next step from the updated theta
     if kl_stats:
         run.kl.update(kl_stats["kl/ref"], len(batch) * world)
     step_time = time.perf_counter() - started
@@ -306,7 +307,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
     with RunDir(output_dir).lock():
         run, resume_from = setup(recipe, output_dir, resume, overwrite)
-        return run_job(run, resume_from, show_progress)
+        try:
+            return run_job(run, resume_from, show_progress)
+        finally:
+            run.close()
 
 
 __all__ = ["train", "compute_advantages", "policy_update", "update_settings", "train_step", "reference_logprobs",

@@ -19,7 +19,7 @@ def build_tiny_model(path, seed: int = 0, n_layer: int = 2, n_embd: int = 32):
     """A random 2-layer char-level GPT-2 with the built-in character tokenizer, saved to ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_pg.builtin import char_tokenizer
+    from rlhf_pg.models.builtin import char_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.core.mdp import terminal_rewards
-from rlhf_pg.rollout import SamplingParams, rollout
+from rlhf_pg.policy.builtin import BuiltinSampler
+from rlhf_pg.policy.sampler import SamplingParams
 from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
 PROMPTS = ["1+2=", "3+4=", "5+6=", "17+8="]
@@ -21,8 +22,7 @@ COMPLETIONS_PER_PROMPT = 3
 
 
 def global_batch(model, tokenizer):
-    batch = rollout(model, tokenizer, PROMPTS, COMPLETIONS_PER_PROMPT, SamplingParams(max_new_tokens=5),
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(model, tokenizer).sample(PROMPTS, COMPLETIONS_PER_PROMPT, SamplingParams(max_new_tokens=5), generator=torch.Generator().manual_seed(0))
     scores = torch.tensor([float(i % 4) - 1.3 * (i % 3) for i in range(len(batch))])
     batch.rewards = terminal_rewards(scores, batch.completion_mask)
     return batch

@@ -5,7 +5,7 @@ import pytest
 from rlhf_pg.recipe import DataConfig, RewardSpec
 from rlhf_pg.data import load_prompt_datasets
 from rlhf_pg.errors import UserError
-from rlhf_pg.rewards import RewardScorer
+from reward_models import RewardScorer
 from rlhf_pg.tasks.arithmetic import parse_prompt
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg.builtin import char_tokenizer
+from rlhf_pg.models.builtin import char_tokenizer
 from rlhf_pg.tasks.arithmetic import flawed_sum, parse_prompt, split_problems
 from reward_models.rules import arithmetic_exact
 
@@ -82,20 +82,20 @@ def _problems(n, seed):
 
 def test_shipped_base_is_a_build_of_the_current_spec():
     """Fails when ArithBaseSpec changes without `python -m rlhf_pg.builtin --ship` (then it would be rebuilt on use)."""
-    from rlhf_pg.builtin import shipped_path, shipped_root
+    from rlhf_pg.models.builtin import shipped_path, shipped_root
 
     assert shipped_path("arith-gpt") == shipped_root() / "arith-gpt-v1"
 
 
 def test_shipped_base_loads_with_from_pretrained_and_has_the_carry_flaw():
-    from rlhf_pg.builtin import shipped_path
+    from rlhf_pg.models.builtin import shipped_path
 
     no_carry, carry, carry_dropped = _flaw_signature(shipped_path("arith-gpt"), _problems(80, seed=7))
     assert no_carry > 0.9 and carry < 0.25 and carry_dropped > 0.7
 
 
 def test_builtin_path_returns_the_shipped_weights_without_building_unless_rebuilt(monkeypatch, tmp_path):
-    from rlhf_pg import builtin
+    from rlhf_pg.models import builtin
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # its own cache: the fake rebuild must not outlive the test
 
@@ -111,7 +111,7 @@ def test_builtin_path_returns_the_shipped_weights_without_building_unless_rebuil
 
 
 def test_builtin_path_builds_when_the_shipped_weights_are_not_of_the_current_spec(monkeypatch, tmp_path):
-    from rlhf_pg import builtin
+    from rlhf_pg.models import builtin
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
@@ -128,7 +128,7 @@ def test_rebuilt_base_model_has_the_intended_flaw_and_matches_the_shipped_one(tm
     """The real builder, run again: right on problems without a carry, mostly wrong (the flawed answer) with
     one; and as accurate as the shipped weights on the same problems (equal when torch and the thread count
     match: the build is deterministic)."""
-    from rlhf_pg.builtin import BUILTIN_MODELS, build_arith_gpt, shipped_path
+    from rlhf_pg.models.builtin import BUILTIN_MODELS, build_arith_gpt, shipped_path
 
     rebuilt = build_arith_gpt(tmp_path / "rebuilt", BUILTIN_MODELS["arith-gpt"], progress=False)
     problems = _problems(400, seed=123)

@@ -11,12 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pg.core.mdp import action_tokens
-from rlhf_pg.episodes import EpisodeSpec
+from rlhf_pg.episodes.spec import EpisodeSpec
 from rlhf_pg.errors import RecipeError
 from rlhf_pg.recipe import load_recipe, recipe_from_dict
 from rlhf_pg.run.accel import new_accelerator
-from rlhf_pg.tasks.calculator import calculator, calculator_exact, demonstration, write_dataset
-from rlhf_pg.tools import CallFormat
+from reward_models.tasks import calculator_exact
+from rlhf_pg.tasks.calculator import calculator, demonstration, write_dataset
+from rlhf_pg.episodes.tools import CallFormat
 from test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def _tiny_recipe(tmp_path, model_dir, extra="") -> Path:
         f"model: {model_dir}\n"
         f"data: {{task: null, path: {data}, num_eval: 8}}\n"
         "tools: [rlhf_pg.tasks.calculator:calculator]\n"
-        "rewards: [{name: 'rlhf_pg.tasks.calculator:calculator_exact'}]\n"
+        "rewards: [{name: 'calculator_exact'}]\n"
         "rollout: {prompts_per_step: 4, completions_per_prompt: 2, max_new_tokens: 30, max_turns: 2,\n"
         "          tool_format: '[{name} {args}]', result_format: '={result};'}\n"
         "sft: {batch_size: 8}\n"

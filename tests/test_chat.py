@@ -12,8 +12,10 @@ from rlhf_pg.recipe import DataConfig, RewardSpec
 from rlhf_pg.data import PromptSampler, load_prompt_datasets
 from rlhf_pg.errors import UserError
 from rlhf_pg.evaluation import evaluate
-from rlhf_pg.rewards import RewardScorer
-from rlhf_pg.rollout import SamplingParams, check_prompt_lengths, encode_prompts, rollout
+from reward_models import RewardScorer
+from rlhf_pg.policy.builtin import BuiltinSampler
+from rlhf_pg.policy.prompts import check_prompt_lengths, encode_prompts
+from rlhf_pg.policy.sampler import SamplingParams
 
 # ChatML-like, as SmolLM2's: a turn is <role>content<eos>\n; the generation prompt opens an assistant turn
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -48,8 +50,7 @@ def test_reward_functions_receive_message_lists_and_trl_shaped_completions(tiny_
         seen.update(prompts=prompts, completions=completions, answer=kwargs["answer"])
         return [0.0] * len(completions)
 
-    batch = rollout(model, tokenizer, [QUESTION], 2, SamplingParams(max_new_tokens=4), extras={"answer": ["3"]},
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(model, tokenizer).sample([QUESTION], 2, SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0), columns={"answer": ["3"]})
     assert batch.prompts == [QUESTION, QUESTION] and all(isinstance(c, str) for c in batch.completions)
     scorer = RewardScorer([RewardSpec(name="arithmetic_last_integer")])
     scorer.terms[0].function = spy
@@ -69,7 +70,7 @@ def test_trl_think_format_reward_runs_unchanged_by_import_path():
 def test_evaluation_scores_chat_prompts_and_reports_truncation(tiny_model_dir):
     model, tokenizer = chat_model(tiny_model_dir)
     scorer = RewardScorer([RewardSpec(name="arithmetic_last_integer")])
-    result = evaluate(model, tokenizer, [QUESTION] * 3, {"a": [1] * 3, "b": [2] * 3}, scorer,
+    result = evaluate(BuiltinSampler(model, tokenizer), model, [QUESTION] * 3, {"a": [1] * 3, "b": [2] * 3}, scorer,
                       SamplingParams(max_new_tokens=3, temperature=0.0), batch_size=2)
     assert set(result) == {"reward", "reward/arithmetic_last_integer", "truncated", "examples"}
     assert 0.0 <= result["truncated"] <= 1.0 and result["examples"][0]["prompt"] == QUESTION
@@ -156,8 +157,7 @@ def test_completion_records_are_json_rows_with_rewards_and_truncation(tiny_model
     from rlhf_pg.evaluation import completion_records
 
     model, tokenizer = chat_model(tiny_model_dir)
-    batch = rollout(model, tokenizer, [QUESTION], 2, SamplingParams(max_new_tokens=3),
-                    generator=torch.Generator().manual_seed(0), group_offset=4)
+    batch = BuiltinSampler(model, tokenizer).sample([QUESTION], 2, SamplingParams(max_new_tokens=3), generator=torch.Generator().manual_seed(0), group_offset=4)
     scorer = RewardScorer([RewardSpec(name="arithmetic_last_integer")])
     scores, per_reward = scorer(batch.prompts, batch.completions, a=[1, 1], b=[2, 2])
     rows = completion_records(7, batch, scores, per_reward, limit=1)

@@ -77,7 +77,7 @@ def test_sft_on_conversational_pairs_learns_the_assistant_turn_and_its_end_token
 
 
 def test_mask_truncated_removes_exactly_the_truncated_rows_from_the_gradient(tiny_model_dir, tmp_path):
-    from rlhf_pg.rollout import mask_truncated
+    from rlhf_pg.core.mdp import mask_truncated
     from rlhf_pg.run.accel import new_accelerator
     from rlhf_pg.trainer import policy_update, setup, update_settings
 
@@ -105,3 +105,69 @@ def test_mask_truncated_removes_exactly_the_truncated_rows_from_the_gradient(tin
     only_finished = gradient(batch.select(finished_rows), finished_rows)  # same normalisation, fewer rows
     for name in masked:
         assert torch.allclose(masked[name], only_finished[name], atol=1e-6), name
+
+
+# --- a learned reward model on chat prompts (the classic RLHF case) ----------------------------------------
+
+
+def _chat_reward_model_dir(path, template=TEMPLATE, seed=0):
+    """A tiny Llama sequence classifier (one output) over the char tokenizer, with a chat template when given."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_pg.models.builtin import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = template
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=64)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_the_reward_model_reads_a_chat_sample_through_its_own_chat_template(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_models.reward_model import reward_model
+
+    rm_dir = _chat_reward_model_dir(tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    prompts = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2?"}]] * 2
+    completions = [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "33"}]]
+    scores = reward_model(prompts, completions, path=rm_dir, finished=[True, False])
+    # the texts written out by hand from the template: a finished reply closes its turn, a truncated one stays open
+    texts = ["<bos><system>be brief<eos>\n<user>1+2?<eos>\n<assistant>3<eos>\n",
+             "<bos><system>be brief<eos>\n<user>1+2?<eos>\n<assistant>33"]
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    with torch.no_grad():  # one plain forward per text, unpadded
+        expected = [float(model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+                    for text in texts]
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_without_a_chat_template_the_reward_model_reads_the_joined_contents(tmp_path):
+    from reward_models.preferences import reward_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(_chat_reward_model_dir(tmp_path / "rm", template=None))
+    texts = reward_texts(tokenizer, [[{"role": "user", "content": "1+2?"}]] * 2, ["3", "4"], finished=[True, False])
+    assert texts == ["1+2?\n3" + tokenizer.eos_token, "1+2?\n4"]
+
+
+def test_a_chat_recipe_trains_against_a_learned_reward_model(chat_model_dir, tmp_path):
+    """RLHF on a chat model: the reward_model reward on conversation prompts, through train, end to end."""
+    from rlhf_pg.trainer import train
+
+    rm_dir = _chat_reward_model_dir(tmp_path / "rm")
+    recipe = recipe_from_dict({
+        "model": chat_model_dir,
+        "data": {"task": "arithmetic", "prompt_format": "chat", "max_operand": 9, "num_eval": 4},
+        "rewards": [{"name": "reward_model", "path": rm_dir}, {"name": "arithmetic_last_integer", "weight": 0.0}],
+        "rollout": {"prompts_per_step": 4, "completions_per_prompt": 2, "max_new_tokens": 4},
+        "train": {"steps": 2, "eval_every": 0, "tensorboard": False, "num_threads": 1},
+    })
+    summary = train(recipe, tmp_path / "run", show_progress=False)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/policy" in r]
+    assert len(records) == 2 and all(r["reward/reward_model/mean"] == r["reward/reward_model/mean"] for r in records)
+    assert summary["eval_reward_reward_model_after"] == summary["eval_reward_after"]  # the gold monitor has weight 0

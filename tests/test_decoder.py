@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
-from rlhf_pg.decoder import GPT2Decoder, HFDecoder, LlamaDecoder, make_decoder
-from rlhf_pg.rollout import SamplingParams, encode_prompts, sample_completions
+from rlhf_pg.policy.decoder import GPT2Decoder, HFDecoder, LlamaDecoder, make_decoder
+from rlhf_pg.policy.builtin import sample_completions
+from rlhf_pg.policy.prompts import encode_prompts
+from rlhf_pg.policy.sampler import SamplingParams
 
 
 def tiny(config_class, **extra):

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlhf_pg.decoder import GPT2Decoder, HFDecoder, LlamaDecoder, make_decoder
-from rlhf_pg.rollout import SamplingParams, sample_completions
+from rlhf_pg.policy.decoder import GPT2Decoder, HFDecoder, LlamaDecoder, make_decoder
+from rlhf_pg.policy.builtin import sample_completions
+from rlhf_pg.policy.sampler import SamplingParams
 
 VOCAB, PAD, BOS, EOS = 97, 0, 1, 2
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -115,7 +116,7 @@ def test_real_smollm2_sampled_logprobs_equal_one_plain_forward_pass():
     from transformers import AutoTokenizer
 
     from rlhf_pg.models import resolve_model_path
-    from rlhf_pg.rollout import encode_prompts, stop_token_ids
+    from rlhf_pg.policy.prompts import encode_prompts, stop_token_ids
     from rlhf_pg.tasks.arithmetic import format_chat_prompt
 
     path = resolve_model_path("builtin:smollm2-135m-instruct")

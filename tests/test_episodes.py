@@ -15,13 +15,14 @@ import torch
 from transformers import PretrainedConfig
 
 import episodes_for_tests as helpers
-from rlhf_pg.builtin import char_tokenizer
+from rlhf_pg.models.builtin import char_tokenizer
 from rlhf_pg.core.mdp import action_tokens
-from rlhf_pg.episodes import EpisodeSpec, environment_scores, episode_metrics, render_episode
+from rlhf_pg.episodes.spec import EpisodeSpec, environment_scores, episode_metrics, render_episode
 from rlhf_pg.errors import RecipeError, UserError
-from rlhf_pg.multiturn import episode_rollout
-from rlhf_pg.rollout import SamplingParams, completion_logprobs
-from rlhf_pg.tools import CallFormat, bind_arguments, BadCall, call_tool, resolve_tools
+from rlhf_pg.episodes.sampler import EpisodeSampler
+from rlhf_pg.policy.logprobs import completion_logprobs
+from rlhf_pg.policy.sampler import SamplingParams
+from rlhf_pg.episodes.tools import CallFormat, bind_arguments, BadCall, call_tool, resolve_tools
 
 TOKENIZER = char_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -70,8 +71,7 @@ def tool_spec(*tools, **limits) -> EpisodeSpec:
 def run(spec, scripts, budget=60, prompts=None, extras=None):
     model = ScriptedLM([ids(s) if isinstance(s, str) else s for s in scripts])
     prompts = prompts or [f"{i}*2=" for i in range(len(scripts))]
-    batch = episode_rollout(spec, model, TOKENIZER, prompts, 1, SamplingParams(max_new_tokens=budget), extras,
-                            torch.Generator().manual_seed(0))
+    batch = EpisodeSampler(spec, model, TOKENIZER).sample(prompts, 1, SamplingParams(max_new_tokens=budget), columns=extras, generator=torch.Generator().manual_seed(0))
     return batch, model
 
 
@@ -201,12 +201,12 @@ def test_an_environment_step_that_hangs_is_a_user_error_naming_the_class():
 def test_evaluation_reports_the_environment_reward_tool_calls_and_rendered_episodes():
     from rlhf_pg.evaluation import evaluate
     from rlhf_pg.recipe import RewardSpec
-    from rlhf_pg.rewards import RewardScorer
+    from reward_models import RewardScorer
 
     script = ids("a") + [EOS] + ids("<a>") + ids("bc") + [EOS]
-    result = evaluate(ScriptedLM([script, script]), TOKENIZER, ["p", "q"], {}, RewardScorer(
-        [RewardSpec(name="rewards_for_tests:sevens")]), SamplingParams(max_new_tokens=30), episodes=env_spec(
-        helpers.CountingEnv))
+    model = ScriptedLM([script, script])
+    result = evaluate(EpisodeSampler(env_spec(helpers.CountingEnv), model, TOKENIZER), model, ["p", "q"], {},
+                      RewardScorer([RewardSpec(name="rewards_for_tests:sevens")]), SamplingParams(max_new_tokens=30))
     assert result["reward/environment"] == 1.25 and result["reward"] == 1.25 and result["tool_calls"] == 0.0
     assert result["examples"][0]["episode"].splitlines()[:2] == ["[model reward=1] a", "    [environment] <a>"]
 
@@ -238,15 +238,14 @@ def biased_model(tiny_model_dir):
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_sampled_logprobs_equal_a_plain_forward_over_the_whole_episode(biased_model, lean, monkeypatch):
-    import rlhf_pg.multiturn as multiturn
+    import rlhf_pg.episodes.sampler as multiturn
 
     original = multiturn.make_decoder
     monkeypatch.setattr(multiturn, "make_decoder", lambda model, b, n, lean=True: original(model, b, n, lean=lean_))
     lean_ = lean
     spec = tool_spec(helpers.echo)
     spec.tools = {"q": helpers.echo}  # a name the biased head writes often
-    batch = episode_rollout(spec, biased_model, TOKENIZER, ["12*3=", "7*8=", "1*1="], 4,
-                            SamplingParams(max_new_tokens=40), None, torch.Generator().manual_seed(1), max_context=64)
+    batch = EpisodeSampler(spec, biased_model, TOKENIZER, max_context=64).sample(["12*3=", "7*8=", "1*1="], 4, SamplingParams(max_new_tokens=40), columns=None, generator=torch.Generator().manual_seed(1))
     observations = batch.completion_mask * (1 - batch.action_mask)
     assert observations.sum() > 20 and len({int(n) for n in observations.sum(-1)}) > 1  # blocks of several sizes
     recomputed = completion_logprobs(biased_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
@@ -257,7 +256,7 @@ def test_sampled_logprobs_equal_a_plain_forward_over_the_whole_episode(biased_mo
 def test_decoder_extend_equals_a_plain_forward_with_uneven_blocks(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from rlhf_pg.decoder import make_decoder
+    from rlhf_pg.policy.decoder import make_decoder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompt, prompt_mask = torch.randint(4, 60, (3, 4), generator=torch.Generator().manual_seed(0)), torch.ones(3, 4)

@@ -3,8 +3,11 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from rlhf_pg.rollout import (SamplingParams, StopStrings, completion_logprobs, cut_at_stop, encode_prompts,
-                             mask_truncated, rollout, sample_completions, stop_token_ids, truncated)
+from rlhf_pg.core.mdp import mask_truncated, truncated
+from rlhf_pg.policy.builtin import BuiltinSampler, sample_completions
+from rlhf_pg.policy.logprobs import completion_logprobs
+from rlhf_pg.policy.prompts import StopStrings, cut_at_stop, encode_prompts, stop_token_ids
+from rlhf_pg.policy.sampler import SamplingParams
 
 
 def load(tiny_model_dir):
@@ -24,8 +27,7 @@ def test_every_eos_id_of_the_tokenizer_and_the_generation_config_ends_a_completi
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]  # a list, as chat models have
     assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id, end_of_turn]
     boost(model, [end_of_turn], 4.0)
-    batch = rollout(model, tokenizer, ["1+2=", "33+44="], 8, SamplingParams(max_new_tokens=12),
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "33+44="], 8, SamplingParams(max_new_tokens=12), generator=torch.Generator().manual_seed(0))
     lengths = batch.completion_mask.sum(-1).long()
     ended_by_turn = [row for row in range(len(batch)) if batch.completion_ids[row, lengths[row] - 1] == end_of_turn]
     assert len(ended_by_turn) > len(batch) // 2
@@ -33,8 +35,7 @@ def test_every_eos_id_of_the_tokenizer_and_the_generation_config_ends_a_completi
         assert batch.finished[row] and end_of_turn not in batch.completion_ids[row, : lengths[row] - 1].tolist()
         assert torch.all(batch.completion_ids[row, lengths[row]:] == tokenizer.pad_token_id)
     # min_new_tokens forbids every EOS id, not only the tokenizer's
-    forced = rollout(model, tokenizer, ["1+2="], 8, SamplingParams(max_new_tokens=6, min_new_tokens=6),
-                     generator=torch.Generator().manual_seed(0))
+    forced = BuiltinSampler(model, tokenizer).sample(["1+2="], 8, SamplingParams(max_new_tokens=6, min_new_tokens=6), generator=torch.Generator().manual_seed(0))
     assert forced.completion_mask.sum() == 8 * 6 and not forced.finished.any()
 
 
@@ -42,7 +43,7 @@ def test_a_stop_string_ends_the_completion_is_kept_in_the_text_and_masks_what_fo
     model, tokenizer = load(tiny_model_dir)
     boost(model, [tokenizer.convert_tokens_to_ids("7")], 4.5)
     params = SamplingParams(max_new_tokens=12, stop=("77",))
-    batch = rollout(model, tokenizer, ["1+2=", "33+44="], 8, params, generator=torch.Generator().manual_seed(1))
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "33+44="], 8, params, generator=torch.Generator().manual_seed(1))
     stopped = [row for row, text in enumerate(batch.completions) if "77" in text]
     assert stopped, batch.completions
     for row in stopped:
@@ -77,8 +78,7 @@ def test_stop_strings_are_found_across_token_boundaries_and_cut_after_the_earlie
 def test_truncated_completions_are_flagged_and_can_be_masked(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
     boost(model, [tokenizer.eos_token_id], 2.0)
-    batch = rollout(model, tokenizer, ["1+2=", "33+44="], 8, SamplingParams(max_new_tokens=4),
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "33+44="], 8, SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0))
     cut = truncated(batch)
     assert cut.dtype == torch.bool and cut.shape == (len(batch),) and cut.any() and (~cut).any()
     assert torch.equal(cut, batch.completion_mask.sum(-1).eq(4) & ~batch.finished)

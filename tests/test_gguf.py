@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_pg import gguf as gguf_module
+from rlhf_pg.models import gguf as gguf_module
 from rlhf_pg.errors import UserError
-from rlhf_pg.gguf import INSTALL, convert_gguf, converted_dir
+from rlhf_pg.models.gguf import INSTALL, convert_gguf, converted_dir
 from rlhf_pg.models import resolve_model_path
 
 HAS_GGUF = importlib.util.find_spec("gguf") is not None

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_pg import kernels
-from rlhf_pg.rollout import completion_logprobs
+from rlhf_pg.policy import kernels
+from rlhf_pg.policy.logprobs import completion_logprobs
 from tests.test_decoder_families import FAMILIES, tiny_model
 
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN linear op")

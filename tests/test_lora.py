@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.core.losses import kl_estimate
 from rlhf_pg.run.metrics import read_metrics
-from rlhf_pg.rollout import completion_logprobs
+from rlhf_pg.policy.logprobs import completion_logprobs
 from rlhf_pg.trainer import reference_logprobs, setup, train, train_step
 
 
@@ -29,10 +29,10 @@ def lora_recipe(model_dir, **train_options):
 def test_kl_to_reference_is_exactly_zero_before_the_first_update(tiny_model_dir, tmp_path):
     run, _ = setup(lora_recipe(tiny_model_dir), tmp_path)
     assert run.reference == "adapter"  # no second copy of the model
-    from rlhf_pg.rollout import SamplingParams, rollout
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.sampler import SamplingParams
 
-    batch = rollout(run.unwrapped, run.tokenizer, ["1+2=", "3+4="], 4, SamplingParams(max_new_tokens=4),
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(run.unwrapped, run.tokenizer).sample(["1+2=", "3+4="], 4, SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         policy = completion_logprobs(run.unwrapped, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                      batch.completion_mask)

@@ -28,7 +28,7 @@ import rewards_for_tests
 from conftest import build_tiny_model
 from rlhf_pg.run import checkpoint as ckpt
 from rlhf_pg import cli
-from rlhf_pg.builtin import char_tokenizer
+from rlhf_pg.models.builtin import char_tokenizer
 from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import TrainingInterrupted, UserError
 from rlhf_pg.run.metrics import read_metrics

@@ -10,7 +10,7 @@ import pytest
 import user_rewards_for_tests as user
 from rlhf_pg.errors import RecipeError, RewardFunctionError
 from rlhf_pg.recipe import recipe_from_dict
-from rlhf_pg.rewards import RewardScorer, judged_mean
+from reward_models import RewardScorer, judged_mean
 
 PROMPTS = ["1+2=", "30+7=", "9+9="]
 COMPLETIONS = ["3", "77", "7a"]
@@ -120,10 +120,10 @@ def test_the_held_out_evaluation_means_only_judged_samples(tiny_model_dir):
     from rlhf_pg.evaluation import evaluate
     from rlhf_pg.models import load_policy
     from rlhf_pg.recipe import ModelConfig
-    from rlhf_pg.rollout import SamplingParams
+    from rlhf_pg.policy.sampler import SamplingParams, make_sampler
 
     model, tokenizer, _ = load_policy(ModelConfig(name_or_path=tiny_model_dir))
-    result = evaluate(model, tokenizer, ["1+2="] * 6, {}, scorer_of("user_rewards_for_tests:judges_nothing",
+    result = evaluate(make_sampler(None, model, tokenizer), model, ["1+2="] * 6, {}, scorer_of("user_rewards_for_tests:judges_nothing",
                                                                     "rewards_for_tests:sevens"),
                       SamplingParams(3, 1.0), seed=0)
     assert math.isnan(result["reward/judges_nothing"]) and math.isfinite(result["reward"])

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.preferences import pairs_from_dataset, reward_texts
-from reward_models.scoring import load_reward_model, reward_model
-from rlhf_pg.builtin import char_tokenizer
+from reward_models.reward_model import load_reward_model, reward_model
+from rlhf_pg.models.builtin import char_tokenizer
 from reward_models.config import load_reward_model_recipe, reward_model_recipe_from_dict
 from rlhf_pg.errors import RecipeError, UserError
 

@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import RecipeError
-from rlhf_pg.rewards import RewardScorer
+from reward_models import RewardScorer
 
 
 def test_rewards_are_summed_with_their_weights_and_a_zero_weight_reward_is_only_logged():

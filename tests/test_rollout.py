@@ -4,7 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_pg.rollout import SamplingParams, completion_logprobs, encode_prompts, rollout, sample_completions
+from rlhf_pg.policy.builtin import BuiltinSampler, sample_completions
+from rlhf_pg.policy.logprobs import completion_logprobs
+from rlhf_pg.policy.prompts import encode_prompts
+from rlhf_pg.policy.sampler import SamplingParams
 
 
 def load(tiny_model_dir):
@@ -39,7 +42,7 @@ def test_mask_covers_tokens_up_to_and_including_eos_and_padding_after(tiny_model
 def test_sampled_logprobs_equal_a_fresh_forward_and_do_not_depend_on_padding(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
     prompts = ["1+2=", "33+44=", "7+80="]
-    batch = rollout(model, tokenizer, prompts, 2, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(3))
+    batch = BuiltinSampler(model, tokenizer).sample(prompts, 2, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(3))
     recomputed = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     assert torch.allclose(recomputed, batch.logprobs, atol=1e-5)
     for row in range(len(batch)):  # each row alone, without any padding
@@ -52,8 +55,7 @@ def test_sampled_logprobs_equal_a_fresh_forward_and_do_not_depend_on_padding(tin
 
 def test_group_ids_and_extras_follow_their_prompt(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
-    batch = rollout(model, tokenizer, ["1+2=", "3+4="], 3, SamplingParams(max_new_tokens=3),
-                    extras={"answer": ["3", "7"]}, group_offset=10)
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "3+4="], 3, SamplingParams(max_new_tokens=3), group_offset=10, columns={"answer": ["3", "7"]})
     assert batch.group_ids.tolist() == [10, 10, 10, 11, 11, 11]
     assert batch.prompts == ["1+2="] * 3 + ["3+4="] * 3
     assert batch.extras["answer"] == ["3"] * 3 + ["7"] * 3
@@ -87,8 +89,7 @@ def test_top_p_keeps_only_the_nucleus(tiny_model_dir):
 def test_sharing_group_prompts_gives_the_same_logprobs_and_gradients(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
     model.train()
-    batch = rollout(model, tokenizer, ["1+2=", "33+44=", "7+80="], 4, SamplingParams(max_new_tokens=6),
-                    generator=torch.Generator().manual_seed(3))
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "33+44=", "7+80="], 4, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(3))
     batch = batch.select([0, 1, 2, 4, 5, 8, 11])  # uneven groups, as after dropping zero-advantage rows
     results = []
     for share in (True, False):
@@ -107,11 +108,11 @@ def test_sharing_group_prompts_gives_the_same_logprobs_and_gradients(tiny_model_
 def test_the_sampler_draws_from_softmax_of_logits_over_temperature_within_the_nucleus(temperature, top_p):
     """Frequencies of 40,000 draws against the exact distribution (the inverse-CDF path at top_p = 1, the
     exponential race inside a nucleus): within 5 standard errors, and a -inf token never drawn."""
-    from rlhf_pg.rollout import _choose_tokens
+    from rlhf_pg.policy.builtin import choose_tokens
 
     logits = torch.tensor([2.0, 1.0, 0.5, float("-inf"), 0.0, -1.0, 1.5])
     rows = 40_000
-    actions, logprobs = _choose_tokens(logits.repeat(rows, 1), SamplingParams(temperature=temperature, top_p=top_p),
+    actions, logprobs = choose_tokens(logits.repeat(rows, 1), SamplingParams(temperature=temperature, top_p=top_p),
                                        torch.Generator().manual_seed(0))
     probs = torch.softmax(logits / temperature, -1)
     expected = probs.clone()

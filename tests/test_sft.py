@@ -12,7 +12,7 @@ from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.errors import UserError
 from rlhf_pg.core.losses import policy_gradient_loss
 from rlhf_pg.run.metrics import read_metrics
-from rlhf_pg.rollout import completion_logprobs
+from rlhf_pg.policy.logprobs import completion_logprobs
 from rlhf_pg.sft import demonstration_rollout, heldout_nll, train_sft
 
 PROMPTS = ["1+2=", "33+44=", "5+6=", "10+0="]

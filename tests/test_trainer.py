@@ -111,7 +111,8 @@ def test_broken_reward_functions_are_named(tiny_model_dir, tmp_path, function, m
 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
     from rlhf_pg.core.mdp import terminal_rewards
-    from rlhf_pg.rollout import SamplingParams, rollout
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.sampler import SamplingParams
     from rlhf_pg.run.accel import new_accelerator
     from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
@@ -122,8 +123,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir):
         recipe = tiny_recipe(tiny_model_dir, train={"micro_batch_size": micro}, algorithm={"aggregation": "token-mean"})
         accelerator = new_accelerator("no")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        batch = rollout(model, tokenizer, ["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5),
-                        generator=torch.Generator().manual_seed(0))
+        batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5), generator=torch.Generator().manual_seed(0))
         batch.rewards = terminal_rewards(torch.arange(12.0), batch.completion_mask)
         advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
         captured = {}
@@ -154,7 +154,9 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_model_dir, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
     from rlhf_pg.recipe import ModelConfig
     from rlhf_pg.models import load_causal_lm
-    from rlhf_pg.rollout import SamplingParams, completion_logprobs, rollout
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.logprobs import completion_logprobs
+    from rlhf_pg.policy.sampler import SamplingParams
     from rlhf_pg.core.losses import policy_gradient_loss
 
     grads = []
@@ -162,8 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
         model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=checkpointing))
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
         model.eval()
-        batch = rollout(model, tokenizer, ["1+2=", "33+4="], 3, SamplingParams(max_new_tokens=4),
-                        generator=torch.Generator().manual_seed(0))
+        batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "33+4="], 3, SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0))
         model.train()
         logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                        batch.completion_mask)
@@ -176,14 +177,14 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir):
 
 def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_model_dir):
     from rlhf_pg.core.mdp import terminal_rewards
-    from rlhf_pg.rollout import SamplingParams, rollout
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.sampler import SamplingParams
     from rlhf_pg.run.accel import new_accelerator
     from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batch = rollout(model, tokenizer, ["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5),
-                    generator=torch.Generator().manual_seed(0))
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "3+4=", "5+6="], 4, SamplingParams(max_new_tokens=5), generator=torch.Generator().manual_seed(0))
     # group 0 all rewarded, group 1 mixed, group 2 all unrewarded: only group 1 has non-zero advantages
     batch.rewards = terminal_rewards(torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), batch.completion_mask)
     recipe = tiny_recipe(tiny_model_dir, algorithm={"aggregation": "token-mean"})
@@ -201,7 +202,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     assert seen == [1, 4]  # only the mixed group went through the model: its prompt once, then its 4 completions
     # the full-batch loss, every row included, has the same gradient
     from rlhf_pg.core.losses import policy_gradient_loss
-    from rlhf_pg.rollout import completion_logprobs
+    from rlhf_pg.policy.logprobs import completion_logprobs
 
     model.zero_grad()
     logprobs = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)

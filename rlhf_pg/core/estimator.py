@@ -17,6 +17,7 @@ model, device or process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -52,6 +53,16 @@ class EstimatorSpec:
     threshold: float = 1.0  # filtered_bc: keep a trajectory when G_0 >= threshold
     scale: str = "none"  # one of SCALE_NAMES: divide A by the group's (or batch's) std of G_0 (GRPO)
     scale_eps: float = 1e-6  # A / (std + scale_eps)
+
+    # the recipes' ``algorithm.<key>`` -> the field it sets: the one place recipe keys become an estimator
+    RECIPE_KEYS = {"gamma": "gamma", "baseline": "baseline", "whiten": "whiten", "estimator": "weighting",
+                   "reward_threshold": "threshold", "scale": "scale", "scale_eps": "scale_eps"}
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, Any]) -> "EstimatorSpec":
+        """The estimator an ``algorithm`` section (LM or gym recipe, or a preset's values) selects, by the recipes'
+        key names; keys it does not have keep the defaults above."""
+        return cls(**{name: keys[key] for key, name in cls.RECIPE_KEYS.items() if key in keys})
 
 
 def returns_of(spec: EstimatorSpec, rewards: Tensor, mask: Tensor) -> Tensor:

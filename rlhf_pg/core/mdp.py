@@ -45,7 +45,10 @@ class Rollout:
                        None: every completion token is an action. ``action_tokens`` is the mask to use.
       step_rewards     ``[B, T]``, multi-turn episodes only: rewards the environment paid along the way, each on
                        the last action token of the turn that earned it (already part of the row's score).
-      episodes         multi-turn episodes only: per row, the episode's record turn by turn (``episodes.Episode``).
+      episodes         multi-turn episodes only: per row, the episode's record turn by turn (``episodes.spec.Episode``).
+      temperature      T of the policy pi = softmax(logits / T) that ``logprobs`` were taken under (set by the sampler
+                       from ``SamplingParams.policy_temperature``); the update and the reference score the batch
+                       at the same T, so sampler and trainer agree on which policy acted.
     """
 
     prompt_ids: Tensor
@@ -63,6 +66,7 @@ class Rollout:
     action_mask: Tensor | None = None
     step_rewards: Tensor | None = None
     episodes: list | None = None
+    temperature: float = 1.0
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -119,16 +123,61 @@ def terminal_rewards(scores: Tensor, mask: Tensor, step_rewards: Tensor | None =
     return rewards
 
 
+def truncated(batch: Rollout) -> Tensor:
+    """``[B]`` bool: the completion hit ``max_new_tokens`` without EOS or a stop string (``~batch.finished``)."""
+    return ~batch.finished
+
+
+def mask_truncated(batch: Rollout) -> Rollout:
+    """``rollout.mask_truncated``: the batch with every truncated completion's mask (and log-probs) zeroed, so it
+    carries no gradient; its reward still counts in the baselines of its group and batch.
+
+        completion_mask[b, t] <- completion_mask[b, t] * finished[b]
+    """
+    keep = batch.finished.to(batch.completion_mask.dtype)[:, None]  # [B, 1]
+    return replace(batch, completion_mask=batch.completion_mask * keep, logprobs=batch.logprobs * keep)
+
+
+def padded_completions(token_rows: list[list[int]], pad_token_id: int, action_rows: list[list[float]] | None = None,
+                       logprob_rows: list[list[float]] | None = None, device="cpu"
+                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(completion_ids, completion_mask, action_mask, logprobs)`` ``[B, T]``, right-padded, from per-row lists.
+
+    T = the longest row (at least 1); ``completion_mask`` is 1 on each row's tokens; ``action_mask`` from
+    ``action_rows`` (None without them); ``logprobs`` from ``logprob_rows`` (0 without them, and on padding).
+    """
+    width = max(1, max((len(ids) for ids in token_rows), default=0))
+    shape = (len(token_rows), width)
+    completion_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    completion_mask, logprobs = torch.zeros(shape), torch.zeros(shape)
+    action_mask = torch.zeros(shape) if action_rows is not None else None
+    for row, ids in enumerate(token_rows):
+        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[row, : len(ids)] = 1.0
+        if action_mask is not None:
+            action_mask[row, : len(ids)] = torch.tensor(action_rows[row], dtype=torch.float32)
+        if logprob_rows is not None:
+            logprobs[row, : len(ids)] = torch.tensor(logprob_rows[row], dtype=torch.float32)
+    return (completion_ids.to(device), completion_mask.to(device),
+            action_mask.to(device) if action_mask is not None else None, logprobs.to(device))
+
+
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     """One ``Rollout`` of the rows of ``parts`` (in order), re-padded to common widths.
 
     ``prompt_*`` tensors are left-padded (prompts end where completions begin), the others right-padded;
     id tensors pad with ``pad_token_id``, everything else with 0 (masks 0: padding is never an action).
+    Every part must have been sampled at the same temperature.
     """
     if len(parts) == 1:
         return parts[0]
-    merged = {}
+    temperatures = {part.temperature for part in parts}
+    if len(temperatures) > 1:
+        raise ValueError(f"cannot concatenate rollouts sampled at different temperatures {sorted(temperatures)}")
+    merged = {"temperature": parts[0].temperature}
     for f in fields(Rollout):
+        if f.name == "temperature":
+            continue
         values = [getattr(part, f.name) for part in parts]
         if all(v is None for v in values):
             merged[f.name] = None

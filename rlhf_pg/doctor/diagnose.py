@@ -70,10 +70,11 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     ``rollout.prompts_per_step`` as ``time_budget_s`` seconds of sampling allow, after a probe of 2)."""
     from rich.console import Console
 
+    from reward_models import RewardScorer
+
     from ..data import PromptSampler, load_prompt_datasets
-    from ..models import apply_lora, context_length, load_policy
-    from ..rewards import RewardScorer
-    from ..rollout import check_prompt_lengths, stop_token_ids
+    from ..models import apply_lora, load_policy
+    from ..policy.prompts import check_prompt_lengths, context_length, stop_token_ids
     from ..run.accel import new_accelerator, set_threads
 
     console = console or Console()
@@ -120,8 +121,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
         diagnosis.add("problem", "a prompt does not fit in the model's context", str(error),
                       "drop or shorten the long prompts, or lower rollout.max_new_tokens")
 
-    batch = _sample(diagnosis, recipe, model, tokenizer, step_prompts, step_columns, prompts, time_budget_s, device,
-                    chat_kwargs, stop_strings, context_length(model))
+    batch = _sample(diagnosis, recipe, model, tokenizer, step_prompts, step_columns, prompts, time_budget_s, device)
     if batch is not None:
         per_reward, totals = _score(diagnosis, recipe, scorer, batch)
         _check_batch(diagnosis, recipe, batch, stop_ids, stop_strings, totals, prompts, time_budget_s)
@@ -184,16 +184,16 @@ def _check_end_tokens(diagnosis, tokenizer, model, chat_prompt, chat_kwargs, sto
                       "the tokenizer with that token as its eos_token")
 
 
-def _sample(diagnosis, recipe, model, tokenizer, step_prompts, step_columns, prompts, time_budget_s, device,
-            chat_kwargs, stop_strings, max_context):
-    """The first step's batch: ``prompts`` of its prompts, or a probe of 2 and as many more as the budget allows."""
+def _sample(diagnosis, recipe, model, tokenizer, step_prompts, step_columns, prompts, time_budget_s, device):
+    """The first step's batch, drawn by the recipe's engine (``make_sampler``, as ``train`` draws it): ``prompts``
+    of its prompts, or a probe of 2 and as many more as the budget allows."""
     from ..core.mdp import concat_rollouts
-    from ..rollout import SamplingParams, rollout
+    from ..policy.sampler import SamplingParams, make_sampler
 
     config = recipe.rollout
     planned = min(prompts, config.prompts_per_step) if prompts else config.prompts_per_step
-    params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, config.min_new_tokens,
-                            stop_strings)
+    params = SamplingParams.for_training(recipe)
+    sampler = make_sampler(recipe, model, tokenizer)
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
     parts, sampled, started = [], 0, time.perf_counter()
     try:
@@ -206,12 +206,14 @@ def _sample(diagnosis, recipe, model, tokenizer, step_prompts, step_columns, pro
                 if count < 1:
                     break
             rows = slice(sampled, sampled + count)
-            parts.append(rollout(model, tokenizer, step_prompts[rows], config.completions_per_prompt, params,
-                                 {key: values[rows] for key, values in step_columns.items()}, generator,
-                                 group_offset=sampled, max_context=max_context, chat_template_kwargs=chat_kwargs))
+            parts.append(sampler.sample(step_prompts[rows], config.completions_per_prompt, params,
+                                        columns={key: values[rows] for key, values in step_columns.items()},
+                                        generator=generator, group_offset=sampled))
             sampled += count
     except UserError as error:
         diagnosis.add("problem", "sampling failed", str(error), "fix the input named above")
+    finally:
+        sampler.close()
     diagnosis.stats["batch"] = {"sampled": sampled, "planned": config.prompts_per_step, "sample_s":
                                 time.perf_counter() - started}
     return concat_rollouts(parts, tokenizer.pad_token_id) if parts else None
@@ -268,7 +270,7 @@ def _check_batch(diagnosis, recipe, batch, stop_ids, stop_strings, totals, promp
         diagnosis.add("problem", "the end token is outside the loss mask",
                       f"{outside} finished completion(s) do not end, inside completion_mask, with an end id {stop_ids}: "
                       "the update would never learn when to stop",
-                      "report this as a bug of rlhf_pg.rollout (completion_mask must be 1 up to and including EOS)")
+                      "report this as a bug of the sampler (completion_mask must be 1 up to and including EOS)")
     degenerate, groups = group_spread(totals, batch.group_ids)
     firsts: dict[int, int] = {}
     for row, group in enumerate(batch.group_ids.tolist()):

@@ -61,7 +61,7 @@ class GymAlgorithmConfig:
 
     def estimator_spec(self) -> EstimatorSpec:
         """The estimator these keys select (``core.estimator.advantages`` computes it)."""
-        return EstimatorSpec(gamma=self.gamma, baseline=self.baseline, whiten=self.whiten)
+        return EstimatorSpec.from_keys(vars(self))
 
 
 @dataclass

@@ -127,10 +127,11 @@ class LMSource:
     def __init__(self, recipe, policy_dir: str | None):
         import copy
 
+        from reward_models import RewardScorer
+
         from ..data import PromptSampler, load_prompt_datasets
-        from ..models import context_length, load_policy
-        from ..rewards import RewardScorer
-        from ..rollout import SamplingParams
+        from ..models import load_policy
+        from ..policy.sampler import SamplingParams, make_sampler
 
         torch.manual_seed(recipe.seed)
         self.recipe = recipe
@@ -141,11 +142,10 @@ class LMSource:
         self.model.eval()  # no dropout: the lab measures the estimator's own noise
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         train_set, _ = load_prompt_datasets(recipe.data)
-        self.sampler = PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
+        self.prompts = PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
         self.scorer = RewardScorer(recipe.rewards)
-        self.sampling = SamplingParams(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
-                                       recipe.rollout.min_new_tokens)
-        self.max_context = context_length(self.model)
+        self.sampling = SamplingParams.for_training(recipe)
+        self.sampler = make_sampler(recipe, self.model, self.tokenizer)
         self.generator = torch.Generator().manual_seed(recipe.seed)
         self.batch_size = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
         self.gamma = recipe.algorithm.gamma
@@ -157,22 +157,22 @@ class LMSource:
 
     def sample(self, keep_for_value: bool = False) -> Batch:
         from ..core.mdp import terminal_rewards
-        from ..rollout import completion_logprobs, rollout
+        from ..policy.logprobs import completion_logprobs
 
-        prompts, columns = self.sampler.batch(self._step)
+        prompts, columns = self.prompts.batch(self._step)
         self._step += 1
-        batch = rollout(self.model, self.tokenizer, prompts, self.recipe.rollout.completions_per_prompt, self.sampling,
-                        columns, self.generator, max_context=self.max_context)
+        batch = self.sampler.sample(prompts, self.recipe.rollout.completions_per_prompt, self.sampling,
+                                    columns=columns, generator=self.generator)
         scores, _ = self.scorer(batch.prompts, batch.completions, finished=batch.finished.tolist(), **batch.extras)
         rewards = terminal_rewards(torch.tensor(scores, dtype=torch.float64), batch.completion_mask.double())
         logprobs = completion_logprobs(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                       batch.completion_mask, self.recipe.rollout.temperature)
+                                       batch.completion_mask, batch.temperature)
         greedy = None
         if self.greedy:
             from dataclasses import replace
 
-            greedy_batch = rollout(self.model, self.tokenizer, prompts, 1, replace(self.sampling, temperature=0.0),
-                                   columns, self.generator, max_context=self.max_context)
+            greedy_batch = self.sampler.sample(prompts, 1, replace(self.sampling, temperature=0.0), columns=columns,
+                                               generator=self.generator)
             greedy_scores, _ = self.scorer(greedy_batch.prompts, greedy_batch.completions,
                                            finished=greedy_batch.finished.tolist(), **greedy_batch.extras)
             k = self.recipe.rollout.completions_per_prompt
@@ -186,4 +186,4 @@ class LMSource:
         return None
 
     def close(self) -> None:
-        return None
+        self.sampler.close()

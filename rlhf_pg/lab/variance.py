@@ -19,7 +19,7 @@ gamma = 1 except the "discounted" row, which shows the bias discounting trades f
 
 Sources: a gym recipe (batches of episodes from ``rlhf_pg.gym``; the learned V is fitted on the reference
 batches, which are independent of the measured ones) or an LM recipe (batches of prompts x completions from
-``rlhf_pg.rollout``, scored by the recipe's rewards; the gradient is over all of the model's parameters).
+the recipe's sampler (``policy.sampler.make_sampler``), scored by the recipe's rewards; the gradient is over all of the model's parameters).
 """
 
 from __future__ import annotations
@@ -74,9 +74,7 @@ def preset_estimators(greedy: bool) -> list[LabEstimator]:
         values = {key.split(".", 1)[1]: value for key, value in preset.values.items()}
         if values["baseline"] == REMAX_BASELINE and not greedy:
             continue
-        spec = EstimatorSpec(gamma=values["gamma"], baseline=values["baseline"], whiten=values["whiten"],
-                             scale=values["scale"], weighting=values["estimator"])
-        rows.append(LabEstimator(f"preset {name}", spec, values["aggregation"]))
+        rows.append(LabEstimator(f"preset {name}", EstimatorSpec.from_keys(values), values["aggregation"]))
     return rows
 
 

@@ -6,7 +6,7 @@ With ``recipes/calculator_tool.yaml``'s formats an episode that uses the tool re
     123*4=  [calculator 123*4]  =492;  492<eos>
     prompt  action (a call)     obs    action (the answer)
 
-and the answer is scored by ``calculator_exact`` on the model's last turn. The demonstrations for the SFT
+and the answer is scored by the ``calculator_exact`` reward (``reward_models/tasks.py``) on the model's last turn. The demonstrations for the SFT
 warm-up (``write_dataset``) use the tool only half of the time (``tool_fraction``): the rest answer directly,
 which this model gets wrong, so the reward is what teaches it to reach for the tool.
 
@@ -62,43 +62,6 @@ def _evaluate(node: ast.AST):
             raise ValueError("the result would be too large")
         return value
     raise ValueError(f"unsupported syntax: {ast.dump(node)[:40]}")
-
-
-def final_answer(completion: str, turns: list[dict] | None) -> str:
-    """The text of the model's last turn (the whole completion without turns); '' when the environment spoke last."""
-    if turns is None:
-        return completion
-    if not turns or turns[-1].get("role") != "model":
-        return ""
-    return turns[-1].get("content", "")
-
-
-def calculator_exact(prompts: list, completions: list, answer=None, finished=None, turns=None, **kwargs) -> list[float]:
-    """1.0 when the episode ended with EOS and its last model turn is exactly ``answer``, else 0.0.
-
-    ``turns``: each episode's turns (``multiturn`` passes them); without them (no tools) the completion is the
-    answer. ``answer`` defaults to the product parsed from an ``"a*b="`` prompt.
-    """
-    scores = []
-    for i, completion in enumerate(completions):
-        text = completion if isinstance(completion, str) else "".join(m.get("content", "") for m in completion)
-        expected = str(answer[i]).strip() if answer is not None else str(_product(prompts[i]))
-        ended = True if finished is None else bool(finished[i])
-        given = final_answer(text, turns[i] if turns is not None else None).strip()
-        scores.append(1.0 if ended and given == expected else 0.0)
-    return scores
-
-
-def used_tool(prompts: list, completions: list, turns=None, **kwargs) -> list[float]:
-    """1.0 for an episode with at least one tool result in it (a monitor: give it weight 0)."""
-    if turns is None:
-        return [0.0] * len(completions)
-    return [float(any(t.get("role") == "tool" for t in episode)) for episode in turns]
-
-
-def _product(prompt: str) -> int:
-    left, _, right = prompt.rstrip("=").partition("*")
-    return int(left) * int(right)
 
 
 def demonstration(a: int, b: int, use_tool: bool, tool_format: str = "[{name} {args}]",

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import RecipeError, UserError, first_line
+from ..errors import RecipeError, UserError, first_line
 
 DEFAULT_TOOL_FORMAT = "<tool>{name}({args})</tool>"
 DEFAULT_RESULT_FORMAT = "<result>{result}</result>"

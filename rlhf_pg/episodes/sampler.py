@@ -1,4 +1,4 @@
-"""Sampling multi-turn episodes with one KV cache for the whole episode (``episodes`` has the vocabulary).
+"""Sampling multi-turn episodes with one KV cache for the whole episode (``episodes.spec`` has the vocabulary).
 
 One prefill over the prompts, then one forward per iteration over a block ``[B, W]`` (``decoder.extend``):
 
@@ -21,18 +21,20 @@ the actions (0 on observations), ``step_rewards`` the environment's rewards on t
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable
 
 import torch
 
-from .chat import is_conversation, prompt_texts
-from .core.mdp import Rollout
-from .decoder import make_decoder
-from .episodes import ENVIRONMENT, MODEL, TOOL, Episode, EpisodeSpec, Turn, checked_step, new_environment
-from .errors import UserError
-from .rollout import SamplingParams, _choose_tokens, _encode_texts, cut_at_stop, stop_token_ids, token_logprobs
+from ..chat import is_conversation
+from ..core.mdp import Rollout, padded_completions
+from ..errors import UserError
+from ..policy.builtin import choose_tokens
+from ..policy.decoder import make_decoder
+from ..policy.kernels import token_logprobs
+from ..policy.prompts import cut_at_stop, encode_prompts, stop_token_ids
+from ..policy.sampler import SamplingParams
+from .spec import ENVIRONMENT, MODEL, TOOL, Episode, EpisodeSpec, Turn, checked_step, new_environment
 from .tools import PendingCall, call_tool, result_text, tool_schemas
 
 GENERATING, WAITING, DONE = "generating", "waiting", "done"
@@ -151,8 +153,7 @@ def _sample(spec, model, tokenizer, prompt_ids, prompt_mask, params, environment
     device = prompt_ids.device
     eos_ids = stop_token_ids(tokenizer, model)
     eos, eos_set = torch.tensor(eos_ids, device=device), set(eos_ids)
-    stop = (params.stop,) if isinstance(params.stop, str) else tuple(s for s in params.stop if s)
-    temperature = params.temperature if params.temperature > 0 else 1.0
+    stop = params.stop
     rows = [_Row(spec, tokenizer, params.max_new_tokens, env) for env in environments]
     decoder = make_decoder(model, len(rows), prompt_ids.shape[1] + params.max_new_tokens + 8, lean=lean)
     logits = decoder.prefill(prompt_ids, prompt_mask)  # [B, V]: row b's next-token logits (valid while generating)
@@ -162,9 +163,9 @@ def _sample(spec, model, tokenizer, prompt_ids, prompt_mask, params, environment
             early = torch.tensor([rows[b].actions < params.min_new_tokens for b in range(len(rows))], device=device)
             allowed = logits.masked_fill(early[:, None] & torch.isin(torch.arange(logits.shape[-1], device=device),
                                                                      eos), float("-inf")) if bool(early.any()) else logits
-            action, action_logprob = _choose_tokens(allowed, params, generator)
+            action, action_logprob = choose_tokens(allowed, params, generator)
             if allowed is not logits:  # min_new_tokens constrains the sampler; record the policy's log-probs
-                action_logprob = token_logprobs(logits, action, temperature)
+                action_logprob = token_logprobs(logits, action, params.policy_temperature)
             chosen = action.tolist()
             texts = tokenizer.batch_decode([rows[b].tokens[rows[b].turn_start:] + [chosen[b]] for b in generating],
                                            skip_special_tokens=True)
@@ -202,70 +203,78 @@ def _collect(rows: list[_Row], grace_until: float | None) -> None:
             row.collect()
 
 
-def episode_rollout(spec: EpisodeSpec, model, tokenizer, prompts: list[Any], completions_per_prompt: int,
-                    params: SamplingParams, extras: dict[str, list] | None = None,
-                    generator: torch.Generator | None = None, group_offset: int = 0, max_context: int | None = None,
-                    all_finished=None, chat_template_kwargs: dict[str, Any] | None = None) -> Rollout:
-    """``rollout.rollout`` for episodes: K episodes per prompt as a ``Rollout`` with ``action_mask``,
-    ``step_rewards`` and ``episodes``; ``extras`` gets ``turns`` (each episode's turns as messages).
+class EpisodeSampler:
+    """The ``Sampler`` of multi-turn episodes (a recipe with ``tools`` or an ``environment``), on the built-in decoder.
 
-    With an environment, each episode gets a fresh instance and ``reset(prompt=..., **columns)``; its
-    observation is appended to the prompt (to the last user message of a conversation, as TRL does). With
-    conversational prompts the tools' schemas are passed to the chat template as ``tools`` (TRL's way).
+    ``sample`` draws K episodes per prompt as a ``Rollout`` with ``action_mask``, ``step_rewards`` and
+    ``episodes``; ``extras`` gets ``turns`` (each episode's turns as messages). With an environment, each
+    episode gets a fresh instance and ``reset(prompt=..., **columns)``; its observation is appended to the
+    prompt (to the last user message of a conversation, as TRL does). With conversational prompts the tools'
+    schemas are passed to the chat template as ``tools`` (TRL's way). ``max_new_tokens`` is the whole
+    episode's budget (actions and observations together).
     """
-    device = next(model.parameters()).device
-    k = completions_per_prompt
-    columns = {key: [v for v in column for _ in range(k)] for key, column in (extras or {}).items()}
-    if TURNS_COLUMN in columns:
-        raise UserError(f"data: the column {TURNS_COLUMN!r} is reserved in episodes (the reward functions get each "
-                        "episode's turns under that name); rename the column")
-    repeated = [p for p in prompts for _ in range(k)]
-    environments: list[Any] = [None] * len(repeated)
-    if spec.environment is not None:
-        for row, prompt in enumerate(repeated):
-            environments[row], observation = new_environment(
-                spec.environment, {"prompt": prompt, **{key: column[row] for key, column in columns.items()}})
-            repeated[row] = _with_observation(prompt, observation)
-    kwargs = dict(chat_template_kwargs or {})
-    if spec.tools and repeated and is_conversation(repeated[0]):
-        kwargs.setdefault("tools", tool_schemas(spec.tools))
-    texts, special_tokens = prompt_texts(tokenizer, repeated, kwargs, where="prompts")
-    prompt_ids, prompt_mask = _encode_texts(tokenizer, texts, special_tokens, device)
-    if max_context is not None and prompt_ids.shape[1] + params.max_new_tokens > max_context:
-        longest = int(prompt_mask.sum(-1).argmax())
-        raise UserError(f"prompt {repeated[longest]!r:.200} is {int(prompt_mask[longest].sum())} tokens; with "
-                        f"max_new_tokens={params.max_new_tokens} (the whole episode's budget) it exceeds the model's "
-                        f"context of {max_context} tokens. Shorten the prompts or lower rollout.max_new_tokens")
-    rows = sample_episodes(spec, model, tokenizer, prompt_ids, prompt_mask, params, environments, generator,
-                           all_finished)
-    width = max(1, max(len(row.tokens) for row in rows))
-    shape = (len(rows), width)
-    completion_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask, action_mask, logprobs, step_rewards = (torch.zeros(shape) for _ in range(4))
-    for b, row in enumerate(rows):
-        n = len(row.tokens)
-        completion_ids[b, :n] = torch.tensor(row.tokens, dtype=torch.long)
-        completion_mask[b, :n] = 1.0
-        action_mask[b, :n] = torch.tensor(row.is_action, dtype=torch.float32)
-        logprobs[b, :n] = torch.tensor(row.logprobs)
-        for position, reward in row.rewards.items():
-            step_rewards[b, position] += reward
-    episodes = [row.episode for row in rows]
-    columns[TURNS_COLUMN] = [episode.messages() for episode in episodes]
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids.to(device),
-        completion_mask=completion_mask.to(device), logprobs=logprobs.to(device),
-        group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k) + group_offset,
-        prompts=repeated, completions=[episode.text for episode in episodes],
-        finished=torch.tensor([episode.finished for episode in episodes], device=device), extras=columns,
-        action_mask=action_mask.to(device), episodes=episodes,
-        step_rewards=step_rewards.to(device) if spec.environment is not None else None,  # tools pay no reward
-    )
 
+    engine = "builtin"
 
-def episode_sampler(spec: EpisodeSpec | None) -> Callable[..., Rollout] | None:
-    """``episode_rollout`` for ``spec``: a drop-in for ``rollout.rollout`` (None without episodes)."""
-    return functools.partial(episode_rollout, spec) if spec is not None else None
+    def __init__(self, spec: EpisodeSpec, model, tokenizer, *, max_context: int | None = None,
+                 all_finished: Callable[[torch.Tensor], bool] | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None):
+        self.spec, self.model, self.tokenizer, self.max_context = spec, model, tokenizer, max_context
+        self.all_finished, self.chat_template_kwargs = all_finished, chat_template_kwargs
+
+    @classmethod
+    def from_recipe(cls, recipe, model, tokenizer, **context) -> "EpisodeSampler":
+        """The sampler of a recipe's episodes (its tools and environment imported now: a bad path fails here)."""
+        return cls(EpisodeSpec.from_recipe(recipe), model, tokenizer, **context)
+
+    def sample(self, prompts: list[Any], k: int, params: SamplingParams, *, columns: dict[str, list] | None = None,
+               generator: torch.Generator | None = None, group_offset: int = 0) -> Rollout:
+        spec, model, tokenizer = self.spec, self.model, self.tokenizer
+        device = next(model.parameters()).device
+        columns = {key: [v for v in column for _ in range(k)] for key, column in (columns or {}).items()}
+        if TURNS_COLUMN in columns:
+            raise UserError(f"data: the column {TURNS_COLUMN!r} is reserved in episodes (the reward functions get "
+                            "each episode's turns under that name); rename the column")
+        repeated = [p for p in prompts for _ in range(k)]
+        environments: list[Any] = [None] * len(repeated)
+        if spec.environment is not None:
+            for row, prompt in enumerate(repeated):
+                environments[row], observation = new_environment(
+                    spec.environment, {"prompt": prompt, **{key: column[row] for key, column in columns.items()}})
+                repeated[row] = _with_observation(prompt, observation)
+        kwargs = dict(self.chat_template_kwargs or {})
+        if spec.tools and repeated and is_conversation(repeated[0]):
+            kwargs.setdefault("tools", tool_schemas(spec.tools))
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, device, kwargs, params.max_new_tokens,
+                                                 self.max_context)
+        rows = sample_episodes(spec, model, tokenizer, prompt_ids, prompt_mask, params, environments, generator,
+                               self.all_finished)
+        completion_ids, completion_mask, action_mask, logprobs = padded_completions(
+            [row.tokens for row in rows], tokenizer.pad_token_id, [row.is_action for row in rows],
+            [row.logprobs for row in rows], device)
+        step_rewards = torch.zeros_like(completion_mask)
+        for b, row in enumerate(rows):
+            for position, reward in row.rewards.items():
+                step_rewards[b, position] += reward
+        episodes = [row.episode for row in rows]
+        columns[TURNS_COLUMN] = [episode.messages() for episode in episodes]
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, logprobs=logprobs,
+            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k) + group_offset,
+            prompts=repeated, completions=[episode.text for episode in episodes],
+            finished=torch.tensor([episode.finished for episode in episodes], device=device), extras=columns,
+            action_mask=action_mask, episodes=episodes,
+            step_rewards=step_rewards if spec.environment is not None else None,  # tools pay no reward
+            temperature=params.policy_temperature,
+        )
+
+    def update_weights(self, model) -> None:
+        """Nothing to copy: episodes are decoded with the policy's own parameters."""
+        self.model = model
+
+    def close(self) -> None:
+        """Nothing to free."""
 
 
 def _with_observation(prompt: Any, observation: str) -> Any:
@@ -283,4 +292,4 @@ def _with_observation(prompt: Any, observation: str) -> Any:
     return messages
 
 
-__all__ = ["sample_episodes", "episode_rollout", "episode_sampler", "GRACE_S", "TURNS_COLUMN"]
+__all__ = ["EpisodeSampler", "sample_episodes", "GRACE_S", "TURNS_COLUMN"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .recipe import ModelConfig, PeftConfig
-from .errors import UserError, first_line
+from .config import ModelConfig, PeftConfig
+from ..errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,15 +118,6 @@ def load_policy(config: ModelConfig):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
-
-
-def context_length(model) -> int | None:
-    """The model's maximum sequence length, when its config says."""
-    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def apply_lora(model, config: PeftConfig):

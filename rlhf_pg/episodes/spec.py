@@ -9,7 +9,7 @@
             ``rollout.max_tool_errors`` failed tool calls (the episode then scores 0), or the token budget
             ``rollout.max_new_tokens`` over the whole episode (actions and observations together)
 
-Observation tokens are appended to the context (prefilled into the KV cache, ``multiturn``) but are not
+Observation tokens are appended to the context (prefilled into the KV cache, ``episodes.sampler``) but are not
 actions: ``Rollout.action_mask`` is 0 on them, and every loss, KL term, aggregation and advantage uses
 ``completion_mask * action_mask`` (``core.mdp.action_tokens``); their log-probabilities are never used.
 Rewards: an environment's per-step reward lands on the last action token of the turn that earned it
@@ -18,7 +18,7 @@ of the episode, and ``discounted_returns`` over the action tokens gives every tu
 everything after it.
 
 Two ways to define the environment, after TRL's conventions: ``tools: [pkg.module:function, ...]``
-(``tools.py``) and ``environment: pkg.module:Class`` with ``reset(**row) -> observation`` and
+(``episodes/tools.py``) and ``environment: pkg.module:Class`` with ``reset(**row) -> observation`` and
 ``step(model_text) -> (observation, reward, done)`` (gymnasium's shape, text in and out; gymnasium's
 ``(observation, reward, terminated, truncated, info)`` is read too), one instance per episode.
 """
@@ -29,11 +29,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 
-from .core.mdp import Rollout
-from .errors import UserError, first_line
-from .rollout import encode_prompts
+from ..core.mdp import Rollout
+from ..errors import UserError, first_line
+from ..policy.prompts import encode_demonstrations
 from .tools import CallFormat, import_attribute, resolve_tools, result_parts
 
 MODEL, TOOL, ENVIRONMENT = "model", "tool", "environment"  # the roles of a turn
@@ -182,34 +181,16 @@ class EpisodeSpec:
         the context, ``action_mask`` 0, no loss. Segments are tokenized one by one (as the sampler does), EOS
         is appended as the last action.
         """
-        segments = [self.split_demonstration(text) for text in completions]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-        rows = []
-        for parts in segments:
+        token_rows, action_rows = [], []
+        for text in completions:
             ids, actions = [], []
-            for is_action, text in parts:
-                tokens = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            for is_action, segment in self.split_demonstration(text):
+                tokens = tokenizer(segment, add_special_tokens=False)["input_ids"] if segment else []
                 ids += tokens
                 actions += [float(is_action)] * len(tokens)
-            rows.append((ids + [tokenizer.eos_token_id], actions + [1.0]))
-        longest = max(len(ids) for ids, _ in rows)
-        if max_context is not None and prompt_ids.shape[1] + longest > max_context:
-            row = max(range(len(rows)), key=lambda i: int(prompt_mask[i].sum()) + len(rows[i][0]))
-            raise UserError(f"demonstration {prompts[row]!r} -> {completions[row]!r} is "
-                            f"{int(prompt_mask[row].sum()) + len(rows[row][0])} tokens with EOS; it exceeds the "
-                            f"model's context of {max_context} tokens. Shorten or drop the long rows")
-        completion_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
-        completion_mask, action_mask = torch.zeros(len(rows), longest), torch.zeros(len(rows), longest)
-        for row, (ids, actions) in enumerate(rows):
-            completion_ids[row, : len(ids)] = torch.tensor(ids)
-            completion_mask[row, : len(ids)] = 1.0
-            action_mask[row, : len(ids)] = torch.tensor(actions)
-        completion_mask = completion_mask.to(device)
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids.to(device),
-                       completion_mask=completion_mask, logprobs=torch.zeros_like(completion_mask),
-                       group_ids=torch.arange(len(rows), device=device), prompts=list(prompts),
-                       completions=list(completions), finished=torch.ones(len(rows), dtype=torch.bool, device=device),
-                       action_mask=action_mask.to(device))
+            token_rows.append(ids + [tokenizer.eos_token_id])
+            action_rows.append(actions + [1.0])
+        return encode_demonstrations(tokenizer, prompts, completions, token_rows, action_rows, device, max_context)
 
     def split_demonstration(self, text: str) -> list[tuple[bool, str]]:
         """``[(is_action, text), ...]``: ``text`` cut into the model's segments and the observations after its calls."""

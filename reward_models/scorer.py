@@ -41,13 +41,15 @@ import inspect
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from reward_models import resolve_reward
+from rlhf_pg.chat import reward_completions
+from rlhf_pg.errors import RecipeError, RewardFunctionError, UserError
 
-from .chat import reward_completions
-from .recipe import RewardSpec
-from .errors import RecipeError, RewardFunctionError, UserError
+from .registry import resolve_reward
+
+if TYPE_CHECKING:  # the recipe schema lives above this package; a spec is read by attribute only
+    from rlhf_pg.recipe import RewardSpec
 
 
 @dataclass
@@ -85,7 +87,7 @@ def _parameter_names(function: Callable[..., Any]) -> list[str]:
 class RewardScorer:
     """Callable ``(prompts, completions, **columns) -> (total, {label: scores})`` for a list of specs."""
 
-    def __init__(self, specs: list[RewardSpec], where: str = "rewards"):
+    def __init__(self, specs: list["RewardSpec"], where: str = "rewards"):
         self.terms: list[_Term] = []
         seen: dict[str, int] = {}
         for index, spec in enumerate(specs):

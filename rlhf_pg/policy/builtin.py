@@ -1,0 +1,179 @@
+"""The built-in engine (``rollout.engine: builtin``): a KV-cached decode loop over the policy's own parameters.
+
+    one prefill over the left-padded distinct prompts (a group's K rows share one, its cache copied to each)
+    for t in 0 .. max_new_tokens-1:
+        a_t ~ pi_theta(. | s_t) = softmax(logits(s_t) / T)    (greedy at T = 0; top-p nucleus when top_p < 1)
+        stop the row at an EOS id or a completed stop string; stop the loop once every row has stopped
+        logits <- one single-token forward (``decoder``)
+
+It samples from the very tensors the optimizer updates, so ``update_weights`` has nothing to copy, and its
+log-probs are the trainer's up to float rounding. A completion ends at the first of: any EOS id
+(``prompts.stop_token_ids``: the tokenizer's and every id of the model's ``generation_config.eos_token_id``,
+e.g. a chat model's end-of-turn token), the first occurrence of a stop string (``SamplingParams.stop``), or
+``max_new_tokens`` (then it is *truncated*: ``finished[b]`` is False).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..core.mdp import Rollout
+from .decoder import make_decoder
+from .kernels import token_logprobs
+from .prompts import StopStrings, decode_completions, distinct_rows, encode_prompts, stop_token_ids
+from .sampler import SamplingParams
+
+Tensor = torch.Tensor
+
+
+def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]`` and their log-probabilities under the policy.
+
+    Greedy when ``temperature == 0`` (log-probs then at ``params.policy_temperature`` = 1), else sampled from
+    ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1`` (the log-probs stay
+    those of the unrestricted policy).
+    """
+    probs = torch.softmax(logits.float() / params.policy_temperature, dim=-1)
+    if params.temperature == 0.0:
+        action = logits.argmax(-1)
+    else:
+        sampling = probs
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+            sampling = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        if params.top_p < 1.0 or probs.device.type != "cpu":
+            # Exponential race: argmax_v p_v / E_v with E_v = -log U_v ~ Exp(1) is a draw from p
+            # (uniforms are several times cheaper to draw than exponential_ or multinomial on CPU)
+            race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+            action = (sampling / race).argmax(-1)
+        else:  # inverse CDF: one uniform per row, the first token whose cumulative mass exceeds it (~2x cheaper)
+            cumulative = probs.cumsum(-1)
+            threshold = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+            action = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
+
+
+def sample_completions(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    params: SamplingParams,
+    eos_token_id: int | Iterable[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    all_finished: Callable[[Tensor], bool] | None = None,
+    lean: bool = True,
+    stop_strings: StopStrings | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draw one completion per prompt row. Returns ``(completion_ids, completion_mask, logprobs, finished)``.
+
+    ``prompt_ids``, ``prompt_mask``: ``[B, P]``, left-padded. ``eos_token_id``: one id or several (any
+    ends the completion). ``completion_ids`` ``[B, T]`` is right-padded with ``pad_token_id`` after the
+    end; ``completion_mask`` is 1 up to and including the ending token (EOS, or the token completing a
+    stop string of ``stop_strings``); ``logprobs[b, t] = log pi(a_t | s_t)`` of the drawn token;
+    ``finished[b]`` says the completion ended (False: truncated at ``max_new_tokens``).
+    T <= max_new_tokens: the loop stops once every row has finished (``all_finished(finished)``; with
+    sharded parameters (ZeRO-3, FSDP) every process must run the same number of forwards, so the
+    trainer passes a check that all-reduces across processes). ``lean=False`` forces transformers'
+    own forward (see ``decoder``).
+    """
+    # inference mode (cheaper per op than no_grad); the results are copied out of it so that the
+    # update's autograd graph may use them (an inference tensor cannot be saved for backward)
+    with torch.inference_mode():
+        sampled = _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator,
+                          all_finished, lean, stop_strings)
+    return tuple(tensor.clone() for tensor in sampled)
+
+
+def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator, all_finished, lean,
+            stop_strings):
+    all_finished = all_finished or (lambda done: bool(done.all()))
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
+    batch_size = prompt_ids.shape[0]
+    max_length = prompt_ids.shape[1] + params.max_new_tokens
+    groups = distinct_rows(prompt_ids, prompt_mask)
+    if groups is None:
+        decoder = make_decoder(model, batch_size, max_length, lean=lean)
+        logits = decoder.prefill(prompt_ids, prompt_mask)
+    else:  # the K completions of a prompt share its prefill: run it once, then copy its cache to each row
+        unique_rows, row_of = groups
+        decoder = make_decoder(model, len(unique_rows), max_length, lean=lean)
+        logits = decoder.prefill(prompt_ids[unique_rows], prompt_mask[unique_rows])[row_of]
+        decoder.expand(row_of)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+    tokens, logprobs, masks = [], [], []
+    for step in range(params.max_new_tokens):
+        # min_new_tokens constrains the *sampler*; the recorded log-probs stay those of the policy
+        allowed = logits.index_fill(-1, eos, float("-inf")) if step < params.min_new_tokens else logits
+        action, action_logprob = choose_tokens(allowed, params, generator)
+        if allowed is not logits:  # the policy's log-prob, not the EOS-masked sampler's
+            action_logprob = token_logprobs(logits, action, params.policy_temperature)
+        action = action.masked_fill(finished, pad_token_id)
+        logprobs.append(action_logprob)
+        masks.append(~finished)
+        tokens.append(action)
+        ended = torch.isin(action, eos)
+        if stop_strings:
+            ended = ended | stop_strings(tokens, ~finished & ~ended)
+        finished = finished | ended
+        if step == params.max_new_tokens - 1 or all_finished(finished):
+            break
+        logits = decoder.step(action)
+    completion_mask = torch.stack(masks, 1).float()
+    return torch.stack(tokens, 1), completion_mask, torch.stack(logprobs, 1) * completion_mask, finished
+
+
+class BuiltinSampler:
+    """``rollout.engine: builtin``: the ``Sampler`` that decodes with the policy model itself (``decoder``).
+
+    ``max_context``: the model's longest sequence (a prompt that leaves no room for ``max_new_tokens`` is a
+    ``UserError``); ``all_finished``: see ``sample_completions``; ``chat_template_kwargs``: for conversation
+    prompts; ``lean=False`` forces transformers' own forward.
+    """
+
+    engine = "builtin"
+
+    def __init__(self, model, tokenizer, *, max_context: int | None = None,
+                 all_finished: Callable[[Tensor], bool] | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None, lean: bool = True):
+        self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
+        self.all_finished, self.chat_template_kwargs, self.lean = all_finished, chat_template_kwargs, lean
+
+    def sample(self, prompts: list[Any], k: int, params: SamplingParams, *, columns: dict[str, list] | None = None,
+               generator: torch.Generator | None = None, group_offset: int = 0) -> Rollout:
+        """K completions per prompt (``Sampler.sample``); ``batch.prompts`` keeps the prompts as given (the
+        reward functions' input), ``batch.completions`` are texts cut after a stop string."""
+        model, tokenizer = self.model, self.tokenizer
+        device = next(model.parameters()).device
+        repeated = [p for p in prompts for _ in range(k)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device, self.chat_template_kwargs,
+                                                 params.max_new_tokens, self.max_context)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+        completion_ids, completion_mask, logprobs, finished = sample_completions(
+            model, prompt_ids, prompt_mask, params, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, generator,
+            self.all_finished, self.lean, StopStrings(tokenizer, params.stop) if params.stop else None,
+        )
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, logprobs=logprobs,
+            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(k) + group_offset,
+            prompts=repeated, completions=decode_completions(tokenizer, completion_ids, completion_mask, params.stop),
+            finished=finished, extras={key: [v for v in column for _ in range(k)] for key, column in (columns or {}).items()},
+            temperature=params.policy_temperature,
+        )
+
+    def update_weights(self, model) -> None:
+        """Nothing to copy: the engine decodes with the policy's own parameters (``model`` is kept, in case the
+        caller hands a different object, e.g. one loaded from a checkpoint)."""
+        self.model = model
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+__all__ = ["BuiltinSampler", "choose_tokens", "sample_completions"]
