@@ -16,6 +16,7 @@ from . import config
 from .config import SEED_MAX, option
 from .core.estimator import (AGGREGATION_NAMES, BASELINE_NAMES, IMPORTANCE_NAMES, KL_ESTIMATOR_NAMES, RATIO_LEVEL_NAMES,
                              REMAX_BASELINE, SCALE_NAMES, WEIGHTINGS, EstimatorSpec)
+from .core.correction import IS_CORRECTIONS, IS_LEVELS
 from .core.presets import PRESETS, check_compatibility, resolve_preset
 from .chat import check_chat_template_kwargs
 from .episodes.tools import DEFAULT_RESULT_FORMAT, DEFAULT_TOOL_FORMAT, check_episode_keys
@@ -91,6 +92,13 @@ class RolloutConfig:
                              "EOS ids of the tokenizer and of the model's generation_config always stop)", factory=list)
     mask_truncated: bool = option(False, help="completions that hit max_new_tokens without EOS or a stop string get no "
                                   "gradient (they still count in the baselines); the rate is logged as completion/truncated")
+    is_correction: Literal[("auto",) + IS_CORRECTIONS] = option(
+        "auto", help="importance weights for the sampler/trainer gap (core/correction.py): 'tis' w = min(pi/mu, is_cap), "
+        "'mask' w = pi/mu inside [1/is_cap, is_cap] else 0, 'none'; 'auto' = none for the builtin engine (it samples "
+        "from the trained weights), tis for engines with their own copy (vllm)")
+    is_cap: float = option(2.0, min=1.0, min_exclusive=True, help="the cap C of is_correction")
+    is_level: Literal[IS_LEVELS] = option("token", help="importance ratio per token, or per sequence (the product of "
+                                          "the token ratios on every token: exact, higher variance)")
     # multi-turn episodes, when `tools` or `environment` is set (rlhf_pg/episodes/); max_new_tokens is the episode's
     max_turns: int = option(4, min=1, help="episodes: most model turns per episode (a turn ends at a tool call or EOS)")
     max_tool_errors: int = option(3, min=1, help="episodes: failed tool calls after which the episode ends with reward 0")
@@ -99,6 +107,13 @@ class RolloutConfig:
     tool_format: str = option(DEFAULT_TOOL_FORMAT, help="episodes: how the model writes a call, PREFIX{name}SEP{args}CLOSE "
                               "(e.g. '[{name} {args}]')")
     result_format: str = option(DEFAULT_RESULT_FORMAT, help="episodes: how a tool's result is appended, with {result}")
+
+
+    def sampler_correction(self) -> str:
+        """``is_correction`` with ``auto`` resolved: none for the builtin engine, tis for the others."""
+        if self.is_correction != "auto":
+            return self.is_correction
+        return "none" if self.engine == "builtin" else "tis"
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .core import estimator
+from .core.correction import GapStats, sampler_correction
 from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_policy_loss, policy_gradient_loss
 from .core.mdp import Rollout, action_tokens, mask_truncated, terminal_rewards, truncated
 from .evaluation import completion_records
@@ -70,6 +71,7 @@ class UpdateResult:
     grad_norm: float
     applied: bool
     stats: dict[str, float] = field(default_factory=dict)
+    gap: GapStats | None = None  # the first pass's sampler/trainer gap (this process's sums)
 
 
 def policy_update(
@@ -78,11 +80,14 @@ def policy_update(
     max_grad_norm: float | None = None, updates_per_batch: int = 1, clip_eps: float = 0.2,
     clip_eps_high: float | None = None, ratio_level: str = "token", max_approx_kl: float | None = None,
     kl_coef: float = 0.0, kl_estimator: str = "k1", importance: str = "clip", norm_length: float | None = None,
+    is_correction: str = "none", is_cap: float = 2.0, is_level: str = "token",
 ) -> list[UpdateResult]:
     """``updates_per_batch`` optimizer steps on one rollout batch, in micro-batches.
 
-    log pi_theta is recomputed at the batch's own temperature (``batch.temperature``: the policy that sampled it).
-    One update: the REINFORCE loss. Several: the importance-weighted loss against the log-probs of the
+    log pi_theta is recomputed at the batch's own temperature (``batch.temperature``: the policy that sampled it);
+    its first pass, before any optimizer step, is compared with the sampler's log-probs (``batch.logprobs``): the
+    gap is measured and, with ``is_correction`` (``core.correction``), each token's advantage is weighted by the
+    importance weight w of pi_theta against the sampler. One update: the REINFORCE loss. Several: the importance-weighted loss against the log-probs of the
     first pass (so the first step's ratio is exactly 1), PPO-clipped (``importance="clip"``) or CISPO-
     truncated (``"truncate"``), stopping early once the approximate KL to pi_old exceeds ``max_approx_kl``.
     ``norm_length``: the constant L of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO). ``global_counts`` = (sequences, tokens) of the
@@ -102,6 +107,8 @@ def policy_update(
     micro = micro_batch_size or len(rows)
     chunks = [rows[start : start + micro] for start in range(0, len(rows), micro)]
     old_logprobs = torch.zeros_like(batch.completion_mask)
+    is_weights = torch.ones_like(batch.completion_mask)
+    gap = GapStats()
     results = []
     for epoch in range(updates_per_batch):
         total_loss, ratio_stats = 0.0, []
@@ -116,8 +123,14 @@ def policy_update(
                 logprobs = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                part.completion_mask, batch.temperature)
                 mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
-                if epoch == 0:
+                if epoch == 0:  # pi_theta before any step, against the sampler's log-probs (core/correction.py)
                     old_logprobs[chunk] = logprobs.detach()
+                    weights, chunk_gap = sampler_correction(logprobs, part.logprobs, mask, is_correction, is_cap, is_level)
+                    gap = gap.add(chunk_gap)
+                    if is_correction != "none":
+                        is_weights[chunk] = weights
+                if is_correction != "none":
+                    part_adv = part_adv * is_weights[chunk]  # w_t A_t: the estimate under the sampler's draws
                 if updates_per_batch == 1:
                     loss = policy_gradient_loss(logprobs, part_adv, mask, aggregation, num_sequences, num_tokens,
                                                 norm_length)
@@ -134,6 +147,7 @@ def policy_update(
             total_loss += float(loss.detach())
         accelerator.gradient_state._set_sync_gradients(True)
         result = _optimizer_step(model, optimizer, accelerator, total_loss, max_grad_norm)
+        result.gap = gap if epoch == 0 else None
         if ratio_stats:
             result.stats = {
                 "ratio/mean": sum(s.ratio_mean for s in ratio_stats) / len(ratio_stats),
@@ -156,7 +170,9 @@ def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
                 clip_eps_high=algorithm.clip_eps_high, ratio_level=algorithm.ratio_level,
                 max_approx_kl=algorithm.max_approx_kl, kl_coef=kl_coef if algorithm.kl_mode == "loss" else 0.0,
                 kl_estimator=algorithm.kl_estimator, importance=algorithm.importance,
-                norm_length=algorithm.norm_length or recipe.rollout.max_new_tokens)
+                norm_length=algorithm.norm_length or recipe.rollout.max_new_tokens,
+                is_correction=recipe.rollout.sampler_correction(), is_cap=recipe.rollout.is_cap,
+                is_level=recipe.rollout.is_level)
 
 
 def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: float | None) -> UpdateResult:
@@ -278,7 +294,19 @@ def _step_metrics(accelerator, batch: Rollout, scores: list[float], per_reward: 
         metrics[f"reward/{label}/mean"] = float(accelerator.gather(torch.tensor(values, device=device)).nanmean())
     for key in results[-1].stats:
         metrics[key] = results[-1].stats[key]
+    metrics.update(_gap_metrics(accelerator, results[0].gap, device))
     return metrics
+
+
+def _gap_metrics(accelerator, gap: GapStats, device) -> dict[str, float]:
+    """``rollout/logprob_abs_diff`` (+ ``_max``), ``rollout/is_weight_mean``, ``rollout/is_clipped_frac`` over every
+    process's action tokens (``core.correction.GapStats``)."""
+    sums = torch.tensor([gap.abs_diff_sum, gap.weight_sum, gap.clipped, gap.tokens], device=device, dtype=torch.float64)
+    sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
+    largest = torch.tensor(gap.abs_diff_max, device=device, dtype=torch.float64)
+    largest = accelerator.reduce(largest, "max") if accelerator.num_processes > 1 else largest
+    total = GapStats(float(sums[0]), float(largest), float(sums[1]), float(sums[2]), float(sums[3]))
+    return total.metrics()
 
 
 # --- the command ------------------------------------------------------------------------------------

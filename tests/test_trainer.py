@@ -209,3 +209,45 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(tiny_
     policy_gradient_loss(logprobs, advantages, batch.completion_mask, "token-mean").backward()
     for name, parameter in model.named_parameters():
         assert torch.allclose(parameter.grad, skipped[name], atol=1e-7), name
+
+
+def test_the_builtin_engine_samples_the_trained_policy_so_the_gap_is_float_rounding(tiny_model_dir, tmp_path):
+    train(tiny_recipe(tiny_model_dir, train={"steps": 3, "eval_every": 0, "save_every": 0}), tmp_path, show_progress=False)
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/policy" in r]
+    assert len(records) == 3
+    for record in records:  # is_correction auto = none for the builtin engine: every weight is 1
+        assert record["rollout/logprob_abs_diff"] < 1e-5 and record["rollout/logprob_abs_diff_max"] < 1e-4
+        assert record["rollout/is_weight_mean"] == 1.0 and record["rollout/is_clipped_frac"] == 0.0
+
+
+def test_truncated_importance_weights_scale_each_tokens_advantage(tiny_model_dir):
+    """A sampler that gave every drawn token half the trainer's probability: rho = 2 everywhere, capped at 1.5.
+    The tis update's gradient is exactly the plain update's with every advantage multiplied by 1.5."""
+    from dataclasses import replace
+
+    from rlhf_pg.core.mdp import terminal_rewards
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.sampler import SamplingParams
+    from rlhf_pg.run.accel import new_accelerator
+    from rlhf_pg.trainer import compute_advantages, policy_update
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = BuiltinSampler(model, tokenizer).sample(["1+2=", "3+4="], 3, SamplingParams(max_new_tokens=4),
+                                                    generator=torch.Generator().manual_seed(0))
+    batch.rewards = terminal_rewards(torch.arange(6.0), batch.completion_mask)
+    recipe = tiny_recipe(tiny_model_dir)
+    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), new_accelerator("no"))
+    other_sampler = replace(batch, logprobs=(batch.logprobs - torch.log(torch.tensor(2.0))) * batch.completion_mask)
+    gradients = []
+    for update_batch, scale, correction in ((other_sampler, 1.0, "tis"), (batch, 1.5, "none")):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        captured = {}
+        optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        results = policy_update(model, optimizer, new_accelerator("no"), update_batch, advantages * scale,
+                                global_counts=(6.0, float(batch.completion_mask.sum())), is_correction=correction,
+                                is_cap=1.5)
+        gradients.append(captured)
+    assert results[0].gap.metrics()["rollout/is_weight_mean"] == 1.0  # "none" weighs nothing
+    for name, expected in gradients[1].items():
+        assert torch.allclose(gradients[0][name], expected, atol=1e-6), name

@@ -119,7 +119,7 @@ Estimator = Callable[[Tensor, dict[str, Tensor]], Tensor]  # (theta, batch tenso
 
 def estimator_moments(
     theta: Tensor, mdp: TabularMDP, estimator: Estimator, batch_size: int,
-    condition: Callable[[dict[str, Tensor]], bool] | None = None,
+    condition: Callable[[dict[str, Tensor]], bool] | None = None, sampling_theta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact mean and total variance (trace of the covariance) of a gradient estimator.
 
@@ -127,10 +127,13 @@ def estimator_moments(
     probabilities: no sampling error at all. With ``condition`` (batch tensors -> bool), the moments are
     conditional on the batch passing it: E[g | condition] over the batches that pass, reweighted by
     1 / P(condition) (e.g. DAPO's dynamic sampling, which only ever trains on groups with some contrast).
+    ``sampling_theta``: the trajectories are drawn by another policy mu = softmax(sampling_theta) (a sampler
+    that is not the trained policy), while the estimator is evaluated at ``theta``.
     """
     trajectories = mdp.trajectories()
     with torch.no_grad():
-        probabilities = [float(torch.exp(trajectory_logprob(theta, t))) for t in trajectories]
+        source = theta if sampling_theta is None else sampling_theta
+        probabilities = [float(torch.exp(trajectory_logprob(source, t))) for t in trajectories]
     mean = torch.zeros_like(theta, dtype=torch.float64)
     second = torch.zeros((), dtype=torch.float64)
     kept = 0.0
