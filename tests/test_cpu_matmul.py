@@ -76,9 +76,12 @@ def routed(model) -> set[bool]:
 # --- the choice, step by step ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("vendor, kernel", [("AuthenticAMD", "onednn"), ("GenuineIntel", "torch"), ("", "torch")])
-def test_the_prior_starts_amd_on_onednn_and_every_other_processor_on_torch(vendor, kernel, monkeypatch):
+@pytest.mark.parametrize("vendor, features, kernel", [("AuthenticAMD", "AVX512", "onednn"), ("AuthenticAMD", "AVX2", "torch"),
+                                                      ("GenuineIntel", "AVX512", "torch"), ("", "SVE256", "torch")])
+def test_the_prior_starts_amd_with_avx512_on_onednn_and_every_other_processor_on_torch(vendor, features, kernel,
+                                                                                       monkeypatch):
     monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "cpu_features", lambda: features)
     assert cpu_matmul.prior()[0] == kernel
 
 
@@ -99,8 +102,9 @@ def test_forced_choices_route_the_layers_without_timing_anything(every_shape_on_
 @needs_onednn
 @pytest.mark.parametrize("faster", ["onednn", "torch"])
 def test_a_quiet_probe_picks_the_faster_kernel_from_either_prior(faster, every_shape_on_onednn, monkeypatch):
-    for vendor in ("AuthenticAMD", "GenuineIntel"):
-        monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: "AuthenticAMD")
+    for features in ("AVX512", "AVX2"):  # priors onednn, torch
+        monkeypatch.setattr(cpu_matmul, "cpu_features", lambda: features)
         monkeypatch.setattr(cpu_matmul, "time_matmul", Clock(rates(faster)))
         model = tiny_model("llama")
         choice = MatmulChoice("auto", [model])

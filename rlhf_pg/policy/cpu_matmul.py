@@ -1,10 +1,12 @@
 """``train.cpu_matmul``: which float32 matmul kernel a CPU run's linear layers use, and how ``auto`` keeps it right.
 
 Two kernels compute the same product (``kernels.py``): torch's own ``F.linear`` (MKL's sgemm on x86) and
-oneDNN's. Which is faster depends on the processor. On the 2-core AMD EPYC these benchmarks ran on, oneDNN was
-about 2x MKL in every idle measurement (update shapes 437.7 against 203.7 GFLOPS, decoding's 32-row shapes 259.8
-against 135.7; one other day only 1.2x): MKL does not take its fastest paths on non-Intel x86. Elsewhere either
-may win.
+oneDNN's. Which is faster depends on the processor. On the 2-core AMD EPYC VM these benchmarks ran on, with
+AVX-512, oneDNN was about 2x MKL in every idle measurement (update shapes 437.7 against 203.7 GFLOPS, decoding's
+32-row shapes 259.8 against 135.7; one other day only 1.2x): MKL does not take its fastest paths on non-Intel x86.
+The same VM on an AVX2-only host (idle, 2 threads, SmolLM2's 576->1536 layer) measured the two within ~10 % of
+each other: 512 rows 149 (oneDNN) against 162 GFLOPS (MKL), 128 rows 147 against 124, 2048 rows 87 against 95.
+Elsewhere either may win.
 
 **What went wrong before.** ``auto`` timed both kernels once, at setup, and kept the answer for the whole run. A
 probe is a few milliseconds of one moment: taken while a neighbour used the CPU, it measured the neighbour, and
@@ -12,11 +14,12 @@ a SmolLM2 run that takes 11 minutes took 26, on MKL to its end, long after the n
 
 **How ``auto`` decides now** (``MatmulChoice``):
 
-1. Start from what is known (``prior``): oneDNN on AMD x86 (every idle measurement there), torch elsewhere.
+1. Start from what is known (``prior``): oneDNN on AMD x86 with AVX-512 (every idle measurement there), torch
+   elsewhere.
 2. Measure both kernels on the run's own matmuls (``probe_shapes``: the model's largest linear layer, its forward
    and its input gradient at 512 rows like the update, its forward at the rollout's batch like decoding),
-   interleaved, in alternating order, at setup (7 rounds) and again between steps (3 rounds: 18 matmuls, ~45 ms
-   at SmolLM2's shapes and the idle rates above, under 1 % of a 7 s step). A model whose layers are too small
+   interleaved, in alternating order, at setup (7 rounds: 0.28 s for SmolLM2, idle, AVX2 host) and again between
+   steps (3 rounds, 18 matmuls: 85-94 ms measured there, about 1 % of a 7-11 s step, and rarer once they agree). A model whose layers are too small
    for the kernel to matter (``MIN_PROBE_FLOPS``) keeps torch's kernel, untimed.
 3. Keep the *best* time each kernel has shown at each shape over the whole run. Another process on the CPU only
    ever adds time, so the best of many timings is the kernel's unhindered speed as soon as one quiet moment has
@@ -85,11 +88,17 @@ def cpu_vendor() -> str:
     return next((name for name in ("AuthenticAMD", "GenuineIntel") if name in processor), "")
 
 
+def cpu_features() -> str:
+    """The vector instructions torch's CPU kernels use here: ``AVX512``, ``AVX2``, ``DEFAULT``, ``SVE256``, ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def prior() -> tuple[str, str]:
-    """The kernel to start from before any timing, and why."""
-    vendor = cpu_vendor()
-    features = torch.backends.cpu.get_cpu_capability()
-    if vendor == "AuthenticAMD":
+    """The kernel to start from before any timing, and why: oneDNN only where it won every idle measurement (AMD
+    x86 with AVX-512); on the same 2-core VM on an AVX2-only host the two were within ~10 % of each other (and
+    MKL ahead at some shapes), so there, and on every other processor, torch's own until oneDNN measures faster."""
+    vendor, features = cpu_vendor(), cpu_features()
+    if vendor == "AuthenticAMD" and features.startswith("AVX512"):
         return "onednn", f"AMD x86, {features}: oneDNN ~2x MKL in every idle measurement there"
     return "torch", f"{vendor or platform.machine()}, {features}: no known winner, torch's own unless oneDNN measures faster"
 
