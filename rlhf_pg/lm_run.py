@@ -24,7 +24,8 @@ from .episodes.spec import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
 from .models import apply_lora, load_causal_lm, load_lora_checkpoint, load_policy
-from .policy.kernels import use_onednn_linears, uses_onednn, want_onednn
+from .policy.cpu_matmul import MatmulChoice
+from .policy.kernels import uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
 from .policy.sampler import Sampler, SamplingParams, make_sampler
 from .recipe import Recipe
@@ -57,8 +58,9 @@ class LMRun(Job):
     counters: dict[str, Any] = field(default_factory=dict)  # totals kept in checkpoints
     episodes: EpisodeSpec | None = None  # multi-turn episodes (tools / environment), or None
     sampler: Sampler | None = None  # the engine that draws completions (make_sampler); set by setup_run
+    matmul: MatmulChoice | None = None  # train.cpu_matmul: the linear layers' CPU kernel; set by setup_run
 
-    counter_defaults = {"tokens_total": 0}
+    counter_defaults = {"tokens_total": 0, "cpu_matmul_switches": 0}
 
     def __post_init__(self):
         train = self.recipe.train
@@ -100,6 +102,18 @@ class LMRun(Job):
         self.accelerator.wait_for_everyone()
 
     # --- the Job methods shared by train and sft --------------------------------------------------------
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Re-check the CPU matmul kernel when due (``policy/cpu_matmul.py``); a switch is said in the console.
+        Returns the ``perf/cpu_matmul*`` metrics: ``perf/cpu_matmul`` is the kernel the step ran on."""
+        if self.matmul is None:
+            return {}
+        ran_on = self.matmul.kernel
+        switch = self.matmul.after_step(step, metrics.get("perf/step_s"))
+        self.counters["cpu_matmul_switches"] = self.matmul.switches  # kept in checkpoints
+        if switch is not None and self.console is not None and self.is_main:
+            self.console.log(f"step {step}: {switch}", markup=False, highlight=False)
+        return self.matmul.metrics(ran_on)
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out evaluation; each process decodes its share of the prompts, results are gathered."""
@@ -151,7 +165,8 @@ class LMRun(Job):
             "completion_tokens": counters["tokens_total"],
             "world_size": self.accelerator.num_processes,
             "model": self.recipe.model.name_or_path,
-            "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # train.cpu_matmul's outcome
+            "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # the kernel in use at the end
+            "cpu_matmul_switches": counters.get("cpu_matmul_switches", 0),  # auto's switches during the run
             "examples": after.get("examples", []),
         }
 
@@ -207,10 +222,9 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if isinstance(reference, torch.nn.Module):
         reference = reference.to(accelerator.device)
-    if want_onednn(recipe.train.cpu_matmul, accelerator.unwrap_model(policy)):  # train.cpu_matmul (kernels.py)
-        for model in (accelerator.unwrap_model(policy), reference):
-            if isinstance(model, torch.nn.Module):
-                use_onednn_linears(model)
+    # train.cpu_matmul: the linear layers' CPU kernel, chosen now and (auto) re-checked between steps
+    decode_rows = recipe.rollout.prompts_per_step // world * recipe.rollout.completions_per_prompt
+    matmul = MatmulChoice(recipe.train.cpu_matmul, [accelerator.unwrap_model(policy), reference], decode_rows)
     kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, optimizer, scheduler)
@@ -220,12 +234,13 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         optimizer=optimizer, scheduler=scheduler,
         prompts=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
-        reference=reference, max_context=max_context, episodes=episodes,
+        reference=reference, max_context=max_context, episodes=episodes, matmul=matmul,
     )
     run.sampler = make_sampler(recipe, run.unwrapped, tokenizer, episodes=episodes, all_finished=run.all_finished)
     if resume_from is not None:
         run.sync_sampler()  # an engine with its own copy of the weights starts from the checkpoint's
     run.init_counters(saved)
+    matmul.switches = int(run.counters["cpu_matmul_switches"])  # a resumed run counts on
     if accelerator.is_main_process:
         run_dir.write_marker(recipe.to_dict())
     accelerator.wait_for_everyone()
@@ -235,7 +250,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
 def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
     """The counters of ``trainer_state.json``, each a number (or null where allowed), else a clear error."""
     numbers = {"global_step": 0, "eval_reward_before": None, "last_eval": None, "nonfinite_in_a_row": 0,
-               "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0}
+               "skipped_updates": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "tokens_total": 0,
+               "cpu_matmul_switches": 0}
     for key, default in numbers.items():
         value = state.get(key, default)
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

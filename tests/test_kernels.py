@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_pg.policy import kernels
+from rlhf_pg.policy.cpu_matmul import MatmulChoice
 from rlhf_pg.policy.logprobs import completion_logprobs
 from tests.test_decoder_families import FAMILIES, tiny_model
 
@@ -76,11 +77,22 @@ def test_use_onednn_linears_keeps_outputs_parameters_and_copies():
     assert layer.forward.__self__ is layer
 
 
-def test_want_onednn_follows_the_choice():
+@needs_onednn
+def test_use_torch_linears_undoes_only_the_onednn_routing():
     model = tiny_model("llama")
-    assert kernels.want_onednn("torch", model) is False
-    assert kernels.want_onednn("onednn", model) is kernels.onednn_available()
-    assert kernels.want_onednn("onednn", model.to(torch.bfloat16)) is False
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]] * 40)
+    with torch.no_grad():
+        before = model(ids).logits
+    count = kernels.use_onednn_linears(model)
+    model.lm_head.forward = lambda hidden: hidden  # someone else's instance forward (as kernels.hidden_states sets)
+    assert kernels.use_torch_linears(model) == count - 1
+    assert "forward" in model.lm_head.__dict__
+    del model.lm_head.forward
+    assert not kernels.uses_onednn(model)
+    assert all("forward" not in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # F.linear again: the same bits
+    assert kernels.use_torch_linears(model) == 0
 
 
 @pytest.mark.parametrize("onednn", [False, True])
@@ -123,7 +135,7 @@ def test_a_head_with_hooks_soft_capping_or_sharding_is_not_cut():
     sharded = tiny_model("llama")
     sharded.lm_head.weight.ds_id = 0  # DeepSpeed ZeRO-3 marks its partitioned parameters so
     assert kernels.head_for_logprobs(sharded) is None  # whole only inside the model's own forward
-    assert kernels.want_onednn("onednn", sharded) is False
+    assert MatmulChoice("onednn", [sharded]).kernel == "torch" and not kernels.uses_onednn(sharded)
 
 
 @pytest.mark.parametrize("onednn", [False, True])

@@ -74,6 +74,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
 
     from ..data import PromptSampler, load_prompt_datasets
     from ..models import apply_lora, load_policy
+    from ..policy.cpu_matmul import explain_choice
     from ..policy.prompts import check_prompt_lengths, context_length, stop_token_ids
     from ..run.accel import new_accelerator, set_threads
 
@@ -96,6 +97,9 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
         "tokenizer": type(tokenizer).__name__, "vocab": len(tokenizer),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)), "load_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(), "cores": os.cpu_count() or 1, "load_average": load_average}
+    if device.type == "cpu":  # which kernel train.cpu_matmul: auto picks here, and why (the run's setup probe)
+        rows = recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
+        diagnosis.stats["model"]["cpu_matmul"] = explain_choice(recipe.train.cpu_matmul, model, rows)
     _check_threads(diagnosis, device)
     show_model(console, diagnosis.stats["model"])
 
@@ -150,7 +154,10 @@ def _check_threads(diagnosis, device) -> None:
     if device.type == "cpu" and threads > 1 and load >= 1.0 and load + threads > cores + 0.5:
         diagnosis.add("warning", "the CPU is shared",
                       f"the load average is {load:.1f} on {cores} cores and torch uses {threads} threads: contending "
-                      "threads can make sampling and updates several times slower (the doctor sampled with 1)",
+                      "threads can make sampling and updates several times slower (the doctor sampled with 1)"
+                      + ("; its matmul-kernel probe may have measured the other processes (a run's "
+                         "train.cpu_matmul: auto re-checks between steps)" if stats.get("cpu_matmul", {}).get("probed")
+                         else ""),
                       "set train.num_threads=1 (or OMP_NUM_THREADS=1) while other processes use the cores")
         torch.set_num_threads(1)
         stats["doctor_threads"] = 1

@@ -32,6 +32,11 @@ def show_model(console, stats: dict[str, Any]) -> None:
         sampling = " (the doctor samples with 1: the CPU is shared)" if stats.get("doctor_threads") else ""
         table.add_row("CPU", f"torch uses {stats['threads']} thread(s) on {stats['cores']} cores{sampling}; load "
                              f"average {stats['load_average']:.1f} before the doctor started")
+    matmul = stats.get("cpu_matmul")
+    if matmul is not None:
+        chosen = (f"{matmul['kernel']} (train.cpu_matmul={matmul['choice']}); auto would pick {matmul['auto']}"
+                  if matmul["choice"] != "auto" else f"{matmul['kernel']} (train.cpu_matmul=auto)")
+        table.add_row("CPU matmul", f"{chosen}: {matmul['reason']}")
     console.print(table)
 
 

@@ -7,8 +7,9 @@ fast at a transformer's shapes (measured 390-430 GFLOPS against MKL's 160-210 at
 each ``nn.Linear`` of a model through it, forward and backward (``OneDNNLinear``: the same float32
 product, summed in another order: relative error ~1e-6, like any two BLAS libraries), and leaves
 everything else alone: a bf16/autocast run, a GPU, tiny shapes where MKL wins, non-float32 weights
-all take ``F.linear``. ``train.cpu_matmul: auto`` (the default) measures both on this processor once and
-uses oneDNN only where it is faster; ``onednn`` / ``torch`` force one.
+all take ``F.linear``; ``use_torch_linears`` undoes it. Which of the two a run uses is ``train.cpu_matmul``
+(``cpu_matmul.py``: ``auto`` starts from what is known of the processor and re-checks on the run's own shapes
+between steps; ``onednn`` / ``torch`` force one).
 
 **The log-probability head, chunked.** The update needs ``log softmax(h W^T / tau)[a_t]`` at every
 completion position: as logits, that is a ``[B, T, V]`` float32 tensor (400 MB at B*T = 2048 and
@@ -23,8 +24,6 @@ says whether a model's forward may be cut before its ``lm_head`` (families whose
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 import types
 from typing import Iterator
 
@@ -105,60 +104,20 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
     return count
 
 
+def use_torch_linears(model: torch.nn.Module) -> int:
+    """Undo ``use_onednn_linears``: every ``nn.Linear`` of ``model`` routed through oneDNN goes back to its class's
+    ``forward`` (``F.linear``). Other instance-level forwards are left alone. Returns how many layers."""
+    count = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _linear_forward:
+            del module.forward
+            count += 1
+    return count
+
+
 def uses_onednn(model: torch.nn.Module) -> bool:
+    """Whether any linear layer of ``model`` is routed through oneDNN (``use_onednn_linears``)."""
     return any(getattr(m.__dict__.get("forward"), "__func__", None) is _linear_forward for m in model.modules())
-
-
-_PROBE: dict[tuple[int, int], bool] = {}
-PROBE_TIMES: dict[tuple[int, int], tuple[float, float]] = {}  # shape -> (oneDNN, MKL) median seconds
-
-
-def onednn_is_faster(hidden: int = 576, out: int = 1536, rows: int = 512) -> bool:
-    """Measured once per process and shape: is oneDNN's float32 matmul >= 1.15x MKL's here (``cpu_matmul: auto``)?
-
-    The two are timed interleaved, 9 times each, and their medians compared, so that a moment of load on
-    the machine cannot tip the choice (a min-of-5 probe once chose MKL by chance, measured: 15 s steps
-    instead of 11)."""
-    key = (hidden, out)
-    if key not in _PROBE:
-        if not onednn_available():
-            _PROBE[key] = False
-            return False
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(rows, hidden, generator=generator)
-        weight = torch.randn(out, hidden, generator=generator)
-        kernels = {"onednn": lambda: _onednn(x, weight), "mkl": lambda: F.linear(x, weight)}
-        times: dict[str, list[float]] = {name: [] for name in kernels}
-        with torch.inference_mode():
-            try:
-                kernels["onednn"]()
-            except RuntimeError:  # an op this build of torch cannot run
-                _PROBE[key] = False
-                return False
-            kernels["mkl"]()
-            for _ in range(9):
-                for name, function in kernels.items():
-                    started = time.perf_counter()
-                    function()
-                    times[name].append(time.perf_counter() - started)
-        onednn, mkl = statistics.median(times["onednn"]), statistics.median(times["mkl"])
-        PROBE_TIMES[key] = (onednn, mkl)
-        _PROBE[key] = mkl >= 1.15 * onednn
-    return _PROBE[key]
-
-
-def want_onednn(choice: str, model: torch.nn.Module) -> bool:
-    """Whether ``train.cpu_matmul`` = ``choice`` routes this model's linear layers through oneDNN."""
-    parameter = next(model.parameters(), None)
-    if choice == "torch" or parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
-        return False
-    if any(sharded(p) for p in model.parameters()):
-        return False
-    if choice == "onednn":
-        return onednn_available()
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 576
-    return onednn_is_faster(hidden=int(hidden), out=int(4 * hidden))
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:

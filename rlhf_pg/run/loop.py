@@ -3,6 +3,7 @@
     evaluate()                                   held-out numbers before training (kept on resume)
     for step in range(start, steps):
         metrics <- job.step(step)                one optimizer step (or more) and its metrics
+        job.after_step(step)                     between steps (the CPU matmul kernel re-check)
         evaluate() every eval_every steps; log metrics; progress bar
         non-finite guard: skipped updates counted, stop after max_nonfinite_steps in a row
         SIGINT/SIGTERM: finish the step, checkpoint, raise TrainingInterrupted (exit 130/143)
@@ -96,6 +97,11 @@ class Job:
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Between steps (``step`` = steps done, ``metrics`` the step's): work that must not happen inside a step
+        (the LM runs re-check their CPU matmul kernel here). Returns metrics to log with the step's."""
+        return {}
+
     def evaluate(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -177,6 +183,7 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             done = step + 1
             counters["global_step"] = done
             _count(job, metrics)
+            metrics.update(job.after_step(done, metrics))
             if job.eval_every and done % job.eval_every == 0 and done < job.steps:
                 full = job.evaluate()
                 _log_examples(job, done, full, "evaluation")
