@@ -183,8 +183,8 @@ class RewardScorer:
         """``_checked_scores``, following ``term.on_error``, with the call's counters added to ``self._stats``."""
         stats, error = {"latency_s": outcome.elapsed_s, "failures": 0.0}, outcome.error
         if isinstance(error, RewardSourceError) and term.on_error == "fail":
-            raise RewardUnavailable(f"reward {term.label!r} ({term.where}, {term.name}) could not get its rewards "
-                                    f"from {error.source}: {error}") from None
+            raise RewardUnavailable(f"reward {term.name!r} ({term.where}) could not get its rewards from "
+                                    f"{error.source}: {error}") from None
         if (error is not None and not isinstance(error, UserError) or outcome.timed_out) and term.on_error == "none":
             partial = isinstance(error, RewardSourceError)  # the batches that did come back are kept
             stats.update(error.stats if partial else {}, failures=float(error.failed if partial else len(completions)))

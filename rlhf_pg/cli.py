@@ -327,17 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        resume = f" Resume with: {resume_command(argv)}" if error.exit_code == EXIT_RESUMABLE else ""
+        resume = f" {_resume_hint(argv)}" if error.exit_code == EXIT_RESUMABLE else ""
         print(f"error: {error}{resume}", file=sys.stderr)
         return error.exit_code
     except TrainingInterrupted as interrupted:
-        print(f"interrupted: {interrupted.reason}. Resume with: {resume_command(argv)}", file=sys.stderr)
+        print(f"interrupted: {interrupted.reason}. {_resume_hint(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED if interrupted.signal_name in (None, "SIGINT") else EXIT_RESUMABLE
     except KeyboardInterrupt:
         hint = (f"; the run's earlier checkpoints (if any) are intact and --resume continues from the latest: "
                 f"{resume_command(argv)}") if "train" in argv else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """``Resume with: <command>`` (several processes: under the same launcher)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"Resume with the same launcher (accelerate launch, torchrun, srun ...) running: {resume_command(argv)}"
+    return f"Resume with: {resume_command(argv)}"
 
 
 def resume_command(argv: list[str]) -> str:

@@ -76,10 +76,11 @@ def save_checkpoint(
         else:
             os.replace(staging, final)
         _flush(output_dir, files=False)  # the rename itself
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its C++ stream
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {error}; free some disk space or choose another "
-                        "--output-dir (the earlier checkpoints are intact)") from None
+        reason = error if isinstance(error, OSError) else first_line(error)
+        raise UserError(f"cannot write checkpoint {final}: {reason} ({_free_mib(output_dir)} MiB free there); free some "
+                        "disk space or choose another --output-dir (the earlier checkpoints are intact)") from None
     for old in list_checkpoints(output_dir)[:-keep]:
         doomed = output_dir / f".{old.name}.del"
         try:
@@ -88,6 +89,13 @@ def save_checkpoint(
             continue  # kept: an extra checkpoint is harmless
         shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _free_mib(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f}"
+    except OSError:
+        return "?"
 
 
 def _flush(directory: Path, files: bool = True) -> None:

@@ -276,7 +276,7 @@ def _stop(job: Job, done: int, signal_name: str | None, logger: MetricsLogger, s
     """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume (``signal_name``
     None: the signal reached another process of the run)."""
     job.counters["wall_time_s"] += time.perf_counter() - started
-    path = job.save_checkpoint(done)
+    path = job.save_checkpoint(done) or job.run_dir.path / f"checkpoint-{done}"  # (written by the main process)
     logger.close()
     signal_name = signal_name or "SIGTERM"
     by = signal_name if job.num_processes == 1 else f"{signal_name} (process {job.process_index} of {job.num_processes})"
@@ -320,4 +320,4 @@ def clean_stops(job: Job, logger: MetricsLogger, started: float):
             f"process {job.process_index} of {job.num_processes} stopped at step {job.counters['global_step']}: a "
             f"collective operation with the other processes failed ({first_line(error)[:300]}); another process died "
             "or hangs (see its log; a hung process is waited for train.distributed_timeout_s). The last checkpoint "
-            f"({kept or 'none yet'}) is intact: fix the cause and start the same launch with --resume") from error
+            f"({kept or 'none yet'}) is intact: fix the cause, then resume.") from error
