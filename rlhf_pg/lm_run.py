@@ -100,10 +100,10 @@ class LMRun(Job):
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def any_process(self, flag: bool) -> bool:
+    def max_over_processes(self, value: int) -> int:
         if self.num_processes == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "max") > 0)
+            return value
+        return int(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "max"))
 
     # --- the Job methods shared by train and sft --------------------------------------------------------
 

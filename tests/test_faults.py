@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reward_servers import reward_server
+from reward_servers import arithmetic_scores, reward_server
 from rlhf_pg import cli
 from rlhf_pg.errors import EXIT_RESUMABLE
 from rlhf_pg.recipe import recipe_from_dict
@@ -95,6 +95,29 @@ def test_flaky_reward_server_30_percent_503_and_slow_replies_the_run_finishes(ti
     # a slow reply costs its timeout: the latency metric adds up the time spent waiting
     assert sum(r["reward/http/latency_s"] for r in records) >= 0.25 * statuses.count("slow")
     assert all(math_is_finite(r["reward/http/mean"]) for r in records)
+
+
+@pytest.mark.slow
+def test_quickstart_with_its_reward_served_by_a_flaky_server_still_reaches_0_9(tmp_path):
+    """recipes/quickstart.yaml with arithmetic_exact computed by a server that answers 30 % of the requests with
+    503 and 5 % after twice the client's timeout: the held-out evaluations go through it too."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    with reward_server(arithmetic_scores, fail_rate=0.3, slow_rate=0.05, slow_s=1.0, seed=0) as server:
+        recipe["rewards"] = [{"name": "http", "url": server.url + "/score", "timeout_s": 0.5, "retries": 10,
+                              "backoff_s": 0.05, "batch_size": 64, "max_concurrency": 4}]
+        started = time.monotonic()
+        summary = train(recipe_from_dict(recipe), tmp_path, show_progress=False)
+        elapsed = time.monotonic() - started
+    statuses = server.statuses()
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/policy" in r]
+    latencies = sorted(r["reward/http/latency_s"] for r in records)
+    print(f"\n{len(statuses)} requests: {statuses.count(503)} answered 503, {statuses.count('slow')} slow; "
+          f"{sum(r['reward/http/retries'] for r in records):.0f} retries in the training steps; latency per step: "
+          f"median {latencies[len(latencies) // 2]:.3f} s, max {latencies[-1]:.3f} s; held-out "
+          f"{summary['eval_reward_before']:.3f} -> {summary['eval_reward_after']:.3f} in {elapsed:.0f} s")
+    assert summary["eval_reward_before"] <= 0.75
+    assert summary["eval_reward_after"] >= 0.9, json.dumps({k: v for k, v in summary.items() if k != "examples"})
+    assert all(r["reward/http/failures"] == 0 for r in records) and sum(r["reward/http/retries"] for r in records) > 0
 
 
 def math_is_finite(value) -> bool:
@@ -386,3 +409,35 @@ def test_under_accelerate_launch_a_killed_process_stops_the_whole_run_in_seconds
     assert launcher.returncode != 0 and elapsed < 60
     assert "rank      : 1" in report and "Signal 9 (SIGKILL)" in report  # torchrun names the process that died
     assert not [pid for pid in _children(launcher.pid)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_a_checkpoint(tiny_model_dir, tmp_path,
+                                                                                         capsys):
+    """What a scheduler's preemption does: both processes finish the step in progress, agree to stop after it,
+    write one checkpoint and exit 75; the run resumes from that checkpoint."""
+    run_dir = tmp_path / "run"
+    recipe = _two_process_recipe(tmp_path, tiny_model_dir)
+    processes = _launch_two(recipe, run_dir)
+    try:
+        _wait_for(lambda: ckpt.list_checkpoints(run_dir), processes[0], timeout=240)
+        processes[1].send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=120)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    lasts = [process.log.read_text().strip().splitlines()[-1] for process in processes]
+    assert [process.returncode for process in processes] == [EXIT_RESUMABLE, EXIT_RESUMABLE], lasts
+    steps = {int(last.split("after step ")[1].split(";")[0]) for last in lasts}
+    assert len(steps) == 1, lasts  # the same step on both
+    step = steps.pop()
+    assert lasts[0].startswith(f"interrupted: stopped by SIGTERM (process 0 of 2: to another one) after step {step}; "
+                               f"checkpoint written to {run_dir / f'checkpoint-{step}'}"), lasts[0]
+    assert lasts[1].startswith(f"interrupted: stopped by SIGTERM (process 1 of 2) after step {step}"), lasts[1]
+    assert _every_checkpoint_is_complete(run_dir) == step
+    assert cli.main(["--no-progress", "train", str(recipe), "--output-dir", str(run_dir), "--resume", "--max-steps",
+                     str(step + 1)]) == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == step
+    assert steps_logged(run_dir) == list(range(1, step + 2))

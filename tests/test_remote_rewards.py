@@ -252,3 +252,33 @@ def test_llm_judge_recipe_mistakes_fail_when_the_recipe_is_read(keys, fragments)
         scorer_of({"name": "llm_judge", **keys})
     for fragment in fragments:
         assert fragment in str(failure.value), str(failure.value)
+
+
+def test_the_readme_server_and_recipes_quickstart_http_score_the_quickstart_reward(tmp_path):
+    """README's minimal server, run as written, behind the reward of recipes/quickstart_http.yaml (on another port):
+    the same scores as arithmetic_exact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rlhf_pg.recipe import load_recipe
+    from reward_models.rules import arithmetic_exact
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    source = readme.split("```python\n# reward_server.py")[1].split("```")[0]
+    (tmp_path / "reward_server.py").write_text("# reward_server.py" + source)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(tmp_path / "reward_server.py"), str(port)], stderr=subprocess.DEVNULL)
+    try:
+        spec = load_recipe(root / "recipes" / "quickstart_http.yaml").rewards[0]
+        assert spec.name == "http" and spec.params["url"] == "http://127.0.0.1:8000/score"
+        spec.params["url"] = f"http://127.0.0.1:{port}/score"
+        spec.params["backoff_s"] = 0.2  # the server may still be starting: a refused connection is retried
+        spec.params["retries"] = 8
+        prompts, completions, finished = ["1+2=", "17+25=", "9+9=", "3+3="], ["3", "43", "18", "6"], [True, True, True, False]
+        _, per_reward = RewardScorer([spec])(prompts, completions, finished=finished)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert per_reward["http"] == arithmetic_exact(prompts, completions, finished=finished) == [1.0, 0.0, 1.0, 0.0]

@@ -51,6 +51,11 @@ class StopFlag:
                 pass
         return self
 
+    @property
+    def number(self) -> int:
+        """The signal's number (0: none yet); SIGTERM (15) outranks SIGINT (2) when processes compare."""
+        return int(signal.Signals[self.signal_name]) if self.signal_name else 0
+
     def _handle(self, signum, frame):
         if self.signal_name is not None:
             raise KeyboardInterrupt
@@ -138,9 +143,9 @@ class Job:
     def barrier(self) -> None:
         """Wait for every process (distributed runs)."""
 
-    def any_process(self, flag: bool) -> bool:
-        """``flag`` of any process (several processes: an all-reduce, so that all of them act alike)."""
-        return flag
+    def max_over_processes(self, value: int) -> int:
+        """The largest ``value`` of all processes (several: an all-reduce, so that all of them act alike)."""
+        return value
 
     def config(self) -> dict[str, Any] | None:
         """The resolved recipe as plain data: the trackers' run configuration."""
@@ -183,8 +188,8 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             counters[before_key], counters["eval_before"] = before[score], before
             logger.log(0, {f"eval/{key}": value for key, value in before.items()})
             _log_examples(job, 0, result, "before training")
-        if job.any_process(stop.signal_name is not None):  # during the first evaluation: keep it (checkpoint here)
-            _stop(job, start_step, stop.signal_name, logger, started)
+        if agreed := job.max_over_processes(stop.number):  # during the first evaluation: keep it (checkpoint here)
+            _stop(job, start_step, agreed, stop, logger, started)
         task = bar.add_task(job.command, total=job.steps, completed=start_step, status="")
         for step in range(start_step, job.steps):
             metrics = job.step(step)
@@ -219,8 +224,8 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                     f"step {done}; train.max_nonfinite_steps={job.max_nonfinite_steps}); lower optim.lr, "
                     "set optim.max_grad_norm, check the reward scale, or use mixed_precision 'no'/'bf16' instead of "
                     "'fp16'. The model was not changed by the skipped updates")
-            if job.any_process(stop.signal_name is not None):
-                _stop(job, done, stop.signal_name, logger, started)
+            if agreed := job.max_over_processes(stop.number):  # a signal to any process stops all after this step
+                _stop(job, done, agreed, stop, logger, started)
             if job.save_every and done % job.save_every == 0 and done < job.steps:
                 job.save_checkpoint(done)
         stop.then = "all steps are done: finishing the final evaluation and saving the model"
@@ -272,14 +277,16 @@ def finish(job: Job, summary: dict[str, Any]) -> None:
     job.barrier()
 
 
-def _stop(job: Job, done: int, signal_name: str | None, logger: MetricsLogger, started: float):
-    """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume (``signal_name``
-    None: the signal reached another process of the run)."""
+def _stop(job: Job, done: int, agreed: int, stop: StopFlag, logger: MetricsLogger, started: float):
+    """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume (``agreed``: the
+    signal any process received; several processes each raise it)."""
     job.counters["wall_time_s"] += time.perf_counter() - started
     path = job.save_checkpoint(done) or job.run_dir.path / f"checkpoint-{done}"  # (written by the main process)
     logger.close()
-    signal_name = signal_name or "SIGTERM"
-    by = signal_name if job.num_processes == 1 else f"{signal_name} (process {job.process_index} of {job.num_processes})"
+    signal_name = signal.Signals(agreed).name
+    by = signal_name
+    if job.num_processes > 1:
+        by += f" (process {job.process_index} of {job.num_processes}{'' if stop.number else ': to another one'})"
     raise TrainingInterrupted(f"stopped by {by} after step {done}; checkpoint written to {path}", str(path),
                               signal_name=signal_name, output_dir=str(job.run_dir.path),
                               hint=f"Resume with: rlhf-pg {job.command} RECIPE --output-dir {job.run_dir.path} --resume")
