@@ -9,6 +9,7 @@ Recipes name registered functions (``arithmetic_exact``) or any importable funct
     registry.py        names -> functions                 scorer.py      the weighted sum, checked outputs
     rules.py           rewards computed from the text     tasks.py       the calculator task's rewards
     reward_model.py    a learned reward model as a reward (text or chat prompts)
+    remote.py          http: a reward server              judge.py       llm_judge: an OpenAI-compatible chat model
     bradley_terry.py   training one (``rlhf-pg reward-model``), on pairs from preferences.py /
                        arith_preferences.py, configured by config.py
 """
@@ -17,6 +18,9 @@ from .registry import REWARD_FUNCTIONS, register_reward, resolve_reward
 from . import rules  # noqa: F401  (registers the rule rewards)
 from . import tasks  # noqa: F401  (registers the task rewards)
 from . import reward_model  # noqa: F401  (registers reward_model)
+from . import remote, judge  # noqa: F401  (register http, llm_judge)
+from .registry import RewardSourceError, Scores
 from .scorer import RewardScorer, judged_mean
 
-__all__ = ["REWARD_FUNCTIONS", "register_reward", "resolve_reward", "RewardScorer", "judged_mean"]
+__all__ = ["REWARD_FUNCTIONS", "register_reward", "resolve_reward", "RewardScorer", "judged_mean", "Scores",
+           "RewardSourceError"]

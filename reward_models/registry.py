@@ -41,3 +41,31 @@ def resolve_reward(name: str) -> RewardFunction:
         f"unknown reward function {name!r}; registered: {', '.join(sorted(REWARD_FUNCTIONS))}; "
         "or give an import path such as 'my_pkg.rewards:score'"
     )
+
+
+class Scores(list):
+    """What a reward function may return instead of a plain list: the scores (None = not judged) with counters
+    the scorer adds to the step's metrics as ``reward/<label>/<key>`` and notes it logs.
+
+    The remote rewards report ``retries`` (requests sent again after a timeout, a dropped connection, a 5xx or
+    429); the judge also ``unparsed`` (replies that did not parse: those samples are None), with a note quoting
+    the first such reply. A function should report the same keys on every call.
+    """
+
+    def __init__(self, values=(), stats: dict[str, float] | None = None, notes: list[str] | None = None):
+        super().__init__(values)
+        self.stats = dict(stats or {})
+        self.notes = list(notes or [])
+
+
+class RewardSourceError(Exception):
+    """Raised by a reward function whose source (a server) could not give some or all of the rewards.
+
+    ``source`` names it (a URL); ``scores`` has what it did give, None for the ``failed`` samples; ``stats`` as in
+    ``Scores``. The scorer then follows the reward's ``on_error``: ``fail`` stops the run (``RewardUnavailable``,
+    naming the reward, the source and this message), ``none`` keeps ``scores`` with those samples unjudged.
+    """
+
+    def __init__(self, message: str, source: str, scores: list, failed: int, stats: dict[str, float] | None = None):
+        super().__init__(message)
+        self.source, self.scores, self.failed, self.stats = source, list(scores), failed, dict(stats or {})

@@ -31,6 +31,14 @@ Reward functions as users write them (TRL's conventions):
       r_i = sum_{k : f_k judged i} w_k f_k[i]      (a sample no function judges gets r_i = 0)
 
   NaN *returned* by a function is still an error: ``None`` is the way to say "not judged".
+
+When the rewards cannot be had (``rewards[i].on_error``): a function whose source failed raises
+``RewardSourceError`` (``remote.py``); ``on_error: fail`` (default) raises ``RewardUnavailable`` naming the
+reward, its source and the error (the run stops cleanly, exit 75), ``on_error: none`` leaves those samples
+unjudged, as it does for any other exception or timeout. A function whose signature names ``timeout_s`` gets
+the reward's ``timeout_s`` and enforces it itself (per request); the scorer's deadline is for the others.
+Per term the scorer adds up ``latency_s`` and ``failures`` (samples unjudged because the source failed), and
+the function's own ``Scores.stats``, until ``take_stats()`` returns them as ``reward/<label>/<key>`` metrics.
 """
 
 from __future__ import annotations
@@ -40,13 +48,14 @@ import difflib
 import inspect
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_pg.chat import reward_completions
-from rlhf_pg.errors import RecipeError, RewardFunctionError, UserError
+from rlhf_pg.errors import RecipeError, RewardFunctionError, RewardUnavailable, UserError, first_line
 
-from .registry import resolve_reward
+from .registry import RewardSourceError, resolve_reward
 
 if TYPE_CHECKING:  # the recipe schema lives above this package; a spec is read by attribute only
     from rlhf_pg.recipe import RewardSpec
@@ -61,12 +70,28 @@ class _Term:
     params: dict[str, Any]
     timeout_s: float | None = None
     where: str = "rewards[0]"  # recipe key of the spec, for messages
+    on_error: str = "fail"  # or "none": samples the function could not score are unjudged
 
     @property
     def is_async(self) -> bool:
         """An ``async def`` function (or a callable object whose ``__call__`` is one)."""
         return inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
             getattr(self.function, "__call__", None))
+
+    @property
+    def self_timed(self) -> bool:
+        """The function takes ``timeout_s`` itself (the remote rewards: a timeout per request)."""
+        return "timeout_s" in _parameter_names(self.function)
+
+    @property
+    def deadline(self) -> float | None:
+        """The timeout the scorer enforces on a call (none for a self-timed function)."""
+        return None if self.self_timed else self.timeout_s
+
+    def kwargs(self, columns: dict[str, Any]) -> dict[str, Any]:
+        """The call's keyword arguments: the dataset columns, the spec's params (and ``timeout_s`` if self-timed)."""
+        timed = {"timeout_s": self.timeout_s} if self.self_timed and self.timeout_s is not None else {}
+        return {**columns, **self.params, **timed}
 
 
 def _accepts(function: Callable[..., Any], keyword: str) -> bool:
@@ -98,13 +123,13 @@ class RewardScorer:
             declared = _parameter_names(function)
             for keyword in spec.params:
                 if not _accepts(function, keyword):
-                    close = difflib.get_close_matches(keyword, [*declared, "name", "weight", "timeout_s"], n=1)
+                    close = difflib.get_close_matches(keyword, [*declared, *_SPEC_KEYS], n=1)
                     hint = f"did you mean {close[0]!r}?" if close else "remove the key or fix its spelling"
                     raise RecipeError(
                         f"{where}[{index}]: reward function {spec.name!r} takes no argument {keyword!r}; {hint}"
                     )
                 # a **kwargs function accepts anything: a near-miss of a real key is a typo, not an argument
-                near = difflib.get_close_matches(keyword, [*declared, "name", "weight", "timeout_s"], n=1, cutoff=0.8)
+                near = difflib.get_close_matches(keyword, [*declared, *_SPEC_KEYS], n=1, cutoff=0.8)
                 if keyword not in declared and near:
                     raise RecipeError(
                         f"{where}[{index}]: {keyword!r} is not a key of reward {spec.name!r}; did you mean {near[0]!r}?"
@@ -120,7 +145,9 @@ class RewardScorer:
             if seen[label] > 1:
                 label = f"{label}_{seen[label]}"
             self.terms.append(_Term(label, spec.name, spec.weight, function, dict(spec.params),
-                                    spec.timeout_s, f"{where}[{index}]"))
+                                    spec.timeout_s, f"{where}[{index}]", getattr(spec, "on_error", "fail")))
+        self._stats: dict[str, dict[str, float]] = {}
+        self._notes: list[str] = []
 
     @property
     def labels(self) -> list[str]:
@@ -138,9 +165,40 @@ class RewardScorer:
         if pending:
             outcomes = _gather(pending, prompts, completions, columns)
             for term in pending:
-                per_reward[term.label] = _checked_scores(term, prompts, completions, columns, outcomes[term.label])
+                per_reward[term.label] = self._checked(term, prompts, completions, columns, outcomes[term.label])
         per_reward = {term.label: per_reward[term.label] for term in self.terms}  # the recipe's order
         return self.total(per_reward), per_reward
+
+    def take_stats(self) -> tuple[dict[str, float], list[str]]:
+        """The counters since the last call, as metrics ``reward/<label>/latency_s`` (seconds spent in the function),
+        ``reward/<label>/failures`` (samples unjudged because its source failed) and the function's own
+        (``retries``, ``unparsed``), every term; and the notes to log (what failed, a reply that did not parse)."""
+        metrics = {f"reward/{term.label}/{key}": value for term in self.terms
+                   for key, value in self._stats.get(term.label, {"latency_s": 0.0, "failures": 0.0}).items()}
+        notes, self._stats, self._notes = self._notes, {}, []
+        return metrics, notes
+
+    def _checked(self, term: _Term, prompts: list[Any], completions: list[Any], columns: dict[str, Any],
+                 outcome: _Outcome) -> list[float]:
+        """``_checked_scores``, following ``term.on_error``, with the call's counters added to ``self._stats``."""
+        stats, error = {"latency_s": outcome.elapsed_s, "failures": 0.0}, outcome.error
+        if isinstance(error, RewardSourceError) and term.on_error == "fail":
+            raise RewardUnavailable(f"reward {term.name!r} ({term.where}) could not get its rewards from "
+                                    f"{error.source}: {error}") from None
+        if (error is not None and not isinstance(error, UserError) or outcome.timed_out) and term.on_error == "none":
+            partial = isinstance(error, RewardSourceError)  # the batches that did come back are kept
+            stats.update(error.stats if partial else {}, failures=float(error.failed if partial else len(completions)))
+            what = str(error) if partial else first_line(error) if error else f"no reply within {term.timeout_s:g} s"
+            self._notes.append(f"reward {term.label!r}: {stats['failures']:.0f} of {len(completions)} samples "
+                               f"unjudged (on_error: none): {what}")
+            outcome = _Outcome(value=error.scores if partial else [None] * len(completions))
+        scores = _checked_scores(term, prompts, completions, columns, outcome)
+        stats.update(getattr(outcome.value, "stats", {}))
+        self._notes += [f"reward {term.label!r}: {note}" for note in getattr(outcome.value, "notes", [])]
+        totals = self._stats.setdefault(term.label, {})
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        return scores
 
     def total(self, per_reward: dict[str, list[float]]) -> list[float]:
         """``r_i = sum_k w_k f_k[i]`` over the terms that judged sample i (TRL's nansum: None counts 0)."""
@@ -156,9 +214,11 @@ class RewardScorer:
         if term.is_async:
             outcome = _gather([term], prompts, completions, columns)[term.label]
         else:
-            outcome = _outcome(lambda: _call(term.function, prompts, completions, {**columns, **term.params}),
-                               term.timeout_s)
-        return _checked_scores(term, prompts, completions, columns, outcome)
+            outcome = _outcome(lambda: _call(term.function, prompts, completions, term.kwargs(columns)), term.deadline)
+        return self._checked(term, prompts, completions, columns, outcome)
+
+
+_SPEC_KEYS = ("name", "weight", "timeout_s", "on_error")  # RewardSpec's own keys (the rest are the function's)
 
 
 def judged_mean(values: list[float]) -> float:
@@ -190,18 +250,21 @@ class _Outcome:
     value: Any = None
     error: BaseException | None = None
     timed_out: str | None = None  # what became of a call past its timeout
+    elapsed_s: float = 0.0  # wall time of the call
 
 
 def _outcome(call: Callable[[], Any], timeout_s: float | None, in_thread: bool = False) -> _Outcome:
     """``call()`` here, or (with a ``timeout_s``, or ``in_thread``) in a daemon worker thread that is abandoned
     after ``timeout_s`` seconds: a thread cannot be killed, it runs on until the call returns."""
+    started = time.perf_counter()
     if timeout_s is None and not in_thread:
         try:
-            return _Outcome(value=call())
+            value = call()
         except UserError:
             raise
         except Exception as error:  # noqa: BLE001 - the user's function; reported by _checked_scores
-            return _Outcome(error=error)
+            return _Outcome(error=error, elapsed_s=time.perf_counter() - started)
+        return _Outcome(value=value, elapsed_s=time.perf_counter() - started)
     box: dict[str, _Outcome] = {}
 
     def target():
@@ -214,8 +277,9 @@ def _outcome(call: Callable[[], Any], timeout_s: float | None, in_thread: bool =
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        return _Outcome(timed_out="the call runs on in a background thread, which Python cannot kill")
+        return _Outcome(timed_out="the call runs on in a background thread, which Python cannot kill", elapsed_s=timeout_s)
     outcome = box["outcome"]
+    outcome.elapsed_s = time.perf_counter() - started
     if isinstance(outcome.error, UserError):
         raise outcome.error
     return outcome
@@ -224,16 +288,18 @@ def _outcome(call: Callable[[], Any], timeout_s: float | None, in_thread: bool =
 async def _awaited(term: _Term, prompts: list[Any], completions: list[Any], kwargs: dict[str, Any]) -> _Outcome:
     """Await one async term, cancelled after its ``timeout_s`` (``asyncio.wait``: a ``TimeoutError`` the function
     raises itself stays its own error)."""
+    started = time.perf_counter()
     try:
         task = asyncio.ensure_future(_call(term.function, prompts, completions, kwargs))
     except Exception as error:  # noqa: BLE001 - raised before the first await (e.g. a bad argument)
         return _Outcome(error=error)
-    done, _ = await asyncio.wait({task}, timeout=term.timeout_s)
+    done, _ = await asyncio.wait({task}, timeout=term.deadline)
+    elapsed = time.perf_counter() - started
     if not done:
         task.cancel()
-        return _Outcome(timed_out="the call was cancelled")
+        return _Outcome(timed_out="the call was cancelled", elapsed_s=elapsed)
     error = task.exception()
-    return _Outcome(error=error) if error is not None else _Outcome(value=task.result())
+    return _Outcome(error=error, elapsed_s=elapsed) if error is not None else _Outcome(value=task.result(), elapsed_s=elapsed)
 
 
 def _gather(terms: list[_Term], prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> dict[str, _Outcome]:
@@ -245,12 +311,12 @@ def _gather(terms: list[_Term], prompts: list[Any], completions: list[Any], colu
     outcomes: dict[str, _Outcome] = {}
 
     async def one(term: _Term):
-        outcomes[term.label] = await _awaited(term, prompts, completions, {**columns, **term.params})
+        outcomes[term.label] = await _awaited(term, prompts, completions, term.kwargs(columns))
 
     async def every():
         await asyncio.gather(*(one(term) for term in terms))
 
-    limits = [term.timeout_s for term in terms]
+    limits = [term.deadline for term in terms]
     deadline = None if None in limits else max(limits) + 1.0
     crashed = _outcome(lambda: asyncio.run(every()), deadline, in_thread=True)  # a thread: no loop runs there
     if crashed.error is not None:
@@ -263,7 +329,7 @@ def _gather(terms: list[_Term], prompts: list[Any], completions: list[Any], colu
 def _checked_scores(term: _Term, prompts: list[Any], completions: list[Any], columns: dict[str, Any],
                     outcome: _Outcome) -> list[float]:
     """The outcome's scores as floats (None -> NaN), or a ``RewardFunctionError`` naming the function."""
-    kwargs = {**columns, **term.params}
+    kwargs = term.kwargs(columns)
     if outcome.timed_out:
         raise RewardFunctionError(
             f"reward function {term.name!r} did not return within {term.where}.timeout_s={term.timeout_s:g} s on a batch "
@@ -312,10 +378,10 @@ def _first_failing_sample(term: _Term, prompts: list[Any], completions: list[Any
             async def alone(single=single, index=index):
                 return await _call(term.function, [prompts[index]], [completions[index]], single)
 
-            outcome = _outcome(lambda: asyncio.run(alone()), term.timeout_s, in_thread=True)
+            outcome = _outcome(lambda: asyncio.run(alone()), term.deadline, in_thread=True)
         else:
             outcome = _outcome(lambda: _call(term.function, [prompts[index]], [completions[index]], single),
-                               term.timeout_s)
+                               term.deadline)
         if outcome.timed_out:
             return None  # hangs on one sample too: stop looking
         if outcome.error is not None:

@@ -1,5 +1,6 @@
 """Command line: parse the arguments, run the command's row of ``COMMANDS``, print its outcome. A ``UserError``
-becomes one clear message and exit code 2; an interrupted run, its checkpoint and the resume command.
+becomes one clear message and its exit code (2: bad input; 75: resumable, the message ends with the resume
+command); an interrupted run, its checkpoint and the resume command (exit 130 after SIGINT, 75 after SIGTERM).
 
     rlhf-pg train RECIPE [--output-dir DIR] [--max-steps N] [--seed S] [--resume] [--overwrite] [key=value ...]
     rlhf-pg eval RECIPE [--model DIR] [key=value ...]
@@ -23,16 +24,14 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TrainingInterrupted, UserError
+from .errors import EXIT_RESUMABLE, TrainingInterrupted, UserError
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT; a stop by SIGTERM exits with 143 (128 + SIGTERM), as shells expect
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a person's Ctrl-C, as shells expect; a SIGTERM stop exits with EXIT_RESUMABLE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -328,17 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        resume = f" {_resume_hint(argv)}" if error.exit_code == EXIT_RESUMABLE else ""
+        print(f"error: {error}{resume}", file=sys.stderr)
+        return error.exit_code
     except TrainingInterrupted as interrupted:
-        print(f"interrupted: {interrupted.reason}. Resume with: {resume_command(argv)}", file=sys.stderr)
-        number = getattr(signal.Signals, interrupted.signal_name or "SIGINT", signal.SIGINT)
-        return 128 + int(number)
+        print(f"interrupted: {interrupted.reason}. {_resume_hint(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED if interrupted.signal_name in (None, "SIGINT") else EXIT_RESUMABLE
     except KeyboardInterrupt:
         hint = (f"; the run's earlier checkpoints (if any) are intact and --resume continues from the latest: "
                 f"{resume_command(argv)}") if "train" in argv else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """``Resume with: <command>`` (several processes: under the same launcher)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"Resume with the same launcher (accelerate launch, torchrun, srun ...) running: {resume_command(argv)}"
+    return f"Resume with: {resume_command(argv)}"
 
 
 def resume_command(argv: list[str]) -> str:

@@ -68,6 +68,7 @@ class LMRun(Job):
         self.max_nonfinite_steps, self.tensorboard = train.max_nonfinite_steps, train.tensorboard
         self.report_to = train.report_to
         self.seed, self.is_main = self.recipe.seed, self.accelerator.is_main_process
+        self.num_processes, self.process_index = self.accelerator.num_processes, self.accelerator.process_index
 
     @property
     def output_dir(self) -> Path:
@@ -101,6 +102,11 @@ class LMRun(Job):
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def max_over_processes(self, value: int) -> int:
+        if self.num_processes == 1:
+            return value
+        return int(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "max"))
+
     # --- the Job methods shared by train and sft --------------------------------------------------------
 
     def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -130,7 +136,29 @@ class LMRun(Job):
             total = sum(n for n, _ in parts)
             result = {**{key: sum(n * part[key] for n, part in parts) / total for key in parts[0][1]},
                       "examples": result["examples"]}
+        stats = self.reward_metrics(self.eval_scorer, "held-out evaluation")
+        for term in self.eval_scorer.terms:  # unjudged by a failed source: the held-out reward is lower by them
+            if term.on_error == "none":
+                result[f"reward/{term.label}/failures"] = stats[f"reward/{term.label}/failures"]
         return result
+
+    def reward_metrics(self, scorer: RewardScorer, when: str) -> dict[str, float]:
+        """``scorer.take_stats()`` over every process: counts summed, ``latency_s`` the slowest process's; its notes
+        (what failed, a reply that did not parse) printed by the main process, after ``when``."""
+        metrics, notes = scorer.take_stats()
+        if self.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(metrics, notes)])
+            metrics = {key: (max if key.endswith("/latency_s") else sum)(part[0].get(key, 0.0) for part in parts)
+                       for key in parts[0][0]}
+            notes = [note for part in parts for note in part[1]]
+        for note in notes if self.is_main else []:
+            if self.console is not None:
+                self.console.print(f"{when}: {note}", soft_wrap=True, markup=False, highlight=False)
+            else:
+                print(f"{when}: {note}", flush=True)
+        return metrics
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Checkpoint on the main process (all processes wait)."""
@@ -180,7 +208,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     False, it has no KL term.
     """
     set_threads(recipe.train.num_threads)
-    accelerator = new_accelerator(recipe.train.mixed_precision)
+    accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s)
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
@@ -307,4 +335,7 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
         sampler.close()
     result["num_prompts"] = len(prompts)
     result["model"] = model_config.name_or_path
+    _, notes = scorer.take_stats()
+    if notes:
+        result["reward_notes"] = notes  # samples a failed source left unjudged, replies that did not parse
     return result

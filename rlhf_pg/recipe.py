@@ -72,7 +72,11 @@ class RewardSpec:
     name: str = option("arithmetic_exact", help="registered name (see reward_models) or 'package.module:function'")
     weight: float = option(1.0, help="weight in the weighted sum of rewards")
     timeout_s: float | None = option(None, min=0.0, min_exclusive=True, help="seconds one call may take; past it the "
-                                     "step fails naming the function (None = no limit)")
+                                     "step fails naming the function (None = no limit); http / llm_judge: seconds "
+                                     "per request, each retry with its own")
+    on_error: Literal["fail", "none"] = option("fail", help="when the rewards cannot be had (a server down after its "
+                                               "retries): 'fail' stops the run cleanly (exit 75, --resume continues), "
+                                               "'none' leaves those samples unjudged (None) and logs how many")
     params: dict[str, Any] = option(help="extra keyword arguments for the function (written inline in the recipe)", factory=dict)
 
 
@@ -189,6 +193,9 @@ class TrainConfig:
     log_completions_every: int = option(10, min=0, help="write the step's completions (prompt, completion, rewards, "
                                         "advantage) to DIR/completions.jsonl every N steps, and show a few (0 = off; "
                                         "evaluations are always logged)")
+    distributed_timeout_s: float = option(600.0, min=0.0, min_exclusive=True, help="several processes: how long one "
+                                          "waits for the others in a collective before it stops with an error (a hung "
+                                          "or dead process); longer than the slowest checkpoint write or evaluation")
 
     def check(self) -> None:
         check_report_to(self.report_to)

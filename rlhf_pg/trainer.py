@@ -240,6 +240,7 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
                             step_time, run.scheduler.get_last_lr()[0])
     metrics.update(kl_stats)
     metrics.update(scored.stats)
+    metrics.update(run.reward_metrics(run.scorer, f"step {step + 1}"))  # reward/<label>/latency_s, failures, ...
     if greedy is not None:
         metrics["reward/greedy_baseline"] = float(accelerator.gather(greedy).mean())
     run.counters["tokens_total"] += int(global_tokens)

@@ -1,8 +1,19 @@
-"""The accelerator: one ``accelerate.Accelerator`` per run, on CPU, one GPU or many processes."""
+"""The accelerator: one ``accelerate.Accelerator`` per run, on CPU, one GPU or many processes.
+
+Several processes wait for each other in every collective (gather, all-reduce, barrier). When one of them
+dies, the others learn it at their next collective: at once when its connection closes (gloo on one machine),
+else after the process group's timeout (a hung process, NCCL); ``train.distributed_timeout_s`` sets it (torch's
+default is 30 min for gloo, 10 min for NCCL). ``collective_failure`` tells such an error from the others, so the
+loop can stop with a message saying so (``PeerLost``) instead of a backend's traceback.
+"""
 
 from __future__ import annotations
 
+import datetime
+
 import torch
+
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 600.0
 
 
 def cpu_only() -> bool:
@@ -12,16 +23,31 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
-def new_accelerator(mixed_precision: str = "no"):
+def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None):
     """An ``Accelerator`` for this run. Several runs in one process (``compare``, tests) may each pick
     their own precision: accelerate keeps one global state, so it is reset between runs (the process
-    group, if any, is kept)."""
+    group, if any, is kept, with the timeout of the run that created it). ``timeout_s``: how long a
+    collective waits for the other processes (None: ``DEFAULT_DISTRIBUTED_TIMEOUT_S``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only())
+    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_DISTRIBUTED_TIMEOUT_S)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Did a collective fail because another process died or hangs? (torch's ``DistError``, or the
+    ``RuntimeError`` text gloo and NCCL raise: a connection reset or closed by the peer, a timeout.)"""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting"))
 
 
 def set_threads(num_threads: int | None) -> None:

@@ -2,8 +2,10 @@
 
 Each holds the model and tokenizer (``save_pretrained``), ``trainer_state.json`` (step, recipe,
 metrics so far), ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pth``. A checkpoint is written to
-a temporary directory and renamed into place, so a crash never leaves a half-written one (a leftover
-``.checkpoint-<step>.tmp`` is ignored, and removed by ``clean_staging``); only the last ``keep`` are kept.
+a temporary directory, flushed to disk (fsync) and renamed into place, so a crash (``kill -9``, a power cut)
+never leaves a half-written ``checkpoint-<step>``: a leftover ``.checkpoint-<step>.tmp`` is ignored, and removed
+by ``clean_staging``. Only the last ``keep`` are kept; an older one is renamed to ``.checkpoint-<step>.del``
+before it is deleted, so a crash mid-delete leaves no partial ``checkpoint-<step>`` either.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ..errors import UserError, first_line
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old)$")
+_STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old|del)$")
 REQUIRED_FILES = ("trainer_state.json", "optimizer.pt")
 MODEL_FILES = ("config.json", "adapter_config.json")  # a full model or a LoRA adapter
 
@@ -64,6 +66,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(), staging / "rng_state.pth")
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **trainer_state}, indent=2))
+        _flush(staging)
         if final.exists():  # the same step written again: swap, so some complete copy exists at every moment
             previous = output_dir / f".checkpoint-{step}.old"
             shutil.rmtree(previous, ignore_errors=True)
@@ -72,13 +75,43 @@ def save_checkpoint(
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, final)
-    except OSError as error:
+        _flush(output_dir, files=False)  # the rename itself
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its C++ stream
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {error}; free some disk space or choose another "
-                        "--output-dir (the earlier checkpoints are intact)") from None
+        reason = error if isinstance(error, OSError) else first_line(error)
+        raise UserError(f"cannot write checkpoint {final}: {reason} ({_free_mib(output_dir)} MiB free there); free some "
+                        "disk space or choose another --output-dir (the earlier checkpoints are intact)") from None
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = output_dir / f".{old.name}.del"
+        try:
+            os.replace(old, doomed)  # out of the checkpoints' names first: a crash mid-delete leaves no partial one
+        except OSError:
+            continue  # kept: an extra checkpoint is harmless
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _free_mib(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f}"
+    except OSError:
+        return "?"
+
+
+def _flush(directory: Path, files: bool = True) -> None:
+    """fsync the files directly in ``directory`` and the directory itself (its entries), where the OS allows."""
+    paths = [child for child in directory.iterdir() if child.is_file()] if files else []
+    for path in [*paths, directory]:
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # e.g. directories cannot be opened on Windows
+        try:
+            os.fsync(handle)
+        except OSError:
+            pass  # a file system without fsync for directories
+        finally:
+            os.close(handle)
 
 
 def clean_staging(output_dir: Path) -> list[str]:
@@ -86,6 +119,7 @@ def clean_staging(output_dir: Path) -> list[str]:
 
     ``.checkpoint-<step>.tmp`` is a half-written checkpoint: deleted. ``.checkpoint-<step>.old`` is a
     complete one that was being replaced: deleted if its replacement exists, else renamed back.
+    ``.checkpoint-<step>.del`` was being deleted (an old one beyond ``keep``): deleted.
     """
     removed = []
     if not output_dir.is_dir():

@@ -6,9 +6,15 @@
         job.after_step(step)                     between steps (the CPU matmul kernel re-check)
         evaluate() every eval_every steps; log metrics; progress bar
         non-finite guard: skipped updates counted, stop after max_nonfinite_steps in a row
-        SIGINT/SIGTERM: finish the step, checkpoint, raise TrainingInterrupted (exit 130/143)
+        SIGINT/SIGTERM: finish the step, checkpoint, raise TrainingInterrupted (exit 130 / 75)
+                   (several processes agree first: every one stops after the same step)
         checkpoint every save_every steps
     evaluate(); checkpoint-<steps>; final/ and summary.json written atomically
+
+What the run cannot go on from stops it cleanly (``clean_stops``): a reward source that stays unreachable
+(``RewardUnavailable``: a single process checkpoints its last completed step first) and a collective that
+failed because another process died or hangs (``PeerLost``); both exit 75, the checkpoints intact, and
+``--resume`` continues.
 
 A command is a ``Job`` (the LM trainer, SFT, the gym track, the reward-model trainer): it says how to
 take a step, evaluate, checkpoint and save its model; the guarantees above are written once, here.
@@ -16,14 +22,16 @@ take a step, evaluate, checkpoint and save its model; the guarantees above are w
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NonFiniteError, TrainingInterrupted, UserError, first_line
+from ..errors import NonFiniteError, PeerLost, RewardUnavailable, TrainingInterrupted, UserError, first_line
 from . import checkpoint as ckpt
+from .accel import collective_failure
 from .metrics import MetricsLogger, completions_table, progress_bar
 from .rundir import RunDir
 
@@ -43,6 +51,11 @@ class StopFlag:
             except ValueError:  # not the main thread
                 pass
         return self
+
+    @property
+    def number(self) -> int:
+        """The signal's number (0: none yet); SIGTERM (15) outranks SIGINT (2) when processes compare."""
+        return int(signal.Signals[self.signal_name]) if self.signal_name else 0
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:
@@ -82,6 +95,8 @@ class Job:
     tensorboard: bool = True
     report_to: list[str] | None = None  # trackers (None: tensorboard when ``tensorboard``)
     is_main: bool = True
+    num_processes: int = 1
+    process_index: int = 0
     counters: dict[str, Any]
     logger: MetricsLogger | None = None  # set by run_job: steps may log completions through it
     console: Any = None  # set by run_job: the progress bar's console (prints above the bar)
@@ -134,6 +149,10 @@ class Job:
     def barrier(self) -> None:
         """Wait for every process (distributed runs)."""
 
+    def max_over_processes(self, value: int) -> int:
+        """The largest ``value`` of all processes (several: an all-reduce, so that all of them act alike)."""
+        return value
+
     def config(self) -> dict[str, Any] | None:
         """The resolved recipe as plain data: the trackers' run configuration."""
         recipe = getattr(self, "recipe", None)
@@ -166,7 +185,7 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                            resume_step=start_step if resume_from is not None else None, report_to=job.report_to,
                            config=job.config() if job.is_main else None)
     started = time.perf_counter()
-    with StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar:
+    with clean_stops(job, logger, started), StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar:
         job.logger, job.console = logger, bar.console
         job.seed_everything(resume_from)
         if counters[before_key] is None:
@@ -175,8 +194,8 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             counters[before_key], counters["eval_before"] = before[score], before
             logger.log(0, {f"eval/{key}": value for key, value in before.items()})
             _log_examples(job, 0, result, "before training")
-        if stop.signal_name is not None:  # arrived during the first evaluation: keep it (checkpoint at this step)
-            _stop(job, start_step, stop.signal_name, logger, started)
+        if agreed := job.max_over_processes(stop.number):  # during the first evaluation: keep it (checkpoint here)
+            _stop(job, start_step, agreed, stop, logger, started)
         task = bar.add_task(job.command, total=job.steps, completed=start_step, status="")
         for step in range(start_step, job.steps):
             metrics = job.step(step)
@@ -185,7 +204,11 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             _count(job, metrics)
             metrics.update(job.after_step(done, metrics))
             if job.eval_every and done % job.eval_every == 0 and done < job.steps:
-                full = job.evaluate()
+                try:
+                    full = job.evaluate()
+                except RewardUnavailable:
+                    logger.log(done, metrics)  # the step trained: its record stays (clean_stops checkpoints it)
+                    raise
                 _log_examples(job, done, full, "evaluation")
                 result = eval_scalars(full)
                 counters["last_eval"] = result[score]
@@ -208,27 +231,27 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                     f"step {done}; train.max_nonfinite_steps={job.max_nonfinite_steps}); lower optim.lr, "
                     "set optim.max_grad_norm, check the reward scale, or use mixed_precision 'no'/'bf16' instead of "
                     "'fp16'. The model was not changed by the skipped updates")
-            if stop.signal_name is not None:
-                _stop(job, done, stop.signal_name, logger, started)
+            if agreed := job.max_over_processes(stop.number):  # a signal to any process stops all after this step
+                _stop(job, done, agreed, stop, logger, started)
             if job.save_every and done % job.save_every == 0 and done < job.steps:
                 job.save_checkpoint(done)
         stop.then = "all steps are done: finishing the final evaluation and saving the model"
         final_eval = job.evaluate()
         _log_examples(job, job.steps, final_eval, "after training")
-    after = eval_scalars(final_eval)
-    logger.log(job.steps, {f"eval/{key}": value for key, value in after.items()})
-    logger.close()
-    counters["wall_time_s"] += time.perf_counter() - started
-    summary = {
-        **job.summary({**counters["eval_before"], score: counters[before_key]}, final_eval),
-        "steps": job.steps,
-        "wall_time_s": round(counters["wall_time_s"], 3),
-        "train_time_s": round(counters["train_time_s"], 3),
-        "resumed_from_step": start_step if resume_from is not None else None,
-        "skipped_updates": counters["skipped_updates"],
-        "final_model_dir": str(job.run_dir.path / "final"),
-    }
-    finish(job, summary)
+        after = eval_scalars(final_eval)
+        logger.log(job.steps, {f"eval/{key}": value for key, value in after.items()})
+        logger.close()
+        counters["wall_time_s"] += time.perf_counter() - started
+        summary = {
+            **job.summary({**counters["eval_before"], score: counters[before_key]}, final_eval),
+            "steps": job.steps,
+            "wall_time_s": round(counters["wall_time_s"], 3),
+            "train_time_s": round(counters["train_time_s"], 3),
+            "resumed_from_step": start_step if resume_from is not None else None,
+            "skipped_updates": counters["skipped_updates"],
+            "final_model_dir": str(job.run_dir.path / "final"),
+        }
+        finish(job, summary)
     return summary
 
 
@@ -261,11 +284,54 @@ def finish(job: Job, summary: dict[str, Any]) -> None:
     job.barrier()
 
 
-def _stop(job: Job, done: int, signal_name: str, logger: MetricsLogger, started: float):
-    """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume."""
+def _stop(job: Job, done: int, agreed: int, stop: StopFlag, logger: MetricsLogger, started: float):
+    """Checkpoint after ``done`` steps and raise ``TrainingInterrupted`` saying how to resume (``agreed``: the
+    signal any process received; several processes each raise it)."""
     job.counters["wall_time_s"] += time.perf_counter() - started
-    path = job.save_checkpoint(done)
+    path = job.save_checkpoint(done) or job.run_dir.path / f"checkpoint-{done}"  # (written by the main process)
     logger.close()
-    raise TrainingInterrupted(f"stopped by {signal_name} after step {done}; checkpoint written to {path}", str(path),
+    signal_name = signal.Signals(agreed).name
+    by = signal_name
+    if job.num_processes > 1:
+        by += f" (process {job.process_index} of {job.num_processes}{'' if stop.number else ': to another one'})"
+    raise TrainingInterrupted(f"stopped by {by} after step {done}; checkpoint written to {path}", str(path),
                               signal_name=signal_name, output_dir=str(job.run_dir.path),
                               hint=f"Resume with: rlhf-pg {job.command} RECIPE --output-dir {job.run_dir.path} --resume")
+
+
+@contextlib.contextmanager
+def clean_stops(job: Job, logger: MetricsLogger, started: float):
+    """Stop cleanly on what the run cannot go on from (exit 75, ``--resume`` continues):
+
+    - ``RewardUnavailable`` (a reward source that stayed unreachable, ``on_error: fail``): the step in progress
+      did not train. A single process checkpoints its last completed step (``global_step``) first; several
+      processes keep their last checkpoint (the others may wait in a collective: no checkpoint without them).
+    - a collective that failed because another process died or hangs (``accel.collective_failure``): ``PeerLost``
+      naming this process, the error and the last checkpoint, instead of the backend's traceback.
+    """
+    try:
+        yield
+    except RewardUnavailable as error:
+        done = int(job.counters["global_step"])
+        if job.num_processes > 1:
+            kept = ckpt.latest_checkpoint(job.run_dir.path)
+            where = f"the last checkpoint ({kept or 'none yet'}) is intact"
+        else:
+            path = job.run_dir.path / f"checkpoint-{done}"
+            if not path.is_dir():
+                job.counters["wall_time_s"] += time.perf_counter() - started
+                path = job.save_checkpoint(done)
+            where = f"checkpoint: {path}"
+        logger.close()
+        raise RewardUnavailable(f"{error}. The run stopped after step {done} ({where}); --resume continues from "
+                                "there once the source is back.") from None
+    except Exception as error:
+        if job.num_processes == 1 or isinstance(error, UserError) or not collective_failure(error):
+            raise
+        logger.close()
+        kept = ckpt.latest_checkpoint(job.run_dir.path)
+        raise PeerLost(
+            f"process {job.process_index} of {job.num_processes} stopped at step {job.counters['global_step']}: a "
+            f"collective operation with the other processes failed ({first_line(error)[:300]}); another process died "
+            "or hangs (see its log; a hung process is waited for train.distributed_timeout_s). The last checkpoint "
+            f"({kept or 'none yet'}) is intact: fix the cause, then resume.") from error

@@ -77,7 +77,9 @@ class MetricsLogger:
         log_completions(self.trackers, step, plain)
 
     def close(self) -> None:
-        finish_trackers(self.trackers)
+        """End the trackers' runs (a second call does nothing)."""
+        trackers, self.trackers = self.trackers, []
+        finish_trackers(trackers)
         self.trackers = []
 
 

@@ -27,7 +27,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 
 RUN_MARKER = "recipe.yaml"
-IGNORED_ON_RESUME = {"train.steps", "output_dir"}  # keys a resumed run may change
+IGNORED_ON_RESUME = {"train.steps", "output_dir", "train.distributed_timeout_s"}  # keys a resumed run may change
 
 
 class RunDir:
