@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TrainingInterrupted, UserError
+from .errors import DoctorFoundProblems, TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; a stop by SIGTERM exits with 143 (128 + SIGTERM), as shells expect
@@ -173,9 +173,9 @@ def _overrides(args) -> list[str]:
 
 
 def _lm_recipe(args):
-    from .recipe import load_recipe
+    from .api import resolve_recipe
 
-    return load_recipe(args.recipe, _overrides(args))
+    return resolve_recipe(args.recipe, overrides=_overrides(args))
 
 
 def _gym_recipe(args):
@@ -200,21 +200,23 @@ def _output_dir(args, recipe, default: str) -> Path:
 
 
 def _train(args, recipe, output_dir):
-    from .trainer import train
+    from .api import train
 
-    return train(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return train(recipe, output_dir=output_dir, resume=args.resume, overwrite=args.overwrite,
+                 progress=not args.no_progress).summary
 
 
 def _sft(args, recipe, output_dir):
-    from .sft import train_sft
+    from .api import sft
 
-    return train_sft(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return sft(recipe, output_dir=output_dir, resume=args.resume, overwrite=args.overwrite,
+               progress=not args.no_progress).summary
 
 
 def _eval(args, recipe, output_dir):
-    from .lm_run import evaluate_model
+    from .api import evaluate
 
-    return evaluate_model(recipe, args.model)
+    return evaluate(args.model, recipe)
 
 
 def _compare(args, recipe, output_dir):
@@ -265,9 +267,13 @@ def _build_base(args, recipe, output_dir):
 
 
 def _doctor(args, recipe, output_dir):
-    from .doctor import doctor_command
+    from .api import doctor
 
-    return doctor_command(args, recipe)  # exit 1 (DoctorFoundProblems) when it finds a problem
+    diagnosis = doctor(recipe, prompts=args.prompts, time_budget_s=args.time_budget)
+    if diagnosis.problems:
+        print(diagnosis.verdict())
+        raise DoctorFoundProblems(len(diagnosis.problems))  # exit code 1
+    return diagnosis.verdict()
 
 
 def _stem(args) -> str:
@@ -330,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DoctorFoundProblems as found:
+        return found.code
     except TrainingInterrupted as interrupted:
         print(f"interrupted: {interrupted.reason}. Resume with: {resume_command(argv)}", file=sys.stderr)
         number = getattr(signal.Signals, interrupted.signal_name or "SIGINT", signal.SIGINT)

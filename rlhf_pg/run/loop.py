@@ -15,6 +15,7 @@ take a step, evaluate, checkpoint and save its model; the guarantees above are w
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -160,7 +161,8 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                            resume_step=start_step if resume_from is not None else None, report_to=job.report_to,
                            config=job.config() if job.is_main else None)
     started = time.perf_counter()
-    with StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar:
+    # closing(logger): an error or a second Ctrl-C still stops the trackers' threads (a notebook's kernel runs on)
+    with StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar, contextlib.closing(logger):
         job.logger, job.console = logger, bar.console
         job.seed_everything(resume_from)
         if counters[before_key] is None:
@@ -208,9 +210,8 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
         stop.then = "all steps are done: finishing the final evaluation and saving the model"
         final_eval = job.evaluate()
         _log_examples(job, job.steps, final_eval, "after training")
-    after = eval_scalars(final_eval)
-    logger.log(job.steps, {f"eval/{key}": value for key, value in after.items()})
-    logger.close()
+        after = eval_scalars(final_eval)
+        logger.log(job.steps, {f"eval/{key}": value for key, value in after.items()})
     counters["wall_time_s"] += time.perf_counter() - started
     summary = {
         **job.summary({**counters["eval_before"], score: counters[before_key]}, final_eval),
