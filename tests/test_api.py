@@ -161,6 +161,9 @@ def test_dict_and_list_overrides_are_the_same_recipe_and_python_values_stay_as_g
     assert recipe == {"model": "builtin:arith-gpt", "train": {"steps": 5}}  # the caller's dict is not changed
     with pytest.raises(UserError, match="overrides: expected a dict"):
         resolve_recipe(recipe, overrides="optim.lr=1")
+    with pytest.raises(RecipeError, match="unknown recipe key 'data.dataset'"):  # Python objects are no recipe keys
+        resolve_recipe({"data": {"dataset": "prompts.jsonl"}})
+    assert "dataset" not in resolve_recipe({}).to_dict()["data"] and "function" not in resolve_recipe({}).to_dict()["rewards"][0]
 
 
 def test_reward_names_are_what_the_command_line_reads_or_python_references():
