@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import inspect
+from typing import Any, Callable, Iterable
+
+from rlhf_pg.errors import RewardFunctionError
 
 RewardFunction = Callable[..., list]
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+PYTHON_REFERENCE = "python:"  # a recipe's name for a function given from Python (rlhf_pg.api), not importable
 
 
 def register_reward(name: str) -> Callable[[RewardFunction], RewardFunction]:
@@ -27,6 +31,9 @@ def resolve_reward(name: str) -> RewardFunction:
     """
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
+    if name.startswith(PYTHON_REFERENCE):
+        raise LookupError(f"{name!r} stands for a Python function given to rlhf_pg.train(reward_funcs=...) (or sft, "
+                          "evaluate, doctor); pass it again from Python, or name a registered or importable function")
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:
@@ -69,3 +76,26 @@ class RewardSourceError(Exception):
     def __init__(self, message: str, source: str, scores: list, failed: int, stats: dict[str, float] | None = None):
         super().__init__(message)
         self.source, self.scores, self.failed, self.stats = source, list(scores), failed, dict(stats or {})
+
+
+def check_reward_signature(function: Any, name: str, keywords: Iterable[str] = ()) -> None:
+    """A ``RewardFunctionError`` unless ``function`` can be called as the scorer calls it: ``f(prompts=...,
+    completions=..., **kwargs)`` when it names ``completions`` (TRL's way), else ``f(prompts, completions, **kwargs)``,
+    with ``keywords`` (the dataset's other columns, ``finished``) as the kwargs. Run before any model is loaded."""
+    if not callable(function):
+        raise RewardFunctionError(f"reward function {name!r} is not callable (got {type(function).__name__})")
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): the first call tells
+    kwargs = dict.fromkeys(keywords, [])
+    try:
+        if "completions" in signature.parameters:
+            signature.bind(prompts=[], completions=[], **kwargs)
+        else:
+            signature.bind([], [], **kwargs)
+    except TypeError as error:
+        raise RewardFunctionError(
+            f"reward function {name!r} cannot be called as f(prompts, completions, **kwargs) with the keyword arguments "
+            f"{', '.join(sorted(kwargs)) or '(none)'} ({error}); define it as def f(prompts, completions, **kwargs) -> "
+            "list[float] (TRL's signature)") from None

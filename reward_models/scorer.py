@@ -116,8 +116,8 @@ class RewardScorer:
         self.terms: list[_Term] = []
         seen: dict[str, int] = {}
         for index, spec in enumerate(specs):
-            try:
-                function = resolve_reward(spec.name)
+            try:  # a function given from Python (rlhf_pg.api: reward_funcs=...) rides on its spec
+                function = spec.function if getattr(spec, "function", None) is not None else resolve_reward(spec.name)
             except LookupError as error:
                 raise RecipeError(f"{where}[{index}].name: {error}") from None
             declared = _parameter_names(function)

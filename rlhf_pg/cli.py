@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import EXIT_RESUMABLE, TrainingInterrupted, UserError
+from .errors import EXIT_RESUMABLE, DoctorFoundProblems, TrainingInterrupted, UserError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: a person's Ctrl-C, as shells expect; a SIGTERM stop exits with EXIT_RESUMABLE
 
@@ -172,9 +172,9 @@ def _overrides(args) -> list[str]:
 
 
 def _lm_recipe(args):
-    from .recipe import load_recipe
+    from .api import resolve_recipe
 
-    return load_recipe(args.recipe, _overrides(args))
+    return resolve_recipe(args.recipe, overrides=_overrides(args))
 
 
 def _gym_recipe(args):
@@ -199,21 +199,23 @@ def _output_dir(args, recipe, default: str) -> Path:
 
 
 def _train(args, recipe, output_dir):
-    from .trainer import train
+    from .api import train
 
-    return train(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return train(recipe, output_dir=output_dir, resume=args.resume, overwrite=args.overwrite,
+                 progress=not args.no_progress).summary
 
 
 def _sft(args, recipe, output_dir):
-    from .sft import train_sft
+    from .api import sft
 
-    return train_sft(recipe, output_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return sft(recipe, output_dir=output_dir, resume=args.resume, overwrite=args.overwrite,
+               progress=not args.no_progress).summary
 
 
 def _eval(args, recipe, output_dir):
-    from .lm_run import evaluate_model
+    from .api import evaluate
 
-    return evaluate_model(recipe, args.model)
+    return evaluate(args.model, recipe)
 
 
 def _compare(args, recipe, output_dir):
@@ -264,9 +266,13 @@ def _build_base(args, recipe, output_dir):
 
 
 def _doctor(args, recipe, output_dir):
-    from .doctor import doctor_command
+    from .api import doctor
 
-    return doctor_command(args, recipe)  # exit 1 (DoctorFoundProblems) when it finds a problem
+    diagnosis = doctor(recipe, prompts=args.prompts, time_budget_s=args.time_budget)
+    if diagnosis.problems:
+        print(diagnosis.verdict())
+        raise DoctorFoundProblems(len(diagnosis.problems))  # exit code 1
+    return diagnosis.verdict()
 
 
 def _stem(args) -> str:
@@ -330,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = f" {_resume_hint(argv)}" if error.exit_code == EXIT_RESUMABLE else ""
         print(f"error: {error}{resume}", file=sys.stderr)
         return error.exit_code
+    except DoctorFoundProblems as found:
+        return found.code
     except TrainingInterrupted as interrupted:
         print(f"interrupted: {interrupted.reason}. {_resume_hint(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED if interrupted.signal_name in (None, "SIGINT") else EXIT_RESUMABLE

@@ -16,6 +16,9 @@ What a schema class may declare (hooks, all optional):
     precheck_file(data, path)     likewise, for a recipe file only (``load``)
     expand(data) -> data          classmethod on a root schema: fill in implied keys (a preset's values)
     kind, example, sections       a root schema's words for messages ("gym recipe", "env: {id: ...}")
+
+``option(..., python=True)``: a Python object given through ``rlhf_pg.api`` (a reward function, a dataset), not a
+recipe key (YAML cannot set it; ``to_dict`` and ``==`` leave it out): a ``python:`` reference in a key stands for it.
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ from .errors import RecipeError, UserError
 
 
 def option(default: Any = None, *, help: str, min: float | None = None, max: float | None = None,
-           min_exclusive: bool = False, factory: Any = None) -> Any:
-    """A schema field with its documentation and range (checked on load)."""
-    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+           min_exclusive: bool = False, factory: Any = None, python: bool = False) -> Any:
+    """A schema field with its documentation and range (checked on load); ``python``: a Python object, not a key."""
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "python": python}
+    hidden = {"compare": False, "repr": False} if python else {}
     if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+        return field(default_factory=factory, metadata=metadata, **hidden)
+    return field(default=default, metadata=metadata, **hidden)
+
+
+def recipe_fields(cls: Any) -> list[dataclasses.Field]:
+    """The fields of a schema class (or instance) that are recipe keys: all but ``python=True`` ones."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("python")]
 
 
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate seeds python, numpy and torch with the same value)
@@ -144,7 +153,7 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys to values, got {_short(data)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in recipe_fields(cls)}
     extra_field = getattr(cls, "extra_keys", None)
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -206,31 +215,37 @@ def load_yaml(path: str | Path) -> Any:
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-3"`` -> ``(["optim", "lr"], 0.001)``; the value is parsed as YAML."""
-    if "=" not in text:
+def parse_override(text: str | tuple[str, Any]) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> ``(["optim", "lr"], 0.001)``; the value is parsed as YAML. A ``(key, value)`` pair
+    (an item of ``rlhf_pg.api``'s dict of overrides) keeps its Python value."""
+    if isinstance(text, tuple):
+        key, value = text
+    elif "=" not in text:
         raise RecipeError(f"override {_short(text)} must look like key=value, e.g. optim.lr=0.001")
-    key, raw = text.split("=", 1)
-    key = key.strip()
+    else:
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        except RecursionError:
+            raise RecipeError(f"override {_short(text)}: the value is nested too deeply") from None
+    key = str(key).strip()
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {_short(text)} has an empty key; write e.g. train.steps=50")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    except RecursionError:
-        raise RecipeError(f"override {_short(text)}: the value is nested too deeply") from None
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], root: type | None = None) -> dict[str, Any]:
-    """Set each dotted ``key=value`` in ``data`` (list items by index: ``rewards.0.weight=0.5``).
+def apply_overrides(data: dict[str, Any], overrides: list[str | tuple[str, Any]], root: type | None = None
+                    ) -> dict[str, Any]:
+    """Set each dotted ``key=value`` (or ``(key, value)``) in ``data`` (list items by index: ``rewards.0.weight=0.5``).
 
     Keys must exist in the schema ``root`` (``Recipe``, ``GymRecipe``, ``RewardModelRecipe``, ...);
     ``from_dict`` reports unknown ones below free-form sections with a suggestion.
     """
     for text in overrides:
         parts, value = parse_override(text)
+        text = text if isinstance(text, str) else f"{text[0]}={text[1]}"  # for messages, as on the command line
         node: Any = data
         cls: Any = root
         item_cls: Any = None
@@ -248,7 +263,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], root: type | Non
                 cls = item_cls
                 continue
             if dataclasses.is_dataclass(cls) and getattr(cls, "extra_keys", None) is None:
-                names = [f.name for f in dataclasses.fields(cls)]
+                names = [f.name for f in recipe_fields(cls)]
                 if part not in names:
                     close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
                     hint = f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close else ""
@@ -355,7 +370,7 @@ def to_dict(recipe: Any) -> dict[str, Any]:
     """Plain data, loadable again with ``from_dict`` (free-form ``extra_keys`` inlined, as written)."""
     if dataclasses.is_dataclass(recipe):
         extra_field = getattr(recipe, "extra_keys", None)
-        data = {f.name: to_dict(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != extra_field}
+        data = {f.name: to_dict(getattr(recipe, f.name)) for f in recipe_fields(recipe) if f.name != extra_field}
         if extra_field is not None:
             data.update(getattr(recipe, extra_field))
         return data
@@ -372,7 +387,7 @@ def recipe_keys(root: type) -> list[tuple[str, str, str]]:
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        for f in recipe_fields(cls):
             section = _section_type(hints[f.name])
             if dataclasses.is_dataclass(section) and getattr(section, "extra_keys", None) is None:
                 walk(section, f"{prefix}{f.name}.")

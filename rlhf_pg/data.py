@@ -21,6 +21,7 @@ from .errors import UserError, first_line
 from .recipe import DataConfig
 from .tasks import arithmetic
 
+PYTHON_REFERENCE = "python:"  # data.path of a dataset given from Python (rlhf_pg.api), which no file holds
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -42,6 +43,9 @@ def load_path(path: str, split: str):
                 loaded = datasets.load_from_disk(str(local))
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(str(local), split=split)
+        if path.startswith(PYTHON_REFERENCE):
+            raise UserError(f"data.path {path!r} stands for a dataset given to rlhf_pg.train(train_dataset=...) (or sft, "
+                            "evaluate, doctor); pass it again from Python, or point data.path at a file")
         if path.startswith((".", "/", "~")) or local.suffix.lower() in _BUILDERS or (os.sep in path and not _looks_like_hub_name(path)):
             raise UserError(f"data.path {path!r} does not exist; give an existing file or directory")
         return datasets.load_dataset(path, split=split)
@@ -65,53 +69,62 @@ def load_prompt_datasets(config: DataConfig):
 
     The built-in arithmetic task writes its prompts as ``data.prompt_format`` says (``"text"``: ``"12+7="``;
     ``"chat"``: ``[{"role": "user", "content": "What is 12+7? Reply with only the number."}]``); the held-out
-    problems are never training prompts, and columns a, b, answer go to the reward functions.
+    problems are never training prompts, and columns a, b, answer go to the reward functions. Datasets given
+    from Python (``config.dataset`` / ``config.eval_dataset``, ``rlhf_pg.api``) take the place of ``path`` / ``eval_split``;
+    without a held-out set, ``num_eval`` rows of the training set are held out.
     """
     import datasets
 
-    if config.path is None:
+    held_out = None
+    if config.dataset is not None:
+        train = _prompt_column(config.dataset, config, "train_dataset")
+    elif config.path is None:
         prompt_format = getattr(config, "prompt_format", "text")
         if prompt_format not in arithmetic.PROMPT_FORMATS:
             raise UserError(f"data.prompt_format={prompt_format!r}: use one of {', '.join(arithmetic.PROMPT_FORMATS)}")
         train_problems, eval_problems = arithmetic.split_problems(
             config.max_operand, config.num_eval, config.shuffle_seed, config.min_operand
         )
-        return (
-            datasets.Dataset.from_dict(arithmetic.as_records(train_problems, prompt_format)),
-            datasets.Dataset.from_dict(arithmetic.as_records(eval_problems, prompt_format)),
-        )
-    train = _prompt_column(load_path(config.path, config.split), config, config.split)
-    if config.eval_split is not None:
-        if Path(config.path).expanduser().is_file():
-            raise UserError(f"data.eval_split={config.eval_split!r}: {config.path!r} is a single file, so every split of it "
-                            "is the same rows; set eval_split to null (data.num_eval rows are held out) or point "
-                            "data.path at a directory or dataset that has that split")
-        held_out = _prompt_column(load_path(config.path, config.eval_split), config, config.eval_split)
+        train = datasets.Dataset.from_dict(arithmetic.as_records(train_problems, prompt_format))
+        held_out = datasets.Dataset.from_dict(arithmetic.as_records(eval_problems, prompt_format))
+    else:
+        train = _prompt_column(load_path(config.path, config.split), config, f"split {config.split!r} of {config.path!r}")
+        if config.eval_split is not None and config.eval_dataset is None:
+            if Path(config.path).expanduser().is_file():
+                raise UserError(f"data.eval_split={config.eval_split!r}: {config.path!r} is a single file, so every split "
+                                "of it is the same rows; set eval_split to null (data.num_eval rows are held out) or point "
+                                "data.path at a directory or dataset that has that split")
+            held_out = _prompt_column(load_path(config.path, config.eval_split), config,
+                                      f"split {config.eval_split!r} of {config.path!r}")
+    if config.eval_dataset is not None:
+        return train, _prompt_column(config.eval_dataset, config, "eval_dataset")
+    if held_out is not None:
         return train, held_out
     if len(train) <= config.num_eval:
+        hint = "pass eval_dataset=" if config.dataset is not None else "set data.eval_split"
         raise UserError(
             f"data: {len(train)} rows cannot give {config.num_eval} held-out prompts and leave some for training; "
-            "lower data.num_eval or set data.eval_split"
+            f"lower data.num_eval or {hint}"
         )
     split = train.train_test_split(test_size=config.num_eval, seed=config.shuffle_seed, shuffle=True)
     return split["train"], split["test"]
 
 
-def _prompt_column(dataset, config: DataConfig, split: str):
+def _prompt_column(dataset, config: DataConfig, where: str):
     """``dataset`` with its prompts in a ``prompt`` column, or a ``UserError`` naming the first bad row.
 
-    Every prompt is text, or every prompt is a list of messages with a known role and string content.
+    Every prompt is text, or every prompt is a list of messages with a known role and string content. ``where``:
+    the dataset in messages (``split 'train' of 'p.jsonl'``, ``train_dataset``).
     """
     column = config.prompt_column
     if column not in dataset.column_names:
         raise UserError(
-            f"data: split {split!r} of {config.path!r} has no column {column!r} (columns: {', '.join(dataset.column_names)}); "
+            f"data: {where} has no column {column!r} (columns: {', '.join(dataset.column_names)}); "
             "set data.prompt_column to the column that holds the prompts"
         )
     if len(dataset) == 0:
-        raise UserError(f"data: split {split!r} of {config.path!r} has no rows")
-    check_prompt_kinds(list(dataset[column]), column=column,
-                       row_name=lambda index: f"data: row {index} of split {split!r} of {config.path!r}")
+        raise UserError(f"data: {where} has no rows")
+    check_prompt_kinds(list(dataset[column]), column=column, row_name=lambda index: f"data: row {index} of {where}")
     if column != "prompt":
         if "prompt" in dataset.column_names:
             dataset = dataset.remove_columns("prompt")

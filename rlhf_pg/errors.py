@@ -72,3 +72,16 @@ class TrainingInterrupted(Exception):
 
 class NonFiniteError(UserError):
     """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+EXIT_PROBLEMS = 1
+
+
+class DoctorFoundProblems(Exception):
+    """``rlhf-pg doctor``'s report lists a problem: the CLI exits with code 1 (``rlhf_pg.doctor()`` returns the
+    ``Diagnosis`` instead)."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} problem(s)")
+        self.count = count
+        self.code = EXIT_PROBLEMS

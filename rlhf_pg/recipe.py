@@ -56,6 +56,9 @@ class DataConfig:
     completion_column: str = option("completion", help="sft/compare: column holding the target completion: a text, "
                                     "or [{role: assistant, content: ...}] (TRL's conversational prompt-completion)")
     shuffle_seed: int = option(0, min=0, max=SEED_MAX, help="seed of the held-out split and the prompt order")
+    # from Python (rlhf_pg.api): datasets.Dataset objects; path / eval_split hold their references python:...@fingerprint
+    dataset: Any = option(None, python=True, help="the training prompts given from Python (train_dataset=...)")
+    eval_dataset: Any = option(None, python=True, help="the held-out prompts given from Python (eval_dataset=...)")
 
 
 @dataclass
@@ -78,6 +81,8 @@ class RewardSpec:
                                                "retries): 'fail' stops the run cleanly (exit 75, --resume continues), "
                                                "'none' leaves those samples unjudged (None) and logs how many")
     params: dict[str, Any] = option(help="extra keyword arguments for the function (written inline in the recipe)", factory=dict)
+    function: Any = option(None, python=True, help="the function itself, given from Python (reward_funcs=...); "
+                           "`name` is then its reference (python:<name>)")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from rlhf_pg import cli
 from rlhf_pg.recipe import Recipe, RewardSpec, load_recipe, recipe_from_dict
+from rlhf_pg.config import recipe_fields
 from rlhf_pg.errors import RecipeError
 
 # RLHF_PG_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz_recipes.py  fuzzes harder
@@ -30,10 +31,11 @@ FUZZ = settings(max_examples=int(os.environ.get("RLHF_PG_FUZZ_EXAMPLES", 150)), 
 
 
 def _leaf_fields(cls: type = Recipe, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
-    """Every leaf key of the schema as ``(dotted key, type, field)``; sections are walked, reward items too."""
+    """Every leaf key of the schema as ``(dotted key, type, field)``; sections are walked, reward items too (fields
+    holding Python objects, ``option(python=True)``, are not keys)."""
     rows = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in recipe_fields(cls):
         tp = hints[f.name]
         section = _strip_optional(tp)
         if dataclasses.is_dataclass(section) and section is not RewardSpec:

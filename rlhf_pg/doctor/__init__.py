@@ -26,29 +26,9 @@ not end completions, a batch that does not fit in memory), each printed with its
 
 from __future__ import annotations
 
+from ..errors import EXIT_PROBLEMS, DoctorFoundProblems  # the CLI's exit code 1
 from .diagnose import DEFAULT_TIME_BUDGET_S, Diagnosis, Finding, diagnose
 from .measures import MemoryEstimate, end_of_turn_token, group_spread, histogram, memory_estimate
 
-EXIT_PROBLEMS = 1
-
-
-class DoctorFoundProblems(SystemExit):
-    """Raised after the report when it lists a problem: the process exits with code 1."""
-
-    def __init__(self, count: int):
-        super().__init__(EXIT_PROBLEMS)
-        self.count = count
-
-
-def doctor_command(args, recipe) -> str:
-    """``rlhf-pg doctor``: print the report; the verdict line is the result, ``DoctorFoundProblems`` (exit 1)
-    when the report lists a problem."""
-    diagnosis = diagnose(recipe, prompts=args.prompts, time_budget_s=args.time_budget)
-    if diagnosis.problems:
-        print(diagnosis.verdict())
-        raise DoctorFoundProblems(len(diagnosis.problems))
-    return diagnosis.verdict()
-
-
 __all__ = ["DEFAULT_TIME_BUDGET_S", "Diagnosis", "DoctorFoundProblems", "EXIT_PROBLEMS", "Finding", "MemoryEstimate",
-           "diagnose", "doctor_command", "end_of_turn_token", "group_spread", "histogram", "memory_estimate"]
+           "diagnose", "end_of_turn_token", "group_spread", "histogram", "memory_estimate"]

@@ -156,7 +156,7 @@ def show_memory(console, stats: dict[str, Any]) -> None:
     table.caption = (f"N={stats['parameters']:,} N_t={stats['trainable']:,} b={stats['weight_bytes']} "
                      f"a={stats['activation_bytes']} L={stats['layers']} d={stats['hidden']} "
                      f"w={stats['kv_heads']}x{stats['head_dim']} V={stats['vocab']}; activations are a rough guide "
-                     "(rlhf_pg.doctor.memory_estimate)")
+                     "(memory_estimate in rlhf_pg/doctor/measures.py)")
     console.print(table)
 
 

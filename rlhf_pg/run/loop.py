@@ -185,7 +185,9 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
                            resume_step=start_step if resume_from is not None else None, report_to=job.report_to,
                            config=job.config() if job.is_main else None)
     started = time.perf_counter()
-    with clean_stops(job, logger, started), StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar:
+    # closing(logger): an error or a second Ctrl-C still stops the trackers' threads (a notebook's kernel runs on)
+    with clean_stops(job, logger, started), StopFlag() as stop, progress_bar(show_progress and job.is_main) as bar, \
+            contextlib.closing(logger):
         job.logger, job.console = logger, bar.console
         job.seed_everything(resume_from)
         if counters[before_key] is None:

@@ -106,12 +106,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def progress_bar(enabled: bool = True):
-    """A rich progress bar showing step, reward and throughput."""
+    """A rich progress bar showing step, reward and throughput (in Jupyter: a live ipywidgets Output).
+
+    In a terminal, what is printed while it runs goes above it (rich redirects stdout/stderr). Not in Jupyter:
+    there the bar is a widget of its own, and rich's redirection recurses forever once the kernel flushes stderr
+    while publishing a display (a SIGINT note, a checkpoint's progress)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = Console()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, redirect_stdout=not console.is_jupyter, redirect_stderr=not console.is_jupyter,
         disable=not enabled,
     )
 
