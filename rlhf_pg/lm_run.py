@@ -27,7 +27,7 @@ from .models import apply_lora, load_causal_lm, load_lora_checkpoint, load_polic
 from .policy.cpu_matmul import MatmulChoice
 from .policy.kernels import uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
-from .policy.sampler import Sampler, SamplingParams, make_sampler
+from .policy.sampler import Sampler, SamplingParams, check_engine, make_sampler
 from .recipe import Recipe
 from .run import checkpoint as ckpt
 from .run.accel import new_accelerator, set_threads
@@ -208,6 +208,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     False, it has no KL term.
     """
     set_threads(recipe.train.num_threads)
+    check_engine(recipe.rollout.engine, installed=True)  # a missing vLLM fails before anything is loaded
     accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s)
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)

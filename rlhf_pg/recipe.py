@@ -23,6 +23,7 @@ from .episodes.tools import DEFAULT_RESULT_FORMAT, DEFAULT_TOOL_FORMAT, check_ep
 from .errors import RecipeError
 from .models.config import ModelConfig, PeftConfig
 from .policy.sampler import ENGINE_NAMES
+from .policy.vllm import VLLMConfig
 from .run.optim import OptimConfig
 from .run.trackers import check_report_to
 from .tasks.arithmetic import PROMPT_FORMATS
@@ -90,7 +91,9 @@ class RolloutConfig:
     """Sampling: how many completions per step and how they are drawn."""
 
     engine: Literal[ENGINE_NAMES] = option("builtin", help="what draws the completions: 'builtin' (the KV-cached decoder "
-                                           "on the policy's own weights; policy/builtin.py)")
+                                           "on the policy's own weights; policy/builtin.py) or 'vllm' (an in-process "
+                                           "vllm.LLM, its weights pushed every step; policy/vllm.py)")
+    vllm: VLLMConfig = option(help="the vLLM engine's settings (rollout.engine: vllm)", factory=VLLMConfig)
     prompts_per_step: int = option(32, min=1, help="prompts per training step (across all processes)")
     completions_per_prompt: int = option(4, min=1, help="completions sampled per prompt (a group)")
     max_new_tokens: int = option(8, min=1, help="longest completion, in tokens")

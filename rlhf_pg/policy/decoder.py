@@ -22,6 +22,8 @@ All return the same logits as ``model(...)`` (tested to float tolerance against 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -29,6 +31,21 @@ from transformers import DynamicCache
 from .kernels import onednn_linear, sharded, uses_onednn
 
 Tensor = torch.Tensor
+
+
+def cache_argument(model, cache) -> dict:
+    """``{name: cache}`` for a forward call: transformers renamed forward's ``past_key_values`` to ``cache`` in 5.2x,
+    and vLLM's CPU build pins an older transformers; the name this model's forward takes (an unknown keyword would be
+    swallowed by ``**kwargs`` and the cache silently ignored)."""
+    body = getattr(model, "module", model)
+    body = body.get_base_model() if hasattr(body, "get_base_model") else body
+    cls = type(body)
+    if cls not in _CACHE_NAMES:
+        _CACHE_NAMES[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return {_CACHE_NAMES[cls]: cache}
+
+
+_CACHE_NAMES: dict[type, str] = {}
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -48,12 +65,13 @@ class HFDecoder:
         self.cache = DynamicCache(config=self.model.config)
         self.next_position = positions[:, -1] + 1
         return self.model(input_ids=prompt_ids, attention_mask=self.attention_mask, position_ids=positions,
-                          cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                          **cache_argument(self.model, self.cache), use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
         logits = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
-                            position_ids=self.next_position[:, None], cache=self.cache, use_cache=True).logits[:, -1]
+                            position_ids=self.next_position[:, None], **cache_argument(self.model, self.cache),
+                            use_cache=True).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
 
@@ -67,7 +85,7 @@ class HFDecoder:
         self.attention_mask = torch.cat([self.attention_mask, valid.long()], dim=1)
         positions = self.next_position[:, None] + valid.long().cumsum(-1) - 1
         logits = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions.clamp(min=0),
-                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            **cache_argument(self.model, self.cache), use_cache=True, logits_to_keep=1).logits[:, -1]
         self.next_position = self.next_position + valid.long().sum(-1)
         return logits
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .decoder import positions_from_mask
+from .decoder import cache_argument, positions_from_mask
 from .kernels import head_for_logprobs, hidden_states, linear_logprobs, token_logprobs
 from .prompts import distinct_rows
 
@@ -63,14 +63,15 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
     prompt_length = prompt_ids.shape[1]
     first = body(  # [U, 1, V]: the logits that predict a_0, one row per distinct prompt
         input_ids=prompt_ids[unique_rows], attention_mask=attention_mask[unique_rows, :prompt_length],
-        position_ids=positions[unique_rows, :prompt_length], cache=cache, use_cache=True, logits_to_keep=1,
+        position_ids=positions[unique_rows, :prompt_length], **cache_argument(body, cache), use_cache=True,
+        logits_to_keep=1,
     ).logits
     logits = first[row_of]
     if num_actions > 1:
         cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
         rest = model(  # [B, T-1, V]: completion position t predicts a_{t+1}
             input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, prompt_length:-1], cache=cache, use_cache=True,
+            position_ids=positions[:, prompt_length:-1], **cache_argument(model, cache), use_cache=True,
         ).logits
         logits = torch.cat([logits, rest], dim=1)
     return logits

@@ -16,18 +16,21 @@ which engine sampled (verl's rollout table is the model: an engine name -> a cla
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..core.mdp import Rollout
-from ..errors import RecipeError
+from ..errors import RecipeError, UserError
 from .prompts import context_length
 
 ENGINES: dict[str, str] = {  # rollout.engine -> the Sampler class, "module:Class" (imported only when chosen)
     "builtin": "rlhf_pg.policy.builtin:BuiltinSampler",
+    "vllm": "rlhf_pg.policy.vllm:VLLMSampler",
 }
+REQUIRES = {"vllm": "vllm"}  # engine -> the library it needs (checked before any model is loaded)
 EPISODE_SAMPLER = "rlhf_pg.episodes.sampler:EpisodeSampler"  # tools / an environment: multi-turn episodes
 ENGINE_NAMES = tuple(ENGINES)
 
@@ -103,10 +106,18 @@ def engine_class(name: str) -> type:
     return _imported(ENGINES[name])
 
 
-def check_engine(name: str, where: str = "rollout.engine") -> None:
-    """``RecipeError`` naming the engines when ``name`` is not one of them."""
+def check_engine(name: str, where: str = "rollout.engine", installed: bool = False) -> None:
+    """``RecipeError`` naming the engines when ``name`` is not one of them; with ``installed``, a ``UserError`` with
+    the install command when the library the engine needs is missing."""
     if name not in ENGINES:
         raise RecipeError(f"{where}: unknown engine {name!r}; the engines are {', '.join(ENGINE_NAMES)}")
+    if installed and name in REQUIRES and importlib.util.find_spec(REQUIRES[name]) is None:
+        install = getattr(_module_of(name), "INSTALL", f"pip install {REQUIRES[name]}")
+        raise UserError(f"{where}: {name}, but {REQUIRES[name]} is not installed; {install}")
+
+
+def _module_of(name: str):
+    return importlib.import_module(ENGINES[name].partition(":")[0])
 
 
 def make_sampler(recipe, model, tokenizer, *, episodes: Any = None, all_finished=None) -> Sampler:
@@ -121,7 +132,7 @@ def make_sampler(recipe, model, tokenizer, *, episodes: Any = None, all_finished
     """
     rollout = getattr(recipe, "rollout", None)
     engine = getattr(rollout, "engine", "builtin")
-    check_engine(engine)
+    check_engine(engine, installed=True)
     context = dict(max_context=context_length(model), all_finished=all_finished,
                    chat_template_kwargs=getattr(getattr(recipe, "data", None), "chat_template_kwargs", None))
     if episodes is not None or getattr(recipe, "tools", None) or getattr(recipe, "environment", None):
