@@ -169,3 +169,31 @@ def test_a_recipe_asking_for_vllm_without_it_is_a_clear_error(tiny_model_dir, tm
     error = capsys.readouterr().err
     assert "rollout.engine: vllm, but vllm is not installed" in error and "pip install" in error
     assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+@needs_vllm
+def test_two_processes_each_sample_with_their_own_engine(vllm_model_dir, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): each rank builds its own in-process engine after the process group
+    exists, samples its share of the prompts and receives the weights after every step; the gap stays at rounding."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = vllm_recipe(vllm_model_dir, optim={"lr": 0.05}, train={"steps": 2})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf_pg",
+               "--no-progress", "train", str(path), "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/policy" in r]
+    assert len(records) == 2 and all(r["rollout/logprob_abs_diff_max"] < 1e-3 for r in records)

@@ -82,6 +82,20 @@ def _engine_weights(model) -> list[tuple[str, Tensor]]:
     return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
 
 
+def _write_model_dir(model, tokenizer, directory: str) -> None:
+    """The policy as a Hugging Face directory vLLM can load: config, generation config, tokenizer and one safetensors
+    file of the (merged) weights. Written by every process (``save_pretrained`` writes on rank 0 only)."""
+    from safetensors.torch import save_file
+
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body.config.save_pretrained(directory)
+    if getattr(body, "generation_config", None) is not None:
+        body.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    tensors = {name: tensor.contiguous().clone() for name, tensor in _engine_weights(model)}  # tied ones: own copies
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
 class VLLMSampler:
     """The ``Sampler`` backed by ``vllm.LLM`` (see the module). Built by ``make_sampler`` for ``rollout.engine: vllm``."""
 
@@ -105,10 +119,7 @@ class VLLMSampler:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id
         self.scratch = tempfile.mkdtemp(prefix="rlhf-pg-vllm-")
-        weights = dict(_engine_weights(model))
-        body = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body.save_pretrained(self.scratch, state_dict=weights)
-        tokenizer.save_pretrained(self.scratch)
+        _write_model_dir(model, tokenizer, self.scratch)
         dtype = settings.dtype if settings.dtype != "auto" else str(next(model.parameters()).dtype).replace("torch.", "")
         rank = int(os.environ.get("RANK", "0"))
         args: dict[str, Any] = dict(model=self.scratch, dtype=dtype, enforce_eager=self.device.type != "cuda",
@@ -129,9 +140,10 @@ class VLLMSampler:
             self.llm = LLM(**args)
         except Exception as error:  # noqa: BLE001 - vLLM's own validation of the model and settings
             shutil.rmtree(self.scratch, ignore_errors=True)
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()][:4]
             raise UserError(f"rollout.engine: vllm could not start on {self.device} ({type(error).__name__}: "
-                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); check rollout.vllm "
-                            "(kv_cache_gb, max_model_len, gpu_memory_utilization) and that vLLM supports this model") from None
+                            f"{' | '.join(lines)}); check rollout.vllm (kv_cache_gb, max_model_len, "
+                            "gpu_memory_utilization) and that vLLM supports this model") from None
         finally:
             torch.set_rng_state(rng)
         if self.sleep_mode:
