@@ -193,7 +193,9 @@ def worker_ours(spec: dict) -> dict:
         "data": spec["data"],
         "rewards": [{"name": "digit_fraction"}],
         "rollout": {"prompts_per_step": spec["prompts"], "completions_per_prompt": spec["k"],
-                    "max_new_tokens": spec["new_tokens"], "min_new_tokens": spec["new_tokens"]},
+                    "max_new_tokens": spec["new_tokens"], "min_new_tokens": spec["new_tokens"],
+                    "engine": spec.get("engine", "builtin"),
+                    "vllm": {"gpu_memory_utilization": 0.3, "kv_cache_gb": None if spec["device"] == "cuda" else 1.0}},
         "algorithm": {"baseline": "group_mean", "kl_coef": 0.0},
         "optim": {"lr": 1e-6, "max_grad_norm": 1.0},
         "train": {"steps": steps, "mixed_precision": "bf16" if spec["dtype"] == "bf16" else "no",
@@ -237,9 +239,11 @@ def worker_trl(spec: dict) -> dict:
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-", dir=spec["tmp"]), per_device_train_batch_size=batch,
         num_generations=spec["k"], max_completion_length=spec["new_tokens"],
-        generation_kwargs={"min_new_tokens": spec["new_tokens"]}, learning_rate=1e-6, beta=0.0,
+        generation_kwargs=({"min_tokens": spec["new_tokens"]} if spec.get("use_vllm") else  # vLLM SamplingParams' name
+                           {"min_new_tokens": spec["new_tokens"]}), learning_rate=1e-6, beta=0.0,
         bf16=spec["dtype"] == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=spec["device"] == "cpu",
-        use_vllm=False, max_steps=spec["warmup"] + spec["steps"], logging_steps=10_000, save_strategy="no",
+        use_vllm=spec.get("use_vllm", False), vllm_mode="colocate", vllm_gpu_memory_utilization=0.3,
+        max_steps=spec["warmup"] + spec["steps"], logging_steps=10_000, save_strategy="no",
         report_to=[], lr_scheduler_type="constant", max_grad_norm=1.0, dataloader_num_workers=0, seed=0,
         disable_tqdm=True,
     )
@@ -253,6 +257,8 @@ def worker_trl(spec: dict) -> dict:
 
 
 WORKERS = {"ours": worker_ours, "trl": worker_trl,
+           "ours_vllm": lambda spec: worker_ours({**spec, "engine": "vllm"}),  # rollout.engine: vllm (colocated)
+           "trl_vllm": lambda spec: worker_trl({**spec, "use_vllm": True}),  # GRPOConfig(use_vllm=True, colocate)
            "prepare": lambda spec: prepare_smollm2_shape(spec["out_dir"], spec["layers"], spec["tokenizer"])}
 
 
@@ -351,6 +357,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per subprocess at most")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check at most")
     parser.add_argument("--output", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--vllm", action="store_true", help="also ours with rollout.engine: vllm against TRL "
+                        "use_vllm=True (colocate); needs vllm installed")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (models, run dirs)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -409,7 +417,7 @@ def main() -> int:
                     "new_tokens": setting["new_tokens"], "steps": args.steps, "warmup": args.warmup,
                     "device": args.device, "dtype": args.dtype, "threads": args.threads, "tmp": tmp}
             row = {"model": label, "tokenizer": prepared["tokenizer"], "batch": batch, "new_tokens": setting["new_tokens"]}
-            for contender in ("ours", "trl"):
+            for contender in ("ours", "trl") + (("ours_vllm", "trl_vllm") if args.vllm else ()):
                 started = time.perf_counter()
                 result, error = spawn(contender, spec, deadline.timeout(), env)
                 if result is None:
@@ -418,7 +426,7 @@ def main() -> int:
                     continue
                 row[contender] = summarize(result, args.warmup)
                 r = row[contender]
-                print(f"  {contender:4s} {r['s_per_step']:.3f} s/step  {_fmt(r['tokens_per_s'])} tokens/s  "
+                print(f"  {contender:9s} {r['s_per_step']:.3f} s/step  {_fmt(r['tokens_per_s'])} tokens/s  "
                       f"tokens/step {_fmt(r['tokens_per_step'])}  peak GPU {_mb(r.get('peak_gpu_mb'))} "
                       f"(reserved {_mb(r.get('peak_gpu_reserved_mb'))})  peak RSS {r['peak_rss_mb']:.0f} MB  "
                       f"nonzero-advantage rows {_fmt(r.get('nonzero_advantage_frac'), 2)}  on {r['model_device']}  "
@@ -434,6 +442,13 @@ def main() -> int:
                       f"trl_reserved_gpu_mb={_fmt(trl.get('peak_gpu_reserved_mb'))} "
                       f"ours_s_per_step={ours['s_per_step']:.3f} trl_s_per_step={trl['s_per_step']:.3f} "
                       f"device={args.device} dtype={args.dtype}", flush=True)
+            if "ours_vllm" in row and "trl_vllm" in row:
+                ours, trl = row["ours_vllm"], row["trl_vllm"]
+                row["ratio_vs_trl_vllm"] = ours["tokens_per_s"] / trl["tokens_per_s"]
+                print(f"gpu_check model={label} engine=vllm ours_tokens_per_s={_fmt(ours['tokens_per_s'])} "
+                      f"trl_tokens_per_s={_fmt(trl['tokens_per_s'])} ratio_vs_trl_vllm={row['ratio_vs_trl_vllm']:.2f} "
+                      f"ours_peak_gpu_mb={_fmt(ours.get('peak_gpu_mb'))} trl_peak_gpu_mb={_fmt(trl.get('peak_gpu_mb'))} "
+                      f"ours_s_per_step={ours['s_per_step']:.3f} trl_s_per_step={trl['s_per_step']:.3f}", flush=True)
     finally:
         if args.keep:
             print(f"kept {tmp}")
