@@ -210,6 +210,7 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     # 1. rollout and reward r(tau) (on the last token), K completions per prompt
     run.unwrapped.eval()
     scored = sample_step(run, step)
+    sample_time = time.perf_counter() - started
     run.unwrapped.train()
     batch, scores, mask = scored.batch, scored.scores, action_tokens(scored.batch)  # episodes: actions only
     batch.rewards = terminal_rewards(torch.tensor(scores, device=mask.device), mask, batch.step_rewards)
@@ -232,12 +233,16 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
                             global_counts=(float(len(batch)), global_tokens / world),
                             **update_settings(recipe, run.kl.coef))
     step_scheduler(run.scheduler)
+    synced = time.perf_counter()
     run.sync_sampler()  # the engine samples the next step from the updated theta
+    sync_time = time.perf_counter() - synced
     if kl_stats:
         run.kl.update(kl_stats["kl/ref"], len(batch) * world)
     step_time = time.perf_counter() - started
     metrics = _step_metrics(accelerator, batch, scores, scored.per_reward, advantages, results, global_tokens,
                             step_time, run.scheduler.get_last_lr()[0])
+    metrics["perf/sample_s"] = sample_time  # rollout and rewards
+    metrics["perf/sync_s"] = sync_time  # the new weights pushed to the engine (0 for builtin)
     metrics.update(kl_stats)
     metrics.update(scored.stats)
     metrics.update(run.reward_metrics(run.scorer, f"step {step + 1}"))  # reward/<label>/latency_s, failures, ...

@@ -60,6 +60,10 @@ def test_train_then_eval_a_tiny_model(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "perf/step_s" in r]
+    assert len(steps) == 2  # the builtin engine samples from the trainer's weights: nothing to push
+    assert all(r["perf/sync_s"] < 0.01 and 0 < r["perf/sample_s"] < r["perf/step_s"] for r in steps), steps
     again = run_cli("--no-progress", "train", str(recipe), "--output-dir", str(tmp_path / "run"))
     assert again.returncode == 2 and "already holds a run" in again.stderr
     evaluated = run_cli("eval", str(recipe), "--model", str(tmp_path / "run" / "final"))

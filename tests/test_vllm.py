@@ -143,6 +143,7 @@ def test_training_with_vllm_keeps_the_sampler_exact_and_resumes_onto_the_checkpo
     for record in records:
         assert record["rollout/logprob_abs_diff_max"] < 1e-3, record
         assert 0.99 < record["rollout/is_weight_mean"] < 1.01  # tis (the vllm default) with ratios of ~1
+        assert 0 < record["perf/sync_s"] and record["perf/sample_s"] + record["perf/sync_s"] < record["perf/step_s"]
     first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("grad/norm" in r and r["grad/norm"] > 0 for r in first)
 

@@ -3,7 +3,8 @@
 
 Metric names are stable and slash-separated: ``reward/mean``, ``reward/std_err``,
 ``reward/<name>/mean``, ``loss/policy``, ``kl/ref``, ``adv/mean``, ``adv/std``,
-``completion/length``, ``grad/norm``, ``optim/lr``, ``perf/tokens_per_s``, ``perf/step_s``,
+``completion/length``, ``grad/norm``, ``optim/lr``, ``perf/tokens_per_s``, ``perf/step_s`` (of which
+``perf/sample_s``: rollout and rewards, ``perf/sync_s``: weights pushed to the engine),
 ``eval/reward`` (and ``eval/reward/<name>``), ``ratio/mean``, ``ratio/clip_fraction``; SFT runs log
 ``loss/nll`` (the ML loss) and ``eval/nll`` (held-out NLL per completion token).
 The gym track (``rlhf-pg gym``) logs ``episode/return``, ``episode/return_std_err``, ``episode/length``,
