@@ -77,3 +77,17 @@ def test_console_script_is_installed():
 
     scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
     assert scripts.get("rlhf-pg") == "rlhf_pg.cli:main"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed through accelerate needs GPUs"),
+    ("ACCELERATE_USE_FSDP", "FSDP through accelerate needs GPUs: on CPU accelerate does not shard"),
+])
+def test_sharding_through_accelerate_on_cpu_is_refused_not_silently_run_unsharded(tmp_path, flag, message):
+    """What `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml` (or fsdp.yaml) sets in every
+    process: on a CPU-only machine that run would misbehave (README: What has been run, and where), so it stops."""
+    result = run_cli("--no-progress", "train", str(ROOT / "recipes" / "quickstart.yaml"), "--output-dir",
+                     str(tmp_path / "run"), env_extra={flag: "true"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "recipes/accelerate/cpu_2proc.yaml" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
