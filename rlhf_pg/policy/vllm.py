@@ -130,6 +130,14 @@ class VLLMSampler:
         if self.device.type == "cuda":
             args["gpu_memory_utilization"] = settings.gpu_memory_utilization
             args["device"] = str(self.device)
+        if self.device.type != "cuda":
+            # No chunked prefill on CPU: a seeded request whose prompt is split over two scheduler steps has its first
+            # sample discarded by rewinding its generator's offset, which a CPU generator lacks ("CPU Generator does not
+            # use offset" once a step's prompts pass the 4096-token budget). Whole prompts only, the budget >= context.
+            context = self.max_context or getattr(model.config, "max_position_embeddings", None) or getattr(
+                model.config, "n_positions", None) or 4096
+            args["enable_chunked_prefill"] = False
+            args["max_num_batched_tokens"] = max(4096, int(context))
         kv_cache_gb = settings.kv_cache_gb if settings.kv_cache_gb is not None else (1.0 if self.device.type != "cuda" else None)
         if kv_cache_gb is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
