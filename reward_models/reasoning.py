@@ -74,16 +74,26 @@ def format_reward(prompts: list, completions: list, **kwargs) -> list[float]:
     return scores
 
 
-def final_answer(text: str) -> str:
+def answer_text(text: str) -> str:
     """The text math-verify reads: the last ``<answer>`` pair's content when there is one, else the whole completion
     (math-verify then takes its last ``\\boxed{}`` or, failing that, its last number or expression)."""
     pairs = ANSWER_PAIR.findall(text)
     return pairs[-1].strip() if pairs else text
 
 
+def _parse(text: str, parse, limit: int | None) -> list:
+    """math-verify's ``parse``; bare LaTeX (a ``\\``, ``^``, ``_`` or ``{`` in it and no ``$``, e.g. ``x^2+1``) is read
+    as inline math ``$...$`` first, since math-verify's own extraction would take only its last number."""
+    if re.search(r"[\\^_{]", text) and "$" not in text:
+        parsed = parse(f"${text}$", parsing_timeout=limit)
+        if parsed:
+            return parsed
+    return parse(text, parsing_timeout=limit)
+
+
 @register_reward("math_verify")
 def math_verify_reward(prompts: list, completions: list, answer=None, sample_timeout_s: int = 5, **kwargs) -> Scores:
-    """1.0 when ``verify(parse(gold), parse(final_answer(completion)))``, else 0.0.
+    """1.0 when ``verify(parse(gold), parse(answer_text(completion)))``, else 0.0.
 
     ``sample_timeout_s``: math-verify's own per-sample limit on parsing and comparing (signal.alarm, so only where
     the scorer calls the function in the main thread, i.e. without the reward's ``timeout_s``); a sample past it
@@ -102,14 +112,14 @@ def math_verify_reward(prompts: list, completions: list, answer=None, sample_tim
     scores, gold_unparsed, timeouts, notes = [], 0, 0, []
     for completion, gold_text in zip(completions, answer):
         try:
-            gold = parse(str(gold_text), parsing_timeout=limit)
+            gold = _parse(str(gold_text), parse, limit)
             if not gold:
                 gold_unparsed += 1
                 if not notes:
                     notes.append(f"math_verify: gold answer {str(gold_text)[:60]!r} does not parse; those samples score 0")
                 scores.append(0.0)
                 continue
-            predicted = parse(final_answer(completion_text(completion)), parsing_timeout=limit)
+            predicted = _parse(answer_text(completion_text(completion)), parse, limit)
             scores.append(1.0 if predicted and verify(gold, predicted, timeout_seconds=limit) else 0.0)
         except TimeoutException:
             timeouts += 1

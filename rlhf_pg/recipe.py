@@ -68,7 +68,7 @@ class DataConfig:
                 raise RecipeError("data.source: reasoning_gym generates its prompts; remove data.path")
             from .tasks.reasoning_gym import check_tasks
 
-            check_tasks(self.tasks, self.system_prompt)
+            check_tasks(self)
         elif self.tasks or self.curriculum is not None:
             raise RecipeError("data.tasks and data.curriculum belong to data.source: reasoning_gym; set it (or remove them)")
 

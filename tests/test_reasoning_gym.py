@@ -13,7 +13,6 @@ from reasoning_gym.utils import SYSTEM_PROMPTS, extract_answer  # noqa: E402
 
 from reward_models import RewardScorer  # noqa: E402
 from rlhf_pg.data import prompt_source  # noqa: E402
-from rlhf_pg.errors import RecipeError  # noqa: E402
 from rlhf_pg.recipe import recipe_from_dict  # noqa: E402
 from rlhf_pg.tasks.reasoning_gym import TaskCurriculum  # noqa: E402
 from test_cli import run_cli  # noqa: E402
@@ -135,19 +134,28 @@ def test_the_curriculum_moves_through_the_source_with_a_metric():
     ({"tasks": [{"name": "chain_sum", "weight": 0}]}, "data.tasks[0].weight"),
     ({"tasks": [{"name": "chain_sum", "weight": -1.0}]}, "data.tasks[0].weight"),
     ({"curriculum": {"treshold": 0.5}}, "unknown recipe key 'data.curriculum.treshold'"),
+    ({"curriculum": {"tasks": ["gsm_symbolic"]}}, "data.curriculum.tasks: gsm_symbolic has no reasoning-gym curriculum"),
+    ({"path": "x.jsonl"}, "data.source: reasoning_gym generates its prompts; remove data.path"),
 ])
-def test_bad_reasoning_gym_recipes_exit_2_with_one_clear_message(tmp_path, data, message):
+def test_bad_reasoning_gym_recipes_exit_2_with_one_clear_message(tmp_path, capsys, data, message):
+    from rlhf_pg.cli import main
+
     recipe = {"data": {"source": "reasoning_gym", "tasks": [CHAIN_SUM], "system_prompt": "direct", **data},
               "rewards": ["reasoning_gym"], "train": {"steps": 1}}
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
-    with pytest.raises(RecipeError) as caught:
-        recipe_from_dict(recipe)
-    assert message in str(caught.value)
-    if data.get("system_prompt") == "directt" or "chain_sums" in json.dumps(data):  # through the CLI too
-        result = run_cli("--no-progress", "train", str(path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr
-        assert "Traceback" not in result.stderr and result.stderr.startswith("error:")
+    code = main(["--no-progress", "train", str(path), "--output-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr and stderr.startswith("error:") and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_bad_task_name_exits_2_from_the_command_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {source: reasoning_gym, tasks: [{name: letter_countin}]}\nrewards: [reasoning_gym]\n")
+    result = run_cli("--no-progress", "train", str(path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert "data.tasks[0].name='letter_countin' is not a reasoning-gym task (close names: letter_counting" in result.stderr
 
 
 def test_a_short_training_run_logs_per_task_accuracy_and_reward(chat_model_512, tmp_path):

@@ -59,10 +59,12 @@ def system_prompt_text(value: str | None) -> str | None:
     return value
 
 
-def check_tasks(tasks: list, system_prompt: str | None) -> None:
-    """A ``RecipeError`` for an unknown task name (with the close names), a config the task rejects (reasoning-gym's own
-    message) or a ``system_prompt`` that names no prompt. Weights are checked by the schema (> 0)."""
+def check_tasks(data) -> None:
+    """A ``RecipeError`` for an unknown task name in ``data.tasks`` (with the close names), a config the task rejects
+    (reasoning-gym's own message), a ``system_prompt`` that names no prompt, or a ``curriculum.tasks`` entry without a
+    reasoning-gym curriculum. Weights are checked by the schema (> 0)."""
     gym = _gym()
+    tasks = data.tasks
     if not tasks:
         raise RecipeError("data.tasks: list at least one task, e.g. tasks: [{name: chain_sum}]")
     names = sorted(gym.factory.DATASETS)
@@ -80,7 +82,12 @@ def check_tasks(tasks: list, system_prompt: str | None) -> None:
             if key in task.config:
                 raise RecipeError(f"{where}.config.{key}: rlhf-pg sets the items' seed and size itself; remove it")
         _create(task.name, task.config, seed=0, size=1, where=f"{where}.config")
-    system_prompt_text(system_prompt)
+    system_prompt_text(data.system_prompt)
+    if data.curriculum is not None:
+        missing = [name for name in data.curriculum.tasks or [] if name not in seen or name not in gym.factory.CURRICULA]
+        if missing:
+            raise RecipeError(f"data.curriculum.tasks: {', '.join(missing)} has no reasoning-gym curriculum (or is not in "
+                              "data.tasks); list tasks of data.tasks that have one")
 
 
 def _create(name: str, config: dict[str, Any], seed: int, size: int, where: str = "data.tasks"):
@@ -152,7 +159,7 @@ class ReasoningGymSource:
     """
 
     def __init__(self, data, prompts_per_step: int, seed: int):
-        check_tasks(data.tasks, data.system_prompt)
+        check_tasks(data)
         self.tasks = list(data.tasks)
         self.system = system_prompt_text(data.system_prompt)
         self.prompts_per_step, self.seed, self.eval_seed, self.num_eval = prompts_per_step, seed, data.shuffle_seed, data.num_eval
@@ -165,10 +172,6 @@ class ReasoningGymSource:
                 if has_curriculum(task.name) and (not curriculum.tasks or task.name in curriculum.tasks):
                     self.curricula[task.name] = TaskCurriculum(task.name, task.config, curriculum.threshold,
                                                                curriculum.window)
-            missing = [name for name in curriculum.tasks or [] if name not in self.curricula]
-            if missing:
-                raise RecipeError(f"data.curriculum.tasks: {', '.join(missing)} has no reasoning-gym curriculum (or is "
-                                  "not in data.tasks); list tasks that have one")
         self._eval_prompts, self._eval_columns = self._held_out()
         self._eval_questions = {entry["question"] for entry in self._eval_columns["entry"]}
 
