@@ -77,8 +77,8 @@ def load_prompt_datasets(config: DataConfig):
     import datasets
 
     if config.source == "reasoning_gym":
-        raise UserError("data.source: reasoning_gym generates prompts on the fly for rlhf-pg train and eval; this "
-                        "command needs a fixed dataset (data.task or data.path)")
+        raise UserError("data.source: reasoning_gym generates prompts on the fly (rlhf-pg train, sft, eval, doctor); "
+                        "this command needs a fixed dataset (data.task or data.path)")
     held_out = None
     if config.dataset is not None:
         train = _prompt_column(config.dataset, config, "train_dataset")

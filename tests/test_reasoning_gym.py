@@ -200,3 +200,49 @@ def chat_model_512(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def _train_recipe(model, steps, **train):
+    return recipe_from_dict({
+        "model": model,
+        "data": {"source": "reasoning_gym", "tasks": [CHAIN_SUM, {**LETTERS, "weight": 1.0}], "num_eval": 2,
+                 "system_prompt": "Reply as <answer>N</answer>.", "curriculum": {"threshold": 0.5, "window": 2}},
+        "rewards": ["reasoning_gym"],
+        "rollout": {"prompts_per_step": 4, "completions_per_prompt": 2, "max_new_tokens": 4},
+        "train": {"steps": steps, "eval_every": 0, "save_every": 1, "tensorboard": False, "num_threads": 1,
+                  "log_completions_every": 1, **train},
+    })
+
+
+def test_a_resumed_run_draws_the_same_prompts_with_the_curriculum_where_it_was(chat_model_512, tmp_path, monkeypatch):
+    import rlhf_pg.sampling
+    from rlhf_pg.trainer import train
+
+    # every completion scores 1 for the curriculum: it moves whenever a task's window fills
+    monkeypatch.setattr(rlhf_pg.sampling, "entry_scores", lambda completions, entries, configs=None: [1.0] * len(entries))
+
+    def prompts_by_step(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+        return {step: [r["prompt"] for r in rows if r.get("step") == step and r.get("split") != "eval"]
+                for step in (1, 2, 3)}
+
+    train(_train_recipe(chat_model_512, 3), tmp_path / "whole", show_progress=False)
+    train(_train_recipe(chat_model_512, 2), tmp_path / "parts", show_progress=False)
+    train(_train_recipe(chat_model_512, 3), tmp_path / "parts", resume=True, show_progress=False)
+    whole, parts = prompts_by_step(tmp_path / "whole"), prompts_by_step(tmp_path / "parts")
+    assert whole == parts and all(len(whole[step]) == 8 for step in whole)
+    state = json.loads((tmp_path / "whole" / "checkpoint-3" / "trainer_state.json").read_text())["prompt_source"]
+    resumed = json.loads((tmp_path / "parts" / "checkpoint-3" / "trainer_state.json").read_text())["prompt_source"]
+    assert state == resumed and state["chain_sum"]["levels"]["num_terms"] >= 1  # the curriculum moved, and resumed
+
+
+def test_sft_learns_from_gold_answers_in_answer_tags(chat_model_512, tmp_path):
+    from rlhf_pg.sft import Demonstrations, train_sft
+
+    recipe = _train_recipe(chat_model_512, 1, save_every=0)
+    demos = Demonstrations(recipe, 4)
+    prompts, completions = demos.batch(0)
+    _, columns = prompt_source(recipe.data, 4, recipe.data.shuffle_seed + recipe.seed)[0].batch(0)
+    assert completions == [f"<answer>{answer}</answer>" for answer in columns["answer"]]
+    summary = train_sft(recipe, tmp_path / "sft", show_progress=False)
+    assert "eval_chain_sum_accuracy_after" in summary

@@ -28,6 +28,7 @@ from ..errors import RecipeError, UserError
 
 INSTALL = "pip install 'rlhf-pg[reasoning]' (reasoning-gym)"
 EVAL_STREAM = 2**31  # held-out seeds live in [2**31, 2**31 + 2**30): training seeds are below 2**31
+COLUMNS = ("task", "answer", "entry", "task_config")  # what reward functions get beside each prompt
 MAX_DRAWS = 20  # candidate items per wanted item before a task is declared exhausted
 
 
@@ -188,7 +189,7 @@ class ReasoningGymSource:
 
     def _held_out(self) -> tuple[list[Any], dict[str, list[Any]]]:
         prompts: list[Any] = []
-        columns: dict[str, list[Any]] = {"task": [], "answer": [], "entry": [], "task_config": []}
+        columns: dict[str, list[Any]] = {key: [] for key in COLUMNS}
         for task in self.tasks:
             config = self.task_config(task.name)  # before a checkpoint's levels: the curriculum's first level
             stream = EVAL_STREAM + zlib.crc32(f"{self.eval_seed}/{task.name}".encode()) % 2**30
@@ -235,7 +236,7 @@ class ReasoningGymSource:
         by_task = {name: iter(self._fresh(name, zlib.crc32(f"{seed}/{name}".encode()) % EVAL_STREAM, names.count(name)))
                    for name in dict.fromkeys(names)}
         prompts: list[Any] = []
-        columns: dict[str, list[Any]] = {"task": [], "answer": [], "entry": [], "task_config": []}
+        columns: dict[str, list[Any]] = {key: [] for key in COLUMNS}
         for name in names:
             prompt, row = self._record(name, self.task_config(name), next(by_task[name]))
             prompts.append(prompt)
