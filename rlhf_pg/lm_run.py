@@ -133,8 +133,9 @@ class LMRun(Job):
             from accelerate.utils import gather_object
 
             parts = gather_object([(len(prompts), {k: v for k, v in result.items() if k != "examples"})])
-            total = sum(n for n, _ in parts)
-            result = {**{key: sum(n * part[key] for n, part in parts) / total for key in parts[0][1]},
+            keys = dict.fromkeys(key for _, part in parts for key in part)  # a process may lack a task's items
+            result = {**{key: sum(n * part[key] for n, part in parts if key in part)
+                         / sum(n for n, part in parts if key in part) for key in keys},
                       "examples": result["examples"]}
         stats = self.reward_metrics(self.eval_scorer, "held-out evaluation")
         for term in self.eval_scorer.terms:  # unjudged by a failed source: the held-out reward is lower by them

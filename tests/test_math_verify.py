@@ -78,3 +78,23 @@ def test_a_math_verify_recipe_trains_on_an_answer_column(tiny_model_dir, tmp_pat
     train(recipe, tmp_path / "run", show_progress=False)
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/policy" in r]
     assert len(steps) == 2 and all("reward/math_verify/gold_unparsed" in r for r in steps)
+
+
+def test_the_gsm_symbolic_example_recipe_loads_and_gold_answers_score_one():
+    pytest.importorskip("reasoning_gym")
+    from pathlib import Path
+
+    from rlhf_pg.data import prompt_source
+    from rlhf_pg.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "gsm_symbolic_math_verify.yaml"
+    recipe = load_recipe(path, ["data.num_eval=4"])
+    assert path.read_text().split("model:", 1)[1].split("train:")[0] in (path.parents[1] / "README.md").read_text()
+    source, _, _ = prompt_source(recipe.data, 4, seed=0)
+    prompts, columns = source.batch(0)
+    scorer = RewardScorer(recipe.rewards)
+    golden = [f"Step by step... <answer>{answer}</answer>" for answer in columns["answer"]]
+    _, per_reward = scorer(prompts, golden, **columns)
+    assert per_reward == {"math_verify": [1.0] * 4, "format": [1.0] * 4, "reasoning_gym": [1.0] * 4}
+    _, per_reward = scorer(prompts, [f"\\boxed{{{int(a) + 1}}}" for a in columns["answer"]], **columns)
+    assert per_reward["math_verify"] == [0.0] * 4 and per_reward["format"] == [0.0] * 4

@@ -96,8 +96,12 @@ def _create(name: str, config: dict[str, Any], seed: int, size: int, where: str 
     try:
         return _gym().create_dataset(name, size=size, seed=seed, **config)
     except (TypeError, ValueError, AssertionError, KeyError) as error:
+        import dataclasses
+
         message = str(error).strip() or type(error).__name__
-        raise RecipeError(f"{where} of task {name!r}: reasoning-gym rejects it: {message}") from None
+        keys = [f.name for f in dataclasses.fields(_gym().factory.DATASETS[name][1]) if f.name not in ("seed", "size")]
+        raise RecipeError(f"{where} of task {name!r}: reasoning-gym rejects it: {message} (its keys: "
+                          f"{', '.join(keys)})") from None
 
 
 class TaskCurriculum:
@@ -132,12 +136,11 @@ class TaskCurriculum:
         accuracy = self.accuracy()
         if len(self.window) < self.window.maxlen or accuracy < self.threshold:
             return None
-        before = self.level
+        before, old = self.level, self.config()
         if not self.curriculum.increment_global_level():
             return None  # at its last level: stays there
         self.window.clear()
-        shown = " ".join(f"{key}={value}" for key, value in self.config().items() if key not in self.base
-                         or self.base[key] != value)
+        shown = " ".join(f"{key}={value}" for key, value in self.config().items() if old.get(key) != value)
         return (f"curriculum {self.name}: level {before} -> {self.level} (accuracy {accuracy:.3f} >= {self.threshold} "
                 f"over the last {self.window.maxlen}): {shown}")
 
