@@ -164,6 +164,8 @@ def task_feedback(run: LMRun, step: int, scored: Scored) -> dict[str, float]:
         metrics[f"reward/reasoning_gym/{task}"] = sum(mine) / len(mine)
     curriculum, notes = run.prompts.observe(tasks, scores)
     for note in notes if run.is_main else []:
-        line = f"step {step + 1}: {note}"
-        run.console.print(line, markup=False, highlight=False) if run.console is not None else print(line, flush=True)
+        if run.console is not None:
+            run.console.print(f"step {step + 1}: {note}", markup=False, highlight=False)
+        else:
+            print(f"step {step + 1}: {note}", flush=True)
     return {**metrics, **curriculum}
