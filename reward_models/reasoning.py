@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-from functools import lru_cache
 from typing import Any
 
 from rlhf_pg.chat import completion_text
@@ -25,31 +23,45 @@ from .registry import Scores, register_reward
 ANSWER_PAIR = re.compile(r"<answer>\s?(.*?)\s?</answer>", flags=re.DOTALL)  # reasoning_gym.utils.extract_answer's
 
 
-@lru_cache(maxsize=256)
-def _task_dataset(name: str, config_json: str):
+_DATASETS: dict[tuple[str, str], Any] = {}  # (task, repr of its config) -> a dataset to score with
+
+
+def _task_dataset(name: str, config: dict[str, Any]):
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(name, size=1, seed=0, **json.loads(config_json))
+    key = (name, repr(sorted(config.items())))
+    if key not in _DATASETS:
+        _DATASETS[key] = reasoning_gym.create_dataset(name, size=1, seed=0, **config)
+    return _DATASETS[key]
 
 
 def entry_scores(completions: list, entries: list[dict[str, Any]], task_configs: list[dict[str, Any]] | None = None
-                 ) -> list[float]:
+                 ) -> Scores:
     """reasoning-gym's protocol for each completion: ``dataset.score_answer(answer=extract_answer(text), entry=entry)``,
-    the dataset being the item's task with the config it was generated with (its default config without one)."""
+    the dataset being the item's task with the config it was generated with (its default config without one).
+
+    A checker that raises on an answer scores 0 and is counted (``stats["checker_errors"]``, with a note)."""
     from reasoning_gym.utils import extract_answer
 
-    scores = []
+    scores, errors, notes = [], 0, []
     for i, (completion, entry) in enumerate(zip(completions, entries)):
-        config = task_configs[i] if task_configs is not None else {}
-        dataset = _task_dataset(entry["metadata"]["source_dataset"], json.dumps(config, sort_keys=True, default=list))
-        score = dataset.score_answer(answer=extract_answer(completion_text(completion)), entry=entry)
-        scores.append(float(score))
-    return scores
+        name = entry["metadata"]["source_dataset"]
+        dataset = _task_dataset(name, task_configs[i] if task_configs is not None else {})
+        answer = extract_answer(completion_text(completion))
+        try:
+            scores.append(float(dataset.score_answer(answer=answer, entry=entry)))
+        except Exception as error:  # noqa: BLE001 - a task's checker failing on a model's answer is that answer's 0
+            errors += 1
+            notes.append(f"reasoning_gym: {name}'s score_answer raised on {str(answer)[:40]!r} ({type(error).__name__}: "
+                         f"{error}); scored 0")
+            scores.append(0.0)
+    return Scores(scores, stats={"checker_errors": float(errors)}, notes=notes[:1])
 
 
 @register_reward("reasoning_gym")
 def reasoning_gym_reward(prompts: list, completions: list, entry=None, task_config=None, **kwargs) -> list[float]:
-    """The task's own score of the last ``<answer>...</answer>`` of the completion, in [0, 1] (0 without one)."""
+    """The task's own score of the last ``<answer>...</answer>`` of the completion, in [0, 1] (0 without one); a
+    checker that raises scores 0 and is counted (``reward/reasoning_gym/checker_errors``)."""
     if entry is None:
         raise RewardFunctionError("reward 'reasoning_gym' scores reasoning-gym items: set data.source: reasoning_gym "
                                   "(its prompts carry the item as the column 'entry')")

@@ -246,3 +246,21 @@ def test_sft_learns_from_gold_answers_in_answer_tags(chat_model_512, tmp_path):
     assert completions == [f"<answer>{answer}</answer>" for answer in columns["answer"]]
     summary = train_sft(recipe, tmp_path / "sft", show_progress=False)
     assert "eval_chain_sum_accuracy_after" in summary
+
+
+def test_a_checker_that_raises_scores_zero_and_is_counted(monkeypatch):
+    source = prompt_source(data_recipe().data, 4, seed=0)[0]
+    prompts, columns = source.batch(0)
+    dataset_class = reasoning_gym.factory.DATASETS["chain_sum"][0]
+
+    def broken(self, answer, entry):
+        if answer == "boom":
+            raise ValueError("cannot read it")
+        return 1.0
+
+    monkeypatch.setattr(dataset_class, "score_answer", broken)
+    scorer = RewardScorer(data_recipe().rewards)
+    _, per_reward = scorer(prompts, ["<answer>boom</answer>", "<answer>1</answer>"] * 2, **columns)
+    assert per_reward["reasoning_gym"] == [0.0, 1.0, 0.0, 1.0]
+    metrics, notes = scorer.take_stats()
+    assert metrics["reward/reasoning_gym/checker_errors"] == 2.0 and "score_answer raised on 'boom'" in notes[0]
