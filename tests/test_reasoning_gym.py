@@ -236,7 +236,7 @@ def test_a_resumed_run_draws_the_same_prompts_with_the_curriculum_where_it_was(c
     assert state == resumed and state["chain_sum"]["levels"]["num_terms"] >= 1  # the curriculum moved, and resumed
 
 
-def test_sft_learns_from_gold_answers_in_answer_tags(chat_model_512, tmp_path):
+def test_sft_trains_on_gold_answers_in_answer_tags(chat_model_512, tmp_path):
     from rlhf_pg.sft import Demonstrations, train_sft
 
     recipe = _train_recipe(chat_model_512, 1, save_every=0)
