@@ -10,6 +10,7 @@ Recipes name registered functions (``arithmetic_exact``) or any importable funct
     rules.py           rewards computed from the text     tasks.py       the calculator task's rewards
     reward_model.py    a learned reward model as a reward (text or chat prompts)
     remote.py          http: a reward server              judge.py       llm_judge: an OpenAI-compatible chat model
+    reasoning.py       reasoning_gym (the task's own score), format (<answer> tags), math_verify (math answers)
     bradley_terry.py   training one (``rlhf-pg reward-model``), on pairs from preferences.py /
                        arith_preferences.py, configured by config.py
 """
@@ -19,6 +20,7 @@ from . import rules  # noqa: F401  (registers the rule rewards)
 from . import tasks  # noqa: F401  (registers the task rewards)
 from . import reward_model  # noqa: F401  (registers reward_model)
 from . import remote, judge  # noqa: F401  (register http, llm_judge)
+from . import reasoning  # noqa: F401  (registers reasoning_gym, format, math_verify)
 from .registry import RewardSourceError, Scores
 from .scorer import RewardScorer, judged_mean
 

@@ -244,8 +244,13 @@ def _check_inputs(recipe: Recipe) -> None:
 
     from .data import load_prompt_datasets
 
-    train_set, eval_set = load_prompt_datasets(recipe.data)
-    columns = (set(train_set.column_names) | set(eval_set.column_names)) - {"prompt"}
+    if recipe.data.source == "reasoning_gym":
+        from .tasks.reasoning_gym import COLUMNS
+
+        columns = set(COLUMNS)
+    else:
+        train_set, eval_set = load_prompt_datasets(recipe.data)
+        columns = (set(train_set.column_names) | set(eval_set.column_names)) - {"prompt"}
     for spec in given:
         check_reward_signature(spec.function, spec.name, sorted(columns | {"finished"} | set(spec.params)))
 

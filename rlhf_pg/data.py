@@ -20,6 +20,7 @@ from .chat import check_prompt_kinds
 from .errors import UserError, first_line
 from .recipe import DataConfig
 from .tasks import arithmetic
+from .tasks.reasoning_gym import ReasoningGymSource
 
 PYTHON_REFERENCE = "python:"  # data.path of a dataset given from Python (rlhf_pg.api), which no file holds
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -75,6 +76,9 @@ def load_prompt_datasets(config: DataConfig):
     """
     import datasets
 
+    if config.source == "reasoning_gym":
+        raise UserError("data.source: reasoning_gym generates prompts on the fly (rlhf-pg train, sft, eval, doctor); "
+                        "this command needs a fixed dataset (data.task or data.path)")
     held_out = None
     if config.dataset is not None:
         train = _prompt_column(config.dataset, config, "train_dataset")
@@ -132,6 +136,16 @@ def _prompt_column(dataset, config: DataConfig, where: str):
     return dataset
 
 
+def prompt_source(config: DataConfig, prompts_per_step: int, seed: int):
+    """``(training prompt source, held-out prompts, held-out columns)``: a ``PromptSampler`` over
+    ``load_prompt_datasets``'s training split, or a ``ReasoningGymSource`` (``data.source: reasoning_gym``)."""
+    if config.source == "reasoning_gym":
+        source = ReasoningGymSource(config, prompts_per_step, seed)
+        return (source, *source.eval_columns())
+    train, held_out = load_prompt_datasets(config)
+    return (PromptSampler(train, prompts_per_step, seed), *columns_of(held_out))
+
+
 class PromptSampler:
     """Prompts for step ``s``: positions ``[s*k, (s+1)*k)`` of consecutive seeded permutations."""
 
@@ -157,6 +171,22 @@ class PromptSampler:
         rows = self.dataset[self.indices(step)]
         prompts = rows.pop("prompt")
         return prompts, rows
+
+    def draw(self, seed: int, count: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        """``count`` prompts drawn uniformly (with replacement) by ``seed``: a dynamic-sampling round's extra prompts."""
+        indices = torch.randint(len(self.dataset), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows = self.dataset[indices]
+        return rows.pop("prompt"), rows
+
+    def known_prompts(self) -> list[Any]:
+        """Every training prompt (checked against the context length before the run)."""
+        return self.dataset["prompt"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the order is a function of (seed, step): nothing to save
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
 
 
 def columns_of(dataset) -> tuple[list[str], dict[str, list[Any]]]:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from reward_models import RewardScorer, judged_mean
+from reward_models.reasoning import entry_scores
 
 from .core.mdp import Rollout
 from .episodes.spec import environment_scores, episode_metrics, render_episode
@@ -22,7 +23,9 @@ def evaluate(
     ``model``), per-reward means, the truncation rate and a few examples.
 
     Returns ``{"reward": mean total reward, "reward/<label>": mean of that reward, "truncated": fraction of
-    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``. When the sampler
+    completions cut at max_new_tokens without EOS or a stop string, "examples": [...]}``; reasoning-gym items
+    (columns ``entry`` and ``task``) add ``"<task>/accuracy"``: the mean of ``score_answer(extract_answer(completion),
+    entry)`` over that task's items, whatever the rewards are. When the sampler
     draws multi-turn episodes, the result also has ``tool_calls`` and ``tool_errors`` per episode, and each
     example its ``episode`` rendered turn by turn. ``model`` is put in eval mode meanwhile (no dropout).
     """
@@ -34,6 +37,7 @@ def evaluate(
     per_reward: dict[str, list[float]] = {label: [] for label in scorer.labels}
     examples: list[dict[str, Any]] = []
     truncated = 0
+    per_task: dict[str, list[float]] = {}  # reasoning-gym items: the task's own score of each completion
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_columns = {key: values[start : start + batch_size] for key, values in columns.items()}
@@ -43,6 +47,10 @@ def evaluate(
         all_episodes += batch.episodes or []
         truncated += int((~batch.finished).sum())
         totals.extend(total)
+        if "entry" in batch_columns and "task" in batch_columns:
+            task_scores = entry_scores(batch.completions, batch.extras["entry"], batch.extras.get("task_config"))
+            for task, score in zip(batch.extras["task"], task_scores):
+                per_task.setdefault(task, []).append(score)
         for label, values in scores.items():
             per_reward.setdefault(label, []).extend(values)  # episodes with an environment add "environment"
         if len(examples) < 8:
@@ -58,6 +66,8 @@ def evaluate(
     for label, values in per_reward.items():
         result[f"reward/{label}"] = judged_mean(values)  # over the samples it judged (None: not judged)
     result["truncated"] = truncated / max(len(totals), 1)
+    for task, values in per_task.items():
+        result[f"{task}/accuracy"] = sum(values) / len(values)
     if all_episodes:
         metrics = episode_metrics(all_episodes)
         result["tool_calls"], result["tool_errors"] = metrics["episode/tool_calls"], metrics["episode/tool_errors"]

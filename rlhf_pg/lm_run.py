@@ -19,7 +19,7 @@ import torch
 from reward_models import RewardScorer
 
 from .core.kl_control import KLController
-from .data import PromptSampler, columns_of, load_prompt_datasets
+from .data import PromptSampler, prompt_source
 from .episodes.spec import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
@@ -47,7 +47,7 @@ class LMRun(Job):
     tokenizer: Any
     optimizer: Any
     scheduler: Any
-    prompts: PromptSampler  # the training prompts of each step
+    prompts: PromptSampler  # the training prompts of each step (or a ReasoningGymSource: the same surface)
     scorer: RewardScorer
     eval_scorer: RewardScorer
     eval_prompts: list[str]
@@ -133,8 +133,9 @@ class LMRun(Job):
             from accelerate.utils import gather_object
 
             parts = gather_object([(len(prompts), {k: v for k, v in result.items() if k != "examples"})])
-            total = sum(n for n, _ in parts)
-            result = {**{key: sum(n * part[key] for n, part in parts) / total for key in parts[0][1]},
+            keys = dict.fromkeys(key for _, part in parts for key in part)  # a process may lack a task's items
+            result = {**{key: sum(n * part[key] for n, part in parts if key in part)
+                         / sum(n for n, part in parts if key in part) for key in keys},
                       "examples": result["examples"]}
         stats = self.reward_metrics(self.eval_scorer, "held-out evaluation")
         for term in self.eval_scorer.terms:  # unjudged by a failed source: the held-out reward is lower by them
@@ -165,7 +166,8 @@ class LMRun(Job):
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
-            state = {**self.counters, "recipe": self.recipe.to_dict(), "kl_controller": self.kl.state_dict()}
+            state = {**self.counters, "recipe": self.recipe.to_dict(), "kl_controller": self.kl.state_dict(),
+                     "prompt_source": self.prompts.state_dict()}
             path = ckpt.save_checkpoint(self.output_dir, step, self.unwrapped, self.tokenizer, self.optimizer,
                                         self.scheduler, state, self.recipe.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -236,11 +238,13 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         reference = "adapter" if wants_reference else None
     elif resume_from is not None:
         policy = _checkpoint_policy(recipe, resume_from, policy)
-    train_set, eval_set = load_prompt_datasets(recipe.data)
-    eval_prompts, eval_columns = columns_of(eval_set)
+    prompts, eval_prompts, eval_columns = prompt_source(recipe.data, recipe.rollout.prompts_per_step,
+                                                       recipe.data.shuffle_seed + recipe.seed)
+    if saved is not None:
+        prompts.load_state_dict(saved.get("prompt_source"))  # a curriculum's levels
     max_context = context_length(policy)
     chat = recipe.data.chat_template_kwargs
-    check_prompt_lengths(tokenizer, train_set["prompt"], recipe.rollout.max_new_tokens, max_context,
+    check_prompt_lengths(tokenizer, prompts.known_prompts(), recipe.rollout.max_new_tokens, max_context,
                          "rollout.max_new_tokens", chat_template_kwargs=chat)
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
@@ -261,7 +265,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     run = run_class(
         recipe=recipe, accelerator=accelerator, run_dir=run_dir, policy=policy, tokenizer=tokenizer,
         optimizer=optimizer, scheduler=scheduler,
-        prompts=PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed),
+        prompts=prompts,
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
         reference=reference, max_context=max_context, episodes=episodes, matmul=matmul,
     )
@@ -322,8 +326,7 @@ def evaluate_model(recipe: Recipe, model_dir: str | None = None) -> dict[str, An
     if model_dir is not None:
         model_config.name_or_path = model_dir
     model, tokenizer, _ = load_policy(model_config)
-    _, eval_set = load_prompt_datasets(recipe.data)
-    prompts, columns = columns_of(eval_set)
+    _, prompts, columns = prompt_source(recipe.data, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
     scorer = RewardScorer(recipe.eval.rewards or recipe.rewards)
     params = SamplingParams.for_eval(recipe)
     check_prompt_lengths(tokenizer, prompts, params.max_new_tokens, context_length(model),

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from reward_models.reasoning import entry_scores
+
 from .core import estimator
 from .core.advantages import degenerate_groups, overlong_penalty
 from .core.mdp import Rollout, concat_rollouts
@@ -138,7 +140,32 @@ def _merge(parts: list[Scored], pad_token_id: int, k: int, groups: int) -> Score
 def _extra_prompts(run: LMRun, step: int, round_: int, count: int) -> tuple[list[Any], dict[str, list[Any]]]:
     """``count`` more training prompts for a dynamic-sampling round, drawn by (seed, step, round, process)."""
     seed = ((run.recipe.seed * 1_000_003 + step) * 101 + round_) * 997 + run.accelerator.process_index
-    dataset = run.prompts.dataset
-    indices = torch.randint(len(dataset), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows = dataset[indices]
-    return rows.pop("prompt"), rows
+    return run.prompts.draw(seed, count)
+
+
+def task_feedback(run: LMRun, step: int, scored: Scored) -> dict[str, float]:
+    """reasoning-gym prompts: each completion's score by its task's own protocol (``entry_scores``), over every
+    process, as ``reward/reasoning_gym/<task>`` (the step's mean per task), fed to the curriculum
+    (``ReasoningGymSource.observe``: ``curriculum/<task>/level``, ``curriculum/<task>/accuracy``); a level that moves
+    is said in the console. Other prompt sources: no metrics."""
+    extras = scored.batch.extras
+    if "entry" not in extras or "task" not in extras or not hasattr(run.prompts, "observe"):
+        return {}
+    scores = entry_scores(scored.batch.completions, extras["entry"], extras.get("task_config"))
+    tasks = list(extras["task"])
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(tasks, scores)])
+        tasks, scores = [t for part in parts for t in part[0]], [s for part in parts for s in part[1]]
+    metrics = {}
+    for task in dict.fromkeys(tasks):
+        mine = [s for t, s in zip(tasks, scores) if t == task]
+        metrics[f"reward/reasoning_gym/{task}"] = sum(mine) / len(mine)
+    curriculum, notes = run.prompts.observe(tasks, scores)
+    for note in notes if run.is_main else []:
+        if run.console is not None:
+            run.console.print(f"step {step + 1}: {note}", markup=False, highlight=False)
+        else:
+            print(f"step {step + 1}: {note}", flush=True)
+    return {**metrics, **curriculum}

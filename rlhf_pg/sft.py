@@ -24,7 +24,7 @@ import torch
 
 from .chat import assistant_completion_ids, completion_text, is_conversation
 from .core.mdp import Rollout, action_tokens
-from .data import PromptSampler, columns_of, load_prompt_datasets
+from .data import PromptSampler, columns_of, load_prompt_datasets, prompt_source
 from .errors import UserError
 from .policy.logprobs import completion_logprobs
 from .policy.prompts import context_length, encode_demonstrations, stop_token_ids
@@ -109,11 +109,19 @@ class Demonstrations:
 
     From ``data.path``: the ``prompt`` and ``data.completion_column`` columns. From the built-in
     arithmetic task: the training problems answered by the demonstrator (``sft.demonstrator``): a fresh
-    answer each time a problem is drawn, seeded by (seed, step), so a resumed run sees the same data.
+    answer each time a problem is drawn, seeded by (seed, step), so a resumed run sees the same data. From
+    reasoning-gym (``data.source: reasoning_gym``): its items with the gold answer as ``<answer>{answer}</answer>``.
     """
 
     def __init__(self, recipe: Recipe, batch_size: int):
         self.recipe = recipe
+        self.gold_answers = recipe.data.source == "reasoning_gym"
+        if self.gold_answers:
+            self.from_task = False
+            self.prompts, self.eval_prompts, self.eval_columns = prompt_source(
+                recipe.data, batch_size, recipe.data.shuffle_seed + recipe.seed)
+            self.eval_completions = self._complete(self.eval_prompts, self.eval_columns, random.Random(0))
+            return
         train_set, eval_set = load_prompt_datasets(recipe.data)
         self.from_task = recipe.data.path is None
         self.forget_carry = 0.0 if recipe.sft.demonstrator == "exact" else recipe.sft.forget_carry
@@ -137,6 +145,8 @@ class Demonstrations:
         self.eval_completions = self._complete(self.eval_prompts, self.eval_columns, random.Random(recipe.data.shuffle_seed))
 
     def _complete(self, prompts: list[str], columns: dict[str, list[Any]], rng: random.Random) -> list[str]:
+        if self.gold_answers:
+            return [f"<answer>{answer}</answer>" for answer in columns["answer"]]
         if self.from_task:
             return [str(flawed_sum(a, b, self.forget_carry, rng)) for a, b in zip(columns["a"], columns["b"])]
         return list(columns["completion"])
@@ -148,6 +158,8 @@ class Demonstrations:
         return prompts, self._complete(prompts, columns, rng)
 
     def describe(self) -> str:
+        if self.gold_answers:
+            return "reasoning-gym items, the gold answer as <answer>{answer}</answer>"
         if self.from_task:
             if self.forget_carry == 0.0:
                 return "arithmetic task, exact demonstrator"

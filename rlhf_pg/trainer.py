@@ -35,7 +35,7 @@ from .lm_run import LMRun, setup_run
 from .policy.logprobs import completion_logprobs
 from .recipe import Recipe
 from .run.metrics import completions_table
-from .sampling import sample_step
+from .sampling import sample_step, task_feedback
 from .run.loop import run_job
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
@@ -245,6 +245,7 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     metrics["perf/sync_s"] = sync_time  # the new weights pushed to the engine (0 for builtin)
     metrics.update(kl_stats)
     metrics.update(scored.stats)
+    metrics.update(task_feedback(run, step, scored))  # reasoning-gym: per-task reward, the curriculum's levels
     metrics.update(run.reward_metrics(run.scorer, f"step {step + 1}"))  # reward/<label>/latency_s, failures, ...
     if greedy is not None:
         metrics["reward/greedy_baseline"] = float(accelerator.gather(greedy).mean())

@@ -72,7 +72,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
 
     from reward_models import RewardScorer
 
-    from ..data import PromptSampler, load_prompt_datasets
+    from ..data import prompt_source
     from ..models import apply_lora, load_policy
     from ..policy.cpu_matmul import explain_choice
     from ..policy.prompts import check_prompt_lengths, context_length, stop_token_ids
@@ -89,7 +89,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
         model = apply_lora(model, recipe.peft)
     device = new_accelerator(recipe.train.mixed_precision).device
     model = model.to(device).eval()
-    train_set, _ = load_prompt_datasets(recipe.data)
+    sampler, _, _ = prompt_source(recipe.data, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
     diagnosis.stats["model"] = {
         "name": recipe.model.name_or_path, "path": model_path, "dtype": recipe.model.dtype, "device": str(device),
         "parameters": sum(p.numel() for p in model.parameters()), "lora": recipe.peft is not None,
@@ -106,7 +106,6 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     chat_kwargs = getattr(recipe.data, "chat_template_kwargs", None)  # keys read when the schema has them
     stop_strings = getattr(recipe.rollout, "stop", None) or ()
     stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
-    sampler = PromptSampler(train_set, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
     step_prompts, step_columns = sampler.batch(0)
     texts, special_tokens = prompt_texts(tokenizer, step_prompts[:1], chat_kwargs, where="data")
     ids = tokenizer(texts[0], add_special_tokens=special_tokens)["input_ids"]
@@ -119,7 +118,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     _check_end_tokens(diagnosis, tokenizer, model, step_prompts[0] if chat else None, chat_kwargs, stop_ids, stop_strings)
     show_end(console, diagnosis.stats["end"])
     try:
-        check_prompt_lengths(tokenizer, train_set["prompt"], recipe.rollout.max_new_tokens, context_length(model),
+        check_prompt_lengths(tokenizer, sampler.known_prompts(), recipe.rollout.max_new_tokens, context_length(model),
                              "rollout.max_new_tokens", chat_kwargs)
     except UserError as error:
         diagnosis.add("problem", "a prompt does not fit in the model's context", str(error),
