@@ -320,15 +320,44 @@ def _gap_metrics(accelerator, gap: GapStats, device) -> dict[str, float]:
 
 
 class ReinforceRun(LMRun):
-    """``rlhf-pg train``: an LM run whose step is ``train_step``."""
+    """``rlhf-pg train``: an LM run whose step is ``train_step``, after an optional SFT warm-up."""
 
     command = "train"
+    warmup: Any = None  # sft.SftWarmup when train.sft_warmup_steps > 0 (set by ``train``)
+    counter_defaults = {**LMRun.counter_defaults, "warmup_done": False, "eval_after_warmup": {}}
 
     def step(self, step: int) -> dict[str, float]:
         return train_step(self, step)
 
+    def warm_up(self, stop) -> dict[str, Any] | None:
+        """``train.sft_warmup_steps`` SFT steps before the first RL step, then a held-out evaluation. Not redone by a
+        run resumed from a checkpoint (every checkpoint is written after it); a first signal waits for its end."""
+        if self.warmup is None or self.counters["warmup_done"] or self.counters["global_step"] > 0:
+            return None
+        then, stop.then = stop.then, f"finishing the SFT warm-up ({self.warmup.steps} steps), then writing a checkpoint"
+        self.warmup.run(self)
+        self.counters["warmup_done"], stop.then = True, then
+        result = self.evaluate()
+        self.counters["eval_after_warmup"] = {key: value for key, value in result.items()
+                                              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self.console is not None and self.is_main:
+            shown = {k: v for k, v in self.counters["eval_after_warmup"].items() if "/" not in k}
+            self.console.log("after the SFT warm-up: " + ", ".join(f"eval {k} {v:.3f}" for k, v in shown.items()),
+                             markup=False, highlight=False)
+        return result
+
     def status(self, metrics: dict[str, float]) -> str:
         return f"reward {metrics['reward/mean']:.3f}"
+
+    def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        """LMRun's summary; with a warm-up, ``sft_warmup_steps`` and ``eval_<key>_after_warmup`` beside the before and
+        after figures (``eval_reward_before`` stays the model before the warm-up)."""
+        summary = super().summary(before, after)
+        if self.recipe.train.sft_warmup_steps:
+            summary["sft_warmup_steps"] = self.recipe.train.sft_warmup_steps
+            summary.update({f"eval_{key.replace('/', '_')}_after_warmup": value
+                            for key, value in self.counters["eval_after_warmup"].items()})
+        return summary
 
 
 def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False
@@ -340,8 +369,14 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+    warmup = None
+    if recipe.train.sft_warmup_steps:
+        from .sft import SftWarmup  # sft builds on this module
+
+        warmup = SftWarmup(recipe)  # data without demonstrations fails before anything is written or loaded
     with RunDir(output_dir).lock():
         run, resume_from = setup(recipe, output_dir, resume, overwrite)
+        run.warmup = warmup
         try:
             return run_job(run, resume_from, show_progress)
         finally:
