@@ -255,8 +255,9 @@ class SftWarmup:
                 if run.logger is not None:
                     run.logger.log(0, metrics)
                 if run.is_main and (step == 0 or (step + 1) % 10 == 0 or step + 1 == self.steps):
-                    line = (f"SFT warm-up step {step + 1}/{self.steps}: nll {metrics['warmup/loss/nll']:.3f} "
-                            f"(lr {self.lr:g}, {self.batch_size} demonstrations: {self.demos.describe()})")
+                    line = f"SFT warm-up step {step + 1}/{self.steps}: nll {metrics['warmup/loss/nll']:.3f}"
+                    if step == 0:
+                        line += f" (lr {self.lr:g}, {self.batch_size} per step: {self.demos.describe()})"
                     if run.console is not None:
                         run.console.log(line, markup=False, highlight=False)
                     else:
