@@ -237,11 +237,14 @@ class SftWarmup:
                             f"data.completion_column), and {error}. Set train.sft_warmup_steps: 0 to train "
                             "without a warm-up") from None
 
+    def check_processes(self, world: int) -> None:
+        """Every process takes an equal share of a warm-up step's demonstrations."""
+        if self.batch_size % world:
+            raise UserError(f"sft.batch_size={self.batch_size} (the SFT warm-up's) must be divisible by the number of "
+                            f"processes ({world})")
+
     def run(self, run: LMRun) -> None:
         """``self.steps`` SFT steps on ``run.policy``; logs ``warmup/<metric>`` (at step 0, with ``warmup/step``)."""
-        if self.batch_size % run.accelerator.num_processes:
-            raise UserError(f"sft.batch_size={self.batch_size} (the SFT warm-up's) must be divisible by the number of "
-                            f"processes ({run.accelerator.num_processes})")
         demonstrations = demonstrations_of(run)
         optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds the torch one
         rl_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -376,6 +376,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
         warmup = SftWarmup(recipe)  # data without demonstrations fails before anything is written or loaded
     with RunDir(output_dir).lock():
         run, resume_from = setup(recipe, output_dir, resume, overwrite)
+        if warmup is not None:
+            warmup.check_processes(run.accelerator.num_processes)
         run.warmup = warmup
         try:
             return run_job(run, resume_from, show_progress)
