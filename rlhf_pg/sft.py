@@ -34,7 +34,7 @@ from .lm_run import LMRun, setup_run
 from .run.loop import run_job
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
-from .trainer import policy_update
+from .policy.update import policy_update
 
 
 # --- demonstrations --------------------------------------------------------------------------------

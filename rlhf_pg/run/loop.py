@@ -206,6 +206,7 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
         if agreed := job.max_over_processes(stop.number):  # during the first evaluation: keep it (checkpoint here)
             _stop(job, start_step, agreed, stop, logger, started)
         if (warmed := job.warm_up(stop)) is not None:  # a signal during it: after it, checkpoint-0 holds it
+            counters["last_eval"] = eval_scalars(warmed)[score]  # the progress bar's "eval" from here on
             logger.log(start_step, {f"eval_after_warmup/{key}": value for key, value in eval_scalars(warmed).items()})
             _log_examples(job, start_step, warmed, "after the warm-up")
             if agreed := job.max_over_processes(stop.number):
