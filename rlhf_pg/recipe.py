@@ -243,6 +243,13 @@ class TrainConfig:
     log_completions_every: int = option(10, min=0, help="write the step's completions (prompt, completion, rewards, "
                                         "advantage) to DIR/completions.jsonl every N steps, and show a few (0 = off; "
                                         "evaluations are always logged)")
+    sft_warmup_steps: int = option(0, min=0, help="rlhf-pg train: maximum-likelihood steps on the data's "
+                                   "demonstrations (reasoning_gym: <answer>{answer}</answer>; data.path: "
+                                   "data.completion_column; built-in arithmetic: sft.demonstrator) before the first RL "
+                                   "step, sft.batch_size per step, training items only; the RL optimizer starts fresh "
+                                   "after it (0 = none)")
+    sft_warmup_lr: float = option(1.0e-4, min=0.0, min_exclusive=True, help="learning rate of the SFT warm-up "
+                                  "(constant; the optimizer's other keys are optim's)")
     distributed_timeout_s: float = option(600.0, min=0.0, min_exclusive=True, help="several processes: how long one "
                                           "waits for the others in a collective before it stops with an error (a hung "
                                           "or dead process); longer than the slowest checkpoint write or evaluation")

@@ -34,7 +34,7 @@ from .lm_run import LMRun, setup_run
 from .run.loop import run_job
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
-from .trainer import policy_update
+from .policy.update import policy_update
 
 
 # --- demonstrations --------------------------------------------------------------------------------
@@ -175,6 +175,103 @@ def sft_batch_size(recipe: Recipe) -> int:
     return recipe.sft.batch_size or recipe.rollout.prompts_per_step * recipe.rollout.completions_per_prompt
 
 
+def sft_step(run: LMRun, pairs: tuple[list[Any], list[Any]], demonstrations, optimizer) -> tuple[dict[str, float], int]:
+    """One maximum-likelihood step on the global batch ``pairs = (prompts, completions)``: this process's share
+    as trajectories, then the policy-gradient update with A = 1 on every demonstrated token at temperature 1.
+    Returns the step's metrics (``loss/nll``, ``grad/norm``, ``completion/length``, ``perf/*``, maybe
+    ``train/skipped_updates``) and the number of demonstrated tokens over all processes."""
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    started = time.perf_counter()
+    # 1. this process's share of the step's demonstrations, as trajectories
+    prompts, completions = pairs
+    per_process = len(prompts) // world
+    mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+    batch = demonstrations(run.tokenizer, prompts[mine], completions[mine], accelerator.device, run.max_context)
+    # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
+    global_tokens = float(accelerator.reduce(action_tokens(batch).sum(), "sum"))
+    results = policy_update(run.policy, optimizer, accelerator, batch, batch.completion_mask.clone(),
+                            global_counts=(float(len(batch)), global_tokens / world),
+                            aggregation=run.recipe.algorithm.aggregation,
+                            micro_batch_size=run.recipe.train.micro_batch_size,
+                            max_grad_norm=run.recipe.optim.max_grad_norm)
+    step_time = time.perf_counter() - started
+    metrics = {
+        "loss/nll": float(accelerator.reduce(torch.tensor(results[-1].loss, device=accelerator.device), "mean")),
+        "grad/norm": results[-1].grad_norm,
+        "completion/length": global_tokens / len(prompts),
+        "perf/step_s": step_time,
+        "perf/tokens_per_s": global_tokens / step_time if step_time > 0 else 0.0,
+    }
+    if not results[-1].applied:
+        metrics["train/skipped_updates"] = 1
+    return metrics, int(global_tokens)
+
+
+def demonstrations_of(run: LMRun):
+    """How ``run`` turns pairs into trajectories: observations masked out for episodes; a chat turn ends with its
+    end-of-turn id."""
+    if run.episodes is not None:
+        return run.episodes.demonstrations
+    return functools.partial(demonstration_rollout, chat_template_kwargs=run.recipe.data.chat_template_kwargs,
+                             eos_token_ids=stop_token_ids(run.tokenizer, run.unwrapped))
+
+
+class SftWarmup:
+    """``train.sft_warmup_steps``: maximum likelihood on the recipe's demonstrations before RL's first step.
+
+    The same step as ``rlhf-pg sft`` (``sft_step``) on the same demonstrations (``Demonstrations``: training
+    items only, ``sft.batch_size`` per step), through the run's own optimizer at ``train.sft_warmup_lr``
+    (constant). Afterwards the optimizer's moments are cleared and its learning rate put back, so RL starts
+    with a fresh optimizer from the warmed weights. Built before the run directory is touched: a recipe whose
+    data has no demonstrations fails first.
+    """
+
+    def __init__(self, recipe: Recipe):
+        self.steps, self.lr = recipe.train.sft_warmup_steps, recipe.train.sft_warmup_lr
+        self.batch_size = sft_batch_size(recipe)
+        try:
+            self.demos = Demonstrations(recipe, self.batch_size)
+        except UserError as error:
+            raise UserError(f"train.sft_warmup_steps={self.steps}: the SFT warm-up needs demonstrations (reasoning_gym "
+                            f"gold answers, the built-in arithmetic task's demonstrator, or data.path rows with "
+                            f"data.completion_column), and {error}. Set train.sft_warmup_steps: 0 to train "
+                            "without a warm-up") from None
+
+    def check_processes(self, world: int) -> None:
+        """Every process takes an equal share of a warm-up step's demonstrations."""
+        if self.batch_size % world:
+            raise UserError(f"sft.batch_size={self.batch_size} (the SFT warm-up's) must be divisible by the number of "
+                            f"processes ({world})")
+
+    def run(self, run: LMRun) -> None:
+        """``self.steps`` SFT steps on ``run.policy``; logs ``warmup/<metric>`` (at step 0, with ``warmup/step``)."""
+        demonstrations = demonstrations_of(run)
+        optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds the torch one
+        rl_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        run.unwrapped.train()
+        try:
+            for step in range(self.steps):
+                metrics, tokens = sft_step(run, self.demos.batch(step), demonstrations, run.optimizer)
+                metrics = {"warmup/step": step + 1, **{f"warmup/{key}": value for key, value in metrics.items()}}
+                if run.logger is not None:
+                    run.logger.log(0, metrics)
+                if run.is_main and (step == 0 or (step + 1) % 10 == 0 or step + 1 == self.steps):
+                    line = f"SFT warm-up step {step + 1}/{self.steps}: nll {metrics['warmup/loss/nll']:.3f}"
+                    if step == 0:
+                        line += f" (lr {self.lr:g}, {self.batch_size} per step: {self.demos.describe()})"
+                    if run.console is not None:
+                        run.console.log(line, markup=False, highlight=False)
+                    else:
+                        print(line, flush=True)
+        finally:
+            optimizer.state.clear()  # RL's optimizer starts fresh: no Adam moments from the warm-up
+            for group, lr in zip(optimizer.param_groups, rl_lrs):
+                group["lr"] = lr
+        run.sync_sampler()  # an engine with its own copy of the weights samples the warmed policy
+
+
 class SftRun(LMRun):
     """``rlhf-pg sft``: an LM run whose step is maximum likelihood on the step's demonstrations."""
 
@@ -185,34 +282,10 @@ class SftRun(LMRun):
     demonstrations: Any  # (tokenizer, prompts, completions, device, max_context) -> Rollout
 
     def step(self, step: int) -> dict[str, float]:
-        accelerator, world = self.accelerator, self.accelerator.num_processes
-        started = time.perf_counter()
-        # 1. this process's share of the step's demonstrations, as trajectories
-        per_process = self.batch_size // world
-        mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-        prompts, completions = self.demos.batch(step)
-        batch = self.demonstrations(self.tokenizer, prompts[mine], completions[mine], accelerator.device,
-                                    self.max_context)
-        # 2. the policy-gradient update with A = 1 on every demonstrated token, at temperature 1: maximum likelihood
-        global_tokens = float(accelerator.reduce(action_tokens(batch).sum(), "sum"))
-        results = policy_update(self.policy, self.optimizer, accelerator, batch, batch.completion_mask.clone(),
-                                global_counts=(float(len(batch)), global_tokens / world),
-                                aggregation=self.recipe.algorithm.aggregation,
-                                micro_batch_size=self.recipe.train.micro_batch_size,
-                                max_grad_norm=self.recipe.optim.max_grad_norm)
+        metrics, tokens = sft_step(self, self.demos.batch(step), self.demonstrations, self.optimizer)
         step_scheduler(self.scheduler)
-        step_time = time.perf_counter() - started
-        metrics = {
-            "loss/nll": float(accelerator.reduce(torch.tensor(results[-1].loss, device=accelerator.device), "mean")),
-            "grad/norm": results[-1].grad_norm,
-            "optim/lr": self.scheduler.get_last_lr()[0],
-            "completion/length": global_tokens / self.batch_size,
-            "perf/step_s": step_time,
-            "perf/tokens_per_s": global_tokens / step_time if step_time > 0 else 0.0,
-        }
-        if not results[-1].applied:
-            metrics["train/skipped_updates"] = 1
-        self.counters["tokens_total"] += int(global_tokens)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        self.counters["tokens_total"] += tokens
         return metrics
 
     def evaluate(self) -> dict[str, Any]:
@@ -247,14 +320,12 @@ def train_sft(recipe: Recipe, output_dir: str | Path, resume: bool = False, over
         if batch_size % world:
             raise UserError(f"sft.batch_size={batch_size} must be divisible by the number of processes ({world})")
         run.demos, run.batch_size = demos, batch_size
-        # pairs -> trajectories: observations masked out for episodes; a chat turn ends with its end-of-turn id
-        run.demonstrations = (run.episodes.demonstrations if run.episodes is not None else functools.partial(
-            demonstration_rollout, chat_template_kwargs=recipe.data.chat_template_kwargs,
-            eos_token_ids=stop_token_ids(run.tokenizer, run.unwrapped)))
+        run.demonstrations = demonstrations_of(run)
         try:
             return run_job(run, resume_from, show_progress)
         finally:
             run.close()
 
 
-__all__ = ["Demonstrations", "demonstration_rollout", "heldout_nll", "sft_batch_size", "train_sft", "SftRun"]
+__all__ = ["Demonstrations", "demonstration_rollout", "heldout_nll", "sft_batch_size", "sft_step", "SftWarmup",
+           "train_sft", "SftRun"]

@@ -17,25 +17,25 @@ data and optimizer a run holds are ``lm_run.LMRun``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .core import estimator
-from .core.correction import GapStats, sampler_correction
-from .core.losses import aggregate, kl_estimate, kl_penalized_rewards, off_policy_loss, policy_gradient_loss
+from .core.correction import GapStats
+from .core.losses import kl_estimate, kl_penalized_rewards
 from .core.mdp import Rollout, action_tokens, mask_truncated, terminal_rewards, truncated
 from .evaluation import completion_records
 from .lm_run import LMRun, setup_run
 from .policy.logprobs import completion_logprobs
+from .policy.update import UpdateResult, policy_update
 from .recipe import Recipe
 from .run.metrics import completions_table
 from .sampling import sample_step, task_feedback
+from .sft import SftWarmup
 from .run.loop import run_job
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
@@ -65,103 +65,6 @@ def compute_advantages(batch: Rollout, spec: estimator.EstimatorSpec, accelerato
     return advantages
 
 
-@dataclass
-class UpdateResult:
-    loss: float
-    grad_norm: float
-    applied: bool
-    stats: dict[str, float] = field(default_factory=dict)
-    gap: GapStats | None = None  # the first pass's sampler/trainer gap (this process's sums)
-
-
-def policy_update(
-    model, optimizer, accelerator, batch: Rollout, advantages: torch.Tensor, *, global_counts: tuple[float, float],
-    aggregation: str = "seq-mean-token-sum", micro_batch_size: int | None = None,
-    max_grad_norm: float | None = None, updates_per_batch: int = 1, clip_eps: float = 0.2,
-    clip_eps_high: float | None = None, ratio_level: str = "token", max_approx_kl: float | None = None,
-    kl_coef: float = 0.0, kl_estimator: str = "k1", importance: str = "clip", norm_length: float | None = None,
-    is_correction: str = "none", is_cap: float = 2.0, is_level: str = "token",
-) -> list[UpdateResult]:
-    """``updates_per_batch`` optimizer steps on one rollout batch, in micro-batches.
-
-    log pi_theta is recomputed at the batch's own temperature (``batch.temperature``: the policy that sampled it);
-    its first pass, before any optimizer step, is compared with the sampler's log-probs (``batch.logprobs``): the
-    gap is measured and, with ``is_correction`` (``core.correction``), each token's advantage is weighted by the
-    importance weight w of pi_theta against the sampler. One update: the REINFORCE loss. Several: the importance-weighted loss against the log-probs of the
-    first pass (so the first step's ratio is exactly 1), PPO-clipped (``importance="clip"``) or CISPO-
-    truncated (``"truncate"``), stopping early once the approximate KL to pi_old exceeds ``max_approx_kl``.
-    ``norm_length``: the constant L of the ``seq-mean-token-sum-norm`` aggregation (Dr. GRPO). ``global_counts`` = (sequences, tokens) of the
-    whole batch per process, so micro-batch and per-process losses add up to the full-batch loss.
-    ``kl_coef > 0`` adds ``kl_coef * KL(pi || pi_ref)`` to the loss (``batch.ref_logprobs``: the KL-as-loss
-    placement; the KL-in-reward placement is done to the rewards before the advantages).
-
-    Completions whose advantage is 0 at every token contribute exactly 0 to the loss and its gradient
-    (e.g. a group whose completions all got the same reward), so they are not run through the model:
-    the gradient is unchanged, the update is cheaper. (Not with a KL loss term, which they do feed.)
-    """
-    num_sequences, num_tokens = global_counts
-    rows = list(range(len(batch)))
-    if kl_coef == 0:
-        active = (advantages != 0).any(-1).nonzero().flatten().tolist()
-        rows = active or rows[:1]  # keep one row so every process still joins the gradient all-reduce
-    micro = micro_batch_size or len(rows)
-    chunks = [rows[start : start + micro] for start in range(0, len(rows), micro)]
-    old_logprobs = torch.zeros_like(batch.completion_mask)
-    is_weights = torch.ones_like(batch.completion_mask)
-    gap = GapStats()
-    results = []
-    for epoch in range(updates_per_batch):
-        total_loss, ratio_stats = 0.0, []
-        for index, chunk in enumerate(chunks):
-            part = batch.select(chunk)
-            part_adv = advantages[chunk]
-            last_chunk = index == len(chunks) - 1
-            # gradient accumulation: no all-reduce (DDP) and no optimizer step (DeepSpeed) before the last chunk
-            accelerator.gradient_state._set_sync_gradients(last_chunk)
-            sync = contextlib.nullcontext() if last_chunk else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                logprobs = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                               part.completion_mask, batch.temperature)
-                mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
-                if epoch == 0:  # pi_theta before any step, against the sampler's log-probs (core/correction.py)
-                    old_logprobs[chunk] = logprobs.detach()
-                    weights, chunk_gap = sampler_correction(logprobs, part.logprobs, mask, is_correction, is_cap, is_level)
-                    gap = gap.add(chunk_gap)
-                    if is_correction != "none":
-                        is_weights[chunk] = weights
-                if is_correction != "none":
-                    part_adv = part_adv * is_weights[chunk]  # w_t A_t: the estimate under the sampler's draws
-                if updates_per_batch == 1:
-                    loss = policy_gradient_loss(logprobs, part_adv, mask, aggregation, num_sequences, num_tokens,
-                                                norm_length)
-                else:
-                    loss, stats = off_policy_loss(
-                        importance, logprobs, old_logprobs[chunk], part_adv, mask, clip_eps, clip_eps_high,
-                        ratio_level, aggregation, num_sequences, num_tokens, norm_length,
-                    )
-                    ratio_stats.append(stats)
-                if kl_coef > 0:
-                    kl = kl_estimate(logprobs, part.ref_logprobs, kl_estimator)
-                    loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens, norm_length)
-                accelerator.backward(loss)
-            total_loss += float(loss.detach())
-        accelerator.gradient_state._set_sync_gradients(True)
-        result = _optimizer_step(model, optimizer, accelerator, total_loss, max_grad_norm)
-        result.gap = gap if epoch == 0 else None
-        if ratio_stats:
-            result.stats = {
-                "ratio/mean": sum(s.ratio_mean for s in ratio_stats) / len(ratio_stats),
-                "ratio/max": max(s.ratio_max for s in ratio_stats),
-                "ratio/clip_fraction": sum(s.clip_fraction for s in ratio_stats) / len(ratio_stats),
-                "ratio/approx_kl": sum(s.approx_kl for s in ratio_stats) / len(ratio_stats),
-            }
-        results.append(result)
-        approx_kl = result.stats.get("ratio/approx_kl", 0.0)
-        if max_approx_kl is not None and approx_kl > max_approx_kl:
-            break
-    return results
-
-
 def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
     """``policy_update``'s keyword arguments as a recipe sets them (``kl_coef``: the KL-in-loss coefficient now)."""
     algorithm = recipe.algorithm
@@ -173,17 +76,6 @@ def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
                 norm_length=algorithm.norm_length or recipe.rollout.max_new_tokens,
                 is_correction=recipe.rollout.sampler_correction(), is_cap=recipe.rollout.is_cap,
                 is_level=recipe.rollout.is_level)
-
-
-def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: float | None) -> UpdateResult:
-    """Clip and step, unless the loss or gradient is not finite (then the update is skipped)."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm else float("inf"))
-    grad_norm = float(grad_norm)
-    applied = math.isfinite(loss) and math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(loss=loss, grad_norm=grad_norm, applied=applied)
 
 
 def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
@@ -320,15 +212,44 @@ def _gap_metrics(accelerator, gap: GapStats, device) -> dict[str, float]:
 
 
 class ReinforceRun(LMRun):
-    """``rlhf-pg train``: an LM run whose step is ``train_step``."""
+    """``rlhf-pg train``: an LM run whose step is ``train_step``, after an optional SFT warm-up."""
 
     command = "train"
+    warmup: Any = None  # sft.SftWarmup when train.sft_warmup_steps > 0 (set by ``train``)
+    counter_defaults = {**LMRun.counter_defaults, "warmup_done": False, "eval_after_warmup": {}}
 
     def step(self, step: int) -> dict[str, float]:
         return train_step(self, step)
 
+    def warm_up(self, stop) -> dict[str, Any] | None:
+        """``train.sft_warmup_steps`` SFT steps before the first RL step, then a held-out evaluation. Not redone by a
+        run resumed from a checkpoint (every checkpoint is written after it); a first signal waits for its end."""
+        if self.warmup is None or self.counters["warmup_done"] or self.counters["global_step"] > 0:
+            return None
+        then, stop.then = stop.then, f"finishing the SFT warm-up ({self.warmup.steps} steps), then writing a checkpoint"
+        self.warmup.run(self)
+        self.counters["warmup_done"], stop.then = True, then
+        result = self.evaluate()
+        self.counters["eval_after_warmup"] = {key: value for key, value in result.items()
+                                              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self.console is not None and self.is_main:
+            shown = {k: v for k, v in self.counters["eval_after_warmup"].items() if "/" not in k}
+            self.console.log("after the SFT warm-up: " + ", ".join(f"eval {k} {v:.3f}" for k, v in shown.items()),
+                             markup=False, highlight=False)
+        return result
+
     def status(self, metrics: dict[str, float]) -> str:
         return f"reward {metrics['reward/mean']:.3f}"
+
+    def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        """LMRun's summary; with a warm-up, ``sft_warmup_steps`` and ``eval_<key>_after_warmup`` beside the before and
+        after figures (``eval_reward_before`` stays the model before the warm-up)."""
+        summary = super().summary(before, after)
+        if self.recipe.train.sft_warmup_steps:
+            summary["sft_warmup_steps"] = self.recipe.train.sft_warmup_steps
+            summary.update({f"eval_{key.replace('/', '_')}_after_warmup": value
+                            for key, value in self.counters["eval_after_warmup"].items()})
+        return summary
 
 
 def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False
@@ -340,8 +261,13 @@ def setup(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrit
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary also written to ``DIR/summary.json``."""
+    # data without demonstrations fails before anything is written or loaded
+    warmup = SftWarmup(recipe) if recipe.train.sft_warmup_steps else None
     with RunDir(output_dir).lock():
         run, resume_from = setup(recipe, output_dir, resume, overwrite)
+        if warmup is not None:
+            warmup.check_processes(run.accelerator.num_processes)
+        run.warmup = warmup
         try:
             return run_job(run, resume_from, show_progress)
         finally:

@@ -121,6 +121,7 @@ def test_compare_cli_refuses_to_mix_runs_and_reports_bad_recipes(tiny_model_dir,
     assert code == 2 and "already holds a comparison" in err
     bad = {
         "sft.batch_size=5": "compare matches budgets",
+        "train.sft_warmup_steps=3": "train.sft_warmup_steps=3: compare matches budgets",
         "compare.arms=[sft, sft]": "lists an arm twice",
         "compare.arms=[sft, ppo]": "compare.arms[1]: 'ppo' is not allowed",
         "algorithm.estimator=filtered": "did you mean 'filtered_bc'",

@@ -112,6 +112,10 @@ def compare(recipe: Recipe, output_dir: str | Path, overwrite: bool = False, sho
         raise RecipeError(
             f"sft.batch_size={recipe.sft.batch_size}: compare matches budgets, so SFT takes as many samples per step as "
             f"RL draws (rollout.prompts_per_step x completions_per_prompt = {samples_per_step}); remove sft.batch_size")
+    if recipe.train.sft_warmup_steps:
+        raise RecipeError(f"train.sft_warmup_steps={recipe.train.sft_warmup_steps}: compare matches budgets, and a warm-up "
+                          "would give the RL arms extra steps on demonstrations; set it to 0 (run the warm-up's effect "
+                          "as its own 'sft' arm)")
     recipes = {arm: arm_recipe(recipe, arm) for arm in arms}  # validates every arm before anything runs
     run_dir = RunDir(output_dir, marker="compare.yaml", outputs=(*OUTPUTS, *LABELS), what="a comparison")
     with run_dir.lock():

@@ -1,6 +1,7 @@
 """The loop every training command shares: steps, evaluation, checkpoints, signals, the final save.
 
     evaluate()                                   held-out numbers before training (kept on resume)
+    warm_up()                                    train.sft_warmup_steps: SFT steps, then evaluate() (not redone on resume)
     for step in range(start, steps):
         metrics <- job.step(step)                one optimizer step (or more) and its metrics
         job.after_step(step)                     between steps (the CPU matmul kernel re-check)
@@ -120,6 +121,12 @@ class Job:
     def evaluate(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def warm_up(self, stop: StopFlag) -> dict[str, Any] | None:
+        """Work between the first evaluation and the first step that a resumed run must not redo (``train``'s SFT
+        warm-up; the job keeps in its counters that it was done). Returns a held-out evaluation after it, or
+        None when there was nothing to do."""
+        return None
+
     def save_checkpoint(self, step: int) -> Path | None:
         """Write ``checkpoint-<step>`` holding ``self.counters`` (``global_step`` is already ``step``); every
         process calls it, the main process writes."""
@@ -198,6 +205,12 @@ def run_job(job: Job, resume_from: Path | None, show_progress: bool = True) -> d
             _log_examples(job, 0, result, "before training")
         if agreed := job.max_over_processes(stop.number):  # during the first evaluation: keep it (checkpoint here)
             _stop(job, start_step, agreed, stop, logger, started)
+        if (warmed := job.warm_up(stop)) is not None:  # a signal during it: after it, checkpoint-0 holds it
+            counters["last_eval"] = eval_scalars(warmed)[score]  # the progress bar's "eval" from here on
+            logger.log(start_step, {f"eval_after_warmup/{key}": value for key, value in eval_scalars(warmed).items()})
+            _log_examples(job, start_step, warmed, "after the warm-up")
+            if agreed := job.max_over_processes(stop.number):
+                _stop(job, start_step, agreed, stop, logger, started)
         task = bar.add_task(job.command, total=job.steps, completed=start_step, status="")
         for step in range(start_step, job.steps):
             metrics = job.step(step)
