@@ -154,12 +154,18 @@ class LMRun(Job):
             metrics = {key: (max if key.endswith("/latency_s") else sum)(part[0].get(key, 0.0) for part in parts)
                        for key in parts[0][0]}
             notes = [note for part in parts for note in part[1]]
-        for note in notes if self.is_main else []:
-            if self.console is not None:
-                self.console.print(f"{when}: {note}", soft_wrap=True, markup=False, highlight=False)
-            else:
-                print(f"{when}: {note}", flush=True)
+        for note in notes:
+            self.say(f"{when}: {note}")
         return metrics
+
+    def say(self, line: str) -> None:
+        """One line for the user, from the main process: in the run's console, or printed when it has none."""
+        if not self.is_main:
+            return
+        if self.console is not None:
+            self.console.print(line, soft_wrap=True, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Checkpoint on the main process (all processes wait)."""

@@ -163,9 +163,6 @@ def task_feedback(run: LMRun, step: int, scored: Scored) -> dict[str, float]:
         mine = [s for t, s in zip(tasks, scores) if t == task]
         metrics[f"reward/reasoning_gym/{task}"] = sum(mine) / len(mine)
     curriculum, notes = run.prompts.observe(tasks, scores)
-    for note in notes if run.is_main else []:
-        if run.console is not None:
-            run.console.print(f"step {step + 1}: {note}", markup=False, highlight=False)
-        else:
-            print(f"step {step + 1}: {note}", flush=True)
+    for note in notes:
+        run.say(f"step {step + 1}: {note}")
     return {**metrics, **curriculum}
