@@ -108,10 +108,11 @@ def load_pairs(recipe: RewardModelRecipe, tokenizer, output_dir: Path, is_main: 
         train_set, eval_set = datasets.Dataset.from_list(training), datasets.Dataset.from_list(held_out)
         source = "generated pairs"
     else:
-        train_set = load_preference_dataset(data.path, data.split)
+        columns = (data.prompt_column, data.chosen_column, data.rejected_column)
+        train_set = load_preference_dataset(data.path, data.split, columns)
         source = repr(data.path)
         if data.eval_split is not None:
-            eval_set = load_preference_dataset(data.path, data.eval_split)
+            eval_set = load_preference_dataset(data.path, data.eval_split, columns)
         else:
             if len(train_set) <= data.num_eval:
                 raise UserError(f"data: {len(train_set)} pairs cannot give {data.num_eval} held-out pairs and leave "
@@ -137,7 +138,9 @@ def _generate(recipe: RewardModelRecipe, progress: bool) -> tuple[list[dict[str,
         task = bar.add_task("generating preference pairs", total=data.num_pairs, status="")
         records = generate_arith_preferences(
             model, tokenizer, data.num_pairs, data.gold, data.label_noise, data.temperature, data.max_new_tokens,
-            data.max_operand, data.heldout_problems, data.shuffle_seed, progress=lambda n: bar.update(task, completed=n))
+            data.max_operand, data.heldout_problems, data.shuffle_seed, progress=lambda n: bar.update(task, completed=n),
+            prompt_format=data.prompt_format, min_operand=data.min_operand, batch_prompts=data.generation_batch,
+            keep_unfinished=data.keep_unfinished)
     return records, {"generation_time_s": round(time.perf_counter() - started, 3)}
 
 

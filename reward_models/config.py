@@ -44,14 +44,23 @@ class PreferenceDataConfig:
     rejected_column: str = option("rejected", help="column holding the other text or completion")
     shuffle_seed: int = option(0, help="seed of the held-out split and of the generated pairs")
     num_pairs: int = option(6000, min=2, help="arith_preferences: pairs to generate (training + held out)")
+    generation_batch: int = option(512, min=1, help="arith_preferences: prompts sampled at once (2 completions each); "
+                                   "lower it for a large generator (its KV cache grows with it)")
     generator: str = option("builtin:arith-gpt", help="arith_preferences: the causal LM whose samples are compared")
     temperature: float = option(1.5, min=0.0, min_exclusive=True, help="arith_preferences: sampling temperature "
                                 "(above 1: more varied answers, a better-covered reward model)")
-    max_new_tokens: int = option(8, min=1, help="arith_preferences: longest sampled completion (unfinished ones are dropped)")
+    max_new_tokens: int = option(8, min=1, help="arith_preferences: longest sampled completion (unfinished ones are "
+                                 "dropped unless keep_unfinished)")
+    keep_unfinished: bool = option(False, help="arith_preferences: also pair completions cut at max_new_tokens (a "
+                                   "chat model that rambles rarely finishes two replies to one prompt)")
     label_noise: float = option(0.05, min=0.0, max=0.5, help="arith_preferences: probability that a pair's label is flipped")
     gold: str = option("arithmetic_exact", help="arith_preferences: the hidden gold reward that labels the pairs "
                        "(registered name or 'pkg.module:function')")
     max_operand: int = option(99, min=1, help="arith_preferences: largest operand")
+    min_operand: int = option(0, min=0, help="arith_preferences: smallest operand (as the RL recipe's data.min_operand)")
+    prompt_format: Literal["text", "chat"] = option(
+        "text", help="arith_preferences: 'text' prompts \"a+b=\" (standard format), or 'chat': a user message "
+        "\"What is a+b? ...\" and assistant-message answers (TRL's conversational format), for a chat generator")
     heldout_problems: int = option(200, min=0, help="arith_preferences: problems never used for pairs: the RL "
                                    "recipes' held-out set (their data.num_eval with the same shuffle_seed)")
 
@@ -108,6 +117,8 @@ class RewardModelRecipe:
             raise RecipeError("model: set only one of model.name_or_path and model.config (null the other)")
         if model.config is not None and "model_type" not in model.config:
             raise RecipeError("model.config: name the architecture with model_type, e.g. model_type: llama")
+        if data.path is None and data.min_operand > data.max_operand:
+            raise RecipeError(f"data.min_operand ({data.min_operand}) must not exceed data.max_operand ({data.max_operand})")
         if data.path is None and data.num_eval >= data.num_pairs:
             raise RecipeError(f"data.num_eval ({data.num_eval}) must be smaller than data.num_pairs ({data.num_pairs})")
 

@@ -85,6 +85,9 @@ def _is_conversation(value: Any) -> bool:
 def _render(tokenizer, prompt: Any, answer: Any, where: str) -> str:
     """One side of a pair as text: standard strings are concatenated, conversations use the chat template."""
     if _is_conversation(answer):
+        if prompt is not None and not _is_conversation(prompt):
+            raise UserError(f"{where}: the answer is a list of messages but the prompt is not; in conversational data "
+                            "the prompt must be a list of messages too (or leave it out: the implicit-prompt format)")
         messages = (prompt or []) + answer
         if not _is_conversation(messages):
             raise UserError(f"{where}: the prompt and the answer must both be lists of messages in conversational data")
@@ -112,6 +115,10 @@ def pairs_from_dataset(dataset, tokenizer, chosen_column: str = "chosen", reject
     conversational = _is_conversation(dataset[0][chosen_column])
     for index, (prompt, good, bad) in enumerate(zip(prompts, dataset[chosen_column], dataset[rejected_column])):
         where = f"data: {source} row {index}"
+        for column, value in ((chosen_column, good), (rejected_column, bad)):
+            if value is None:
+                raise UserError(f"{where} has no {column!r}: every preference row needs both {chosen_column!r} and "
+                                f"{rejected_column!r}")
         if _is_conversation(good) != conversational:
             raise UserError(f"{where}: {chosen_column!r} is {'text' if conversational else 'a list of messages'}, but "
                             f"row 0 is {'a list of messages' if conversational else 'text'}; one dataset must use one "
@@ -122,11 +129,46 @@ def pairs_from_dataset(dataset, tokenizer, chosen_column: str = "chosen", reject
     return PreferencePairs(chosen, rejected, margin, special_tokens=not conversational)
 
 
-def load_preference_dataset(path: str, split: str):
-    """A ``datasets.Dataset`` from a local file/directory or a hub name (the loader of ``rlhf_pg.data``)."""
+def load_preference_dataset(path: str, split: str, columns: tuple[str, ...] = ("prompt", "chosen", "rejected")):
+    """A ``datasets.Dataset`` from a local file/directory or a hub name (the loader of ``rlhf_pg.data``).
+
+    A JSON-lines file that ``datasets`` cannot read as one table (a column that is text in one row and messages
+    in another) is read again line by line to name the first row that breaks the format."""
     from rlhf_pg.data import load_path
 
-    return load_path(path, split)
+    try:
+        return load_path(path, split)
+    except UserError:
+        problem = _first_bad_row(Path(path).expanduser(), columns)
+        if problem:
+            raise UserError(f"data: {path!r} {problem}") from None
+        raise
+
+
+def _first_bad_row(path: Path, columns: tuple[str, ...]) -> str | None:
+    """What is wrong with the first row of a .jsonl file whose columns change kind (text vs. messages)."""
+    import json
+
+    if not (path.is_file() and path.suffix.lower() == ".jsonl"):
+        return None
+    kinds: dict[str, str] = {}
+    with path.open() as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {index + 1} is not JSON ({error.msg})"
+            for column in columns:
+                if column not in row or row[column] is None:
+                    continue
+                kind = "a list of messages" if isinstance(row[column], list) else type(row[column]).__name__
+                first = kinds.setdefault(column, kind)
+                if kind != first:
+                    return (f"row {index}: {column!r} is {kind} but earlier rows have {first}; one dataset must use one "
+                            "format (all text, or all conversations)")
+    return None
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -69,6 +69,25 @@ def arithmetic_last_integer(prompts: list, completions: list, a=None, b=None, an
     return scores
 
 
+@register_reward("arithmetic_closeness")
+def arithmetic_closeness(prompts: list, completions: list, a=None, b=None, answer=None, **kwargs) -> list[float]:
+    """Partial credit for a near miss: ``max(0, 1 - |n - (a+b)| / (a+b))`` for the LAST integer ``n`` of the reply
+    (1.0 exact, 0.9 for 10 % off, 0.0 for no integer or 100 % off or more); for a sum of 0, 1.0 only when exact.
+
+    A graded gold rule: two replies nearly always differ, so nearly every pair of samples can be labelled.
+    """
+    expected = _expected_sums("arithmetic_closeness", prompts, a, b, answer)
+    scores = []
+    for target, completion in zip(expected, completions):
+        integers = _INTEGER.findall(completion_text(completion))
+        if not integers:
+            scores.append(0.0)
+            continue
+        miss = abs(int(integers[-1]) - target)
+        scores.append(float(miss == 0) if target == 0 else max(0.0, 1.0 - miss / abs(target)))
+    return scores
+
+
 @register_reward("arithmetic_only_number")
 def arithmetic_only_number(prompts: list, completions: list, **kwargs) -> list[float]:
     """Format reward: 1.0 when the reply is only an integer (surrounding whitespace allowed), else 0.0."""
