@@ -21,7 +21,7 @@ subprocess, so that RSS is per variant. A thread reads ``VmRSS`` from ``/proc/se
 
 Per phase: the highest RSS seen in it over the measured steps (``peak``), and RSS when it started (``start``);
 ``step_s`` is the median measured step time. ``ru_maxrss`` (the process's peak, as vs_trl.py reports it) is
-printed beside. RSS is a process's resident memory: glibc keeps freed blocks, so a phase's ``start`` includes
+printed beside, with the peak ``rlhf_pg.run.memory`` estimated for the run before its first step. RSS is a process's resident memory: glibc keeps freed blocks, so a phase's ``start`` includes
 what earlier phases freed but the allocator did not return.
 """
 
@@ -121,8 +121,13 @@ def recipe_for(model: str, kl_coef: float, steps: int, overrides: list[str]):
 def worker(args) -> dict:
     """One variant in this process: setup, ``--warmup-steps`` unmeasured steps, ``--steps`` measured ones."""
     meter = PhaseMeter(args.interval_ms / 1000)
+    import rlhf_pg.lm_run as lm_run
     import rlhf_pg.policy.update as update
     import rlhf_pg.trainer as trainer
+    from rlhf_pg.run.memory import memory_estimate
+
+    shapes, check_fits = [], lm_run.check_fits
+    lm_run.check_fits = lambda shape, *rest, **options: (shapes.append(shape), check_fits(shape, *rest, **options))[1]
 
     recipe = recipe_for(args.model, args.kl_coef, args.warmup_steps + args.steps, args.overrides)
     trainer.sample_step = meter.wrap("sampling", trainer.sample_step)
@@ -141,8 +146,11 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - started)
     meter.stopped.set()
     measured = times[args.warmup_steps:]
+    estimate = memory_estimate(shapes[0]) if shapes else None
     return {"peak": meter.peak, "start": meter.start, "step_s": statistics.median(measured), "times": times,
-            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "estimate": estimate.peak if estimate else None,
+            "estimate_parts": {name: size for name, (size, _) in estimate.parts.items()} if estimate else {}}
 
 
 def gib(value: int) -> str:
@@ -178,8 +186,10 @@ def main() -> None:
             raise SystemExit(f"variant {name} failed:\n{output.stderr[-4000:]}")
         results[name] = {"overrides": overrides, **json.loads(lines[-1][len("RESULT "):])}
         result = results[name]
+        estimated = (f", estimated {gib(result['estimate'])} GiB ({result['estimate'] / result['ru_maxrss']:.2f}x)"
+                     if result["estimate"] else "")
         print(f"\n{name} ({' '.join(overrides) or 'recipe defaults'}): {result['step_s']:.2f} s/step, "
-              f"ru_maxrss {gib(result['ru_maxrss'])} GiB", flush=True)
+              f"ru_maxrss {gib(result['ru_maxrss'])} GiB{estimated}", flush=True)
         print(f"  {'phase':10s} {'start GiB':>10s} {'peak GiB':>9s}")
         for phase in PHASES:
             print(f"  {phase:10s} {gib(result['start'].get(phase, 0)):>10s} {gib(result['peak'][phase]):>9s}")
