@@ -234,8 +234,9 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
                         f"number of processes ({world})")
     saved = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from) if resume_from is not None else None
 
-    runtime = rss_bytes()  # the process before the model: the memory estimate's R
-    policy, tokenizer, model_path = load_policy(recipe.model)
+    runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
+    policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
+    runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in policy.parameters()))
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     reference = None

@@ -127,9 +127,11 @@ def test_memory_estimate_follows_its_formula():
     tokens = 8 * 6 + 2 * 10  # completions, and each group's prompt once
     assert sizes["activations (update)"] == tokens * (14 * 16 + 4 * 8 + 4 * 64) * 2 * 4
     assert sizes["logits (update)"] == 3 * 8 * 6 * 50 * 4  # the chunked head's chunk: every logit here
+    assert sizes["vocabulary gradients (update)"] == 3 * 50 * 16 * 4
     estimate = memory_estimate(replace(SHAPE, reference=True))
-    assert estimate.peak == 100 + 5 * 4000 + max(sizes["sampling (KV cache)"],
-                                                 sizes["logits (update)"] + sizes["activations (update)"])
+    update = sizes["logits (update)"] + sizes["vocabulary gradients (update)"] + sizes["activations (update)"]
+    assert estimate.peak == 100 + 5 * 4000 + max(sizes["sampling (KV cache)"], update)
+    assert memory_estimate(replace(SHAPE, trainable=10)).parts["vocabulary gradients (update)"][0] == 0  # LoRA
     halves = memory_estimate(replace(SHAPE, micro_batch=4)).parts["activations (update)"][0]
     assert halves == (4 * 6 + 1 * 10) * (14 * 16 + 4 * 8 + 4 * 64) * 2 * 4
     lean = memory_estimate(replace(SHAPE, checkpointing=True)).parts["activations (update)"][0]

@@ -86,8 +86,9 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before we add to it
     set_threads(recipe.train.num_threads)
     scorer = RewardScorer(recipe.rewards)  # a bad reward name fails here: exit 2, as train
-    runtime = rss_bytes()  # the process before the model: the memory estimate's R
+    runtime = rss_bytes()  # the process before the model: the memory estimate's R (as lm_run.setup_run measures it)
     model, tokenizer, model_path = load_policy(recipe.model)
+    runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters()))
     if recipe.peft is not None:
         model = apply_lora(model, recipe.peft)
     device = new_accelerator(recipe.train.mixed_precision).device
@@ -380,13 +381,12 @@ def _check_memory(diagnosis, recipe, model, device, prompt_tokens: int, runtime:
     free, where = available_memory(device)
     if free is not None and device.type == "cpu":
         free, where = free + rss_bytes(), f"{where} + this process's {size_text(rss_bytes())}"
-    model_stats = diagnosis.stats["model"]
     diagnosis.stats["memory"] = {"estimate": estimate, "free": free, "where": where, "sequences": shape.sequences,
                                  "micro": shape.micro_batch, "prompt_tokens": prompt_tokens,
-                                 "new_tokens": shape.new_tokens, "weight_bytes": shape.weight_bytes,
-                                 "activation_bytes": shape.activation_bytes, **model_shape(model),
-                                 "intermediate": shape.intermediate, "checkpointing": shape.checkpointing,
-                                 "parameters": model_stats["parameters"], "trainable": model_stats["trainable"]}
+                                 "new_tokens": shape.new_tokens, "weight_bytes": shape.weight_bytes, **model_shape(model),
+                                 "activation_bytes": shape.activation_bytes, "intermediate": shape.intermediate,
+                                 "checkpointing": shape.checkpointing, "parameters": shape.parameters,
+                                 "trainable": shape.trainable}
     if free is not None and estimate.peak > free:
         fixes = what_fits(shape, free)
         diagnosis.add("problem", "the batch would not fit in memory",

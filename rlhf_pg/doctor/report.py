@@ -149,7 +149,7 @@ def show_memory(console, stats: dict[str, Any]) -> None:
     for name, (size, formula) in estimate.parts.items():
         if size:
             table.add_row(name, formula, size_text(size))
-    table.add_row("[bold]peak[/bold]", "runtime + weights + gradients + AdamW + max(sampling, logits + activations)",
+    table.add_row("[bold]peak[/bold]", "runtime + weights + gradients + AdamW + max(sampling, update)",
                   f"[bold]{size_text(estimate.peak)}[/bold]")
     if stats["free"] is not None:
         table.add_row(stats["where"], "", size_text(stats["free"]))

@@ -61,10 +61,12 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
         AdamW state    2 N_t b                    (exp_avg and exp_avg_sq, in the weights' dtype)
         sampling       2 L B S w a + L d (d + 2w) b     (the KV cache, and the decoder's fused q/k/v weights)
         logits         C a (chunked head: C = min(M T, 32M / V) V, x3) or 3 M T V a (plain head)
+        vocab grads    3 V d b                    (when the embeddings train: the head's d/dW, the embedding's
+                                                   dense gradient, their sum, beside the gradients)
         activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M S when
                                                    checkpointing, each layer's kept tensors per token; with
                                                    checkpointing: X d L a + one layer's (14 d + 4 w + 4 I) X a)
-        peak = runtime + weights + gradients + AdamW + max(sampling, logits + activations)
+        peak = runtime + weights + gradients + AdamW + max(sampling, logits + vocab grads + activations)
     """
     s, a, b = shape, shape.activation_bytes, shape.weight_bytes
     length = s.prompt_tokens + s.new_tokens
@@ -95,10 +97,12 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
         "sampling (KV cache)": (2 * s.layers * s.sequences * length * s.kv_width * a
                                 + s.layers * s.hidden * (s.hidden + 2 * s.kv_width) * b, "2 L B S w a + L d (d+2w) b"),
         "logits (update)": (logits, logits_formula),
+        "vocabulary gradients (update)": (3 * s.vocab * s.hidden * b if s.trainable == s.parameters else 0,
+                                          "3 V d b (the embeddings train)"),
         "activations (update)": (activations, activation_formula),
     }
     static = sum(parts[key][0] for key in ("runtime", "weights", "reference model", "gradients", "AdamW state"))
-    update = parts["logits (update)"][0] + parts["activations (update)"][0]
+    update = sum(parts[key][0] for key in ("logits (update)", "vocabulary gradients (update)", "activations (update)"))
     return MemoryEstimate(parts, static + max(parts["sampling (KV cache)"][0], update))
 
 
