@@ -186,6 +186,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, sys.argv[2])
 from rlhf_pg.models.builtin import char_tokenizer
+from reward_models import register_reward
+register_reward("ones")(lambda prompts, completions, **kwargs: [1.0] * len(completions))  # A = 1: every row trains
 from rlhf_pg.recipe import recipe_from_dict
 import rlhf_pg.lm_run as lm_run
 from rlhf_pg.trainer import setup, train_step
@@ -200,7 +202,7 @@ shapes = []
 real = lm_run.check_fits
 lm_run.check_fits = lambda shape, *a, **k: (shapes.append(shape), real(shape, *a, **k))[1]
 recipe = recipe_from_dict({"model": sys.argv[1], "data": {"task": "arithmetic", "max_operand": 99, "num_eval": 4},
-    "rewards": [{"name": "arithmetic_exact"}], "rollout": {"prompts_per_step": 8, "completions_per_prompt": 4,
+    "rewards": [{"name": "ones"}], "rollout": {"prompts_per_step": 8, "completions_per_prompt": 4,
     "max_new_tokens": 48, "min_new_tokens": 48}, "optim": {"lr": 1e-6},
     "train": {"steps": 2, "tensorboard": False, "num_threads": 2}, "algorithm": {"baseline": "none"}})
 run, _ = setup(recipe, tempfile.mkdtemp())
