@@ -148,6 +148,21 @@ def test_what_fits_names_the_cheapest_keys_that_fit():
     assert what_fits(big, 1 << 20) == []
 
 
+def test_a_full_fine_tuning_of_smollm2_1_7b_on_24_gb_is_told_to_use_lora():
+    """SmolLM2-1.7B's architecture at vs_trl.py's batch: 16 bytes a parameter (27 GB) cannot fit 22 GiB whatever the
+    micro-batch; LoRA with micro-batches does, and a LoRA run is not told to use LoRA again."""
+    from dataclasses import replace
+
+    full = StepShape(parameters=1_711_376_384, trainable=1_711_376_384, weight_bytes=4, layers=24, hidden=2048,
+                     intermediate=8192, kv_width=2048, vocab=49152, sequences=32, prompts=8, micro_batch=32,
+                     prompt_tokens=46, new_tokens=64, activation_bytes=4, runtime=450 << 20)
+    fixes = what_fits(full, 22 << 30)
+    assert len(fixes) == 1 and "micro_batch_size: 4 and peft" in fixes[0]
+    lora = replace(full, trainable=3_145_728, checkpointing=True, micro_batch=4)
+    assert memory_estimate(lora).peak < 16 << 30  # the --sizes 1.7B LoRA row's budget
+    assert not any("peft" in fix or "checkpointing" in fix for fix in what_fits(replace(lora, micro_batch=32), 8 << 30))
+
+
 def test_train_refuses_a_run_that_would_not_fit_and_names_the_keys(tiny_model_dir, tmp_path, monkeypatch):
     import rlhf_pg.lm_run as lm_run
 

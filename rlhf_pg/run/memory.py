@@ -149,13 +149,14 @@ def what_fits(shape: StepShape, free: int) -> list[str]:
             fixes.append(f"train.micro_batch_size: {rows} (the same gradient, accumulated over chunks of {rows} rows)")
             break
     smallest = replace(shape, micro_batch=min(shape.micro_batch, 4))
-    for change, text in (
-        (dict(checkpointing=True), "train.gradient_checkpointing: true (the same gradient; ~1/3 more update compute)"),
-        (dict(activation_bytes=2), "train.mixed_precision: bf16 (activations in 2 bytes)"),
+    for change, text, applies in (
+        (dict(checkpointing=True), "train.gradient_checkpointing: true (the same gradient; ~1/3 more update compute)",
+         not shape.checkpointing),
+        (dict(activation_bytes=2), "train.mixed_precision: bf16 (activations in 2 bytes)", shape.activation_bytes > 2),
         (dict(trainable=shape.parameters // 100, reference=False), "peft: {r: 16} (LoRA: gradients and AdamW "
-                                                                   "state for ~1% of the weights)"),
+         "state for ~1% of the weights)", shape.trainable > shape.parameters // 2),
     ):
-        if memory_estimate(replace(smallest, **change)).peak <= free:
+        if applies and memory_estimate(replace(smallest, **change)).peak <= free:
             rows = "" if smallest.micro_batch == shape.micro_batch else f"train.micro_batch_size: {smallest.micro_batch} and "
             fixes.append(rows + text)
     return fixes
