@@ -60,7 +60,8 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
         gradients      N_t b
         AdamW state    2 N_t b                    (exp_avg and exp_avg_sq, in the weights' dtype)
         sampling       2 L B S w a + L d (d + 2w) b     (the KV cache, and the decoder's fused q/k/v weights)
-        logits         C a (chunked head: C = min(M T, 32M / V) V, x3) or 3 M T V a (plain head)
+        logits         2 min(M T V, 32M) 4 (the chunked head: a chunk and its log-sum-exp or softmax temporary)
+                       or 3 M T V a (a head it cannot chunk: the logits, their log-softmax and its gradient)
         vocab grads    3 V d b                    (when the embeddings train: the head's d/dW, the embedding's
                                                    dense gradient, their sum, beside the gradients)
         activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M S when
@@ -83,8 +84,8 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
         activations = tokens * per_token_layer * s.layers * a
         activation_formula = "X (14 d + 4 w + 4 I) L a"
     if s.fused_head:
-        logits = 3 * min(s.micro_batch * s.new_tokens * s.vocab, HEAD_CHUNK_ELEMENTS) * 4
-        logits_formula = "3 min(M T V, 32M) 4 (chunked head)"
+        logits = 2 * min(s.micro_batch * s.new_tokens * s.vocab, HEAD_CHUNK_ELEMENTS) * 4
+        logits_formula = "2 min(M T V, 32M) 4 (chunked head)"
     else:
         logits = 3 * s.micro_batch * s.new_tokens * s.vocab * max(a, 4)
         logits_formula = "3 M T V a"
