@@ -296,9 +296,11 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
 def _check_memory(recipe: Recipe, policy, prompt_tokens: int, accelerator, runtime: int) -> None:
     """``run.memory.check_fits`` for this process's share of the batch (CPU: the host's MemAvailable plus what the
     process already holds; CUDA: the device's free memory, before the model is moved there). Several processes on
-    one host share its memory: the check is left to ``rlhf-pg doctor`` there."""
+    one host share its memory, and DeepSpeed/FSDP shard what the estimate counts whole: the check is left to
+    ``rlhf-pg doctor`` there."""
     device = accelerator.device
-    if device.type == "cpu" and accelerator.num_processes > 1:
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    if sharded or (device.type == "cpu" and accelerator.num_processes > 1):
         return
     shape = step_shape(recipe, policy, prompt_tokens, processes=accelerator.num_processes,
                        fused_head=head_for_logprobs(policy) is not None, runtime=runtime if device.type == "cpu" else 0)
