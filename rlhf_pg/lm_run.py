@@ -237,8 +237,6 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
     policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
     runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in policy.parameters()))
-    if recipe.train.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
     reference = None
     if wants_reference is None:  # log_kl: kl/ref even at beta = 0
         wants_reference = recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl
@@ -249,6 +247,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         reference = "adapter" if wants_reference else None
     elif resume_from is not None:
         policy = _checkpoint_policy(recipe, resume_from, policy)
+    if recipe.train.gradient_checkpointing:  # on the model the run trains (a resumed one, or LoRA's base)
+        enable_gradient_checkpointing(policy.get_base_model() if recipe.peft is not None else policy)
     prompts, eval_prompts, eval_columns = prompt_source(recipe.data, recipe.rollout.prompts_per_step,
                                                        recipe.data.shuffle_seed + recipe.seed)
     if saved is not None:

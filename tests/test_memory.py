@@ -112,6 +112,20 @@ def test_a_run_with_micro_batches_checkpointing_and_a_chunked_reference_logs_the
             assert lean[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_gradient_checkpointing_holds_for_lora_and_a_resumed_run(tiny_model_dir, tmp_path, lora):
+    from rlhf_pg.trainer import setup
+
+    extra = {"peft": {"r": 2}} if lora else {}
+    recipe = tiny_recipe(tiny_model_dir, train={"gradient_checkpointing": True, "steps": 1, "save_every": 1}, **extra)
+    train(recipe, tmp_path / "run", show_progress=False)
+    run, resumed_from = setup(recipe, tmp_path / "run", resume=True)
+    try:
+        assert resumed_from is not None and run.unwrapped.is_gradient_checkpointing
+    finally:
+        run.close()
+
+
 SHAPE = StepShape(parameters=1000, trainable=1000, weight_bytes=4, layers=2, hidden=16, intermediate=64, kv_width=8,
                   vocab=50, sequences=8, prompts=2, micro_batch=8, prompt_tokens=10, new_tokens=6, activation_bytes=4,
                   runtime=100)
