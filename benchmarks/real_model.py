@@ -52,24 +52,29 @@ BATCH = PROMPTS * GROUP
 LR = 1e-6
 BETAS = (0.0, 0.04)
 ROUNDS, WARMUP, MEASURED = 2, 1, 2
+OURS_MICRO_BATCH = 4  # rlhf-pg's train.micro_batch_size here: one group (4 rows) per forward/backward
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help=f"throughput on this model (e.g. {DEFAULT_MODEL}, or a local HF "
                         "directory): ours, TRL and naive at beta 0 and 0.04 (benchmarks/real_model.py)")
     parser.add_argument("--sizes", nargs="*", default=None, metavar="SIZE",
-                        help="ours vs TRL over model sizes; SIZE among arith, 10m, 40m, real (default: all; "
+                        help="ours vs TRL over model sizes; SIZE among arith, 10m, 40m, real, 360m, 1.7b (default: all; "
                         "benchmarks/model_sizes.py)")
     parser.add_argument("--plot", action="store_true", help="--sizes: write benchmarks/sizes.png")
     parser.add_argument("--bf16", action="store_true", help="--model: also ours and TRL with bf16 mixed precision "
                         "(beta 0), against ours in fp32")
+    parser.add_argument("--ours-micro-batch", type=int, default=OURS_MICRO_BATCH, metavar="ROWS",
+                        help=f"--model/--sizes: rlhf-pg's train.micro_batch_size (default {OURS_MICRO_BATCH}: the update "
+                        "in chunks of that many rows, the same gradient; 0 = all rows at once)")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help=f"--model/--sizes: warm-up steps (default {WARMUP})")
     parser.add_argument("--measured-steps", type=int, default=None,
                         help=f"--model/--sizes: measured steps (default {MEASURED})")
     for flag, kind, default in (("--model-path", str, None), ("--beta", float, 0.0), ("--prompt-format", str, "chat"),
                                 ("--new-tokens", int, NEW_TOKENS), ("--reward", str, "digit_fraction"),
-                                ("--rows-update", int, 0), ("--rows-decode", int, 0), ("--precision", str, "no")):
+                                ("--rows-update", int, 0), ("--rows-decode", int, 0), ("--precision", str, "no"),
+                                ("--micro-batch-size", int, 0), ("--lora", int, 0), ("--checkpointing", int, 0)):
         parser.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
 
 
@@ -148,7 +153,9 @@ def real_ours(args) -> tuple[list[float], list[float]]:
         "algorithm": {"baseline": "group_mean", "kl_coef": args.beta, "kl_mode": "loss", "kl_estimator": "k3"},
         "optim": {"lr": LR, "max_grad_norm": 1.0},
         "train": {"steps": args.steps, "tensorboard": False, "num_threads": vs.THREADS, "log_completions_every": 0,
-                  "mixed_precision": args.precision},
+                  "mixed_precision": args.precision, "micro_batch_size": args.micro_batch_size or None,
+                  "gradient_checkpointing": bool(args.checkpointing)},
+        **({"peft": {"r": args.lora, "alpha": 2.0 * args.lora}} if args.lora else {}),
     })
     run, _ = setup(recipe, tempfile.mkdtemp())
     times = []
@@ -324,13 +331,15 @@ def combined_rate(flops: dict, rate: dict, key: str = "gflops") -> float:
     return total / seconds
 
 
-def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: int) -> dict:
-    """jobs: setting -> spawn options. Interleaved rounds; setting -> contender -> per-round medians, peak RSS."""
+def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: int, ours: dict | None = None) -> dict:
+    """jobs: setting -> spawn options (``ours``: more options for rlhf-pg only). Interleaved rounds; setting ->
+    contender -> per-round medians, peak RSS."""
     figures = {setting: {name: {"per_round": [], "peak_rss_mb": 0.0} for name in contenders} for setting in jobs}
     for round_index in range(rounds):
         for setting, options in jobs.items():
             for name in contenders:
-                result = spawn(f"real-{name}", steps=warmup + measured, **options)
+                own = (ours or {}) if name == "ours" else {}
+                result = spawn(f"real-{name}", steps=warmup + measured, **options, **own)
                 per_step = statistics.median(result["times"][warmup:])
                 entry = figures[setting][name]
                 entry["per_round"].append(per_step)
@@ -352,6 +361,11 @@ def _summarize(label: str, entries: dict, tokens_per_step: int) -> None:
               f"peak RSS {entry['peak_rss_mb']:.0f} MB")
 
 
+def _ours(args) -> dict:
+    """rlhf-pg's own options: ``--ours-micro-batch`` (train.micro_batch_size)."""
+    return {"micro_batch_size": args.ours_micro_batch}
+
+
 def _defaults(args) -> tuple[int, int, int]:
     return (args.rounds or ROUNDS, WARMUP if args.warmup_steps is None else args.warmup_steps,
             args.measured_steps or MEASURED)
@@ -367,9 +381,10 @@ def run_model(args, spawn, threads: int) -> dict:
     print(f"model: {name} ({path}); {facts['parameters'] / 1e6:.1f}M parameters; "
           f"prompt tokens {facts['prompt_tokens']}; threads: {threads}")
     print(f"== throughput on a real model (B={BATCH}: {PROMPTS} chat prompts x {GROUP}, {NEW_TOKENS} new tokens, "
-          f"fp32, lr {LR:g}; {warmup} warm-up + {measured} measured steps, {rounds} rounds) ==")
+          f"fp32, lr {LR:g}; {warmup} warm-up + {measured} measured steps, {rounds} rounds; rlhf-pg "
+          f"train.micro_batch_size {args.ours_micro_batch or 'null'}) ==")
     jobs = {f"beta{beta:g}": {"model_path": path, "beta": beta, "prompt_format": "chat"} for beta in BETAS}
-    figures = _rounds(spawn, jobs, ("ours", "trl", "naive"), rounds, warmup, measured)
+    figures = _rounds(spawn, jobs, ("ours", "trl", "naive"), rounds, warmup, measured, _ours(args))
     rate = spawn("matmul-rate", model_path=path, rows_update=BATCH * NEW_TOKENS, rows_decode=BATCH)
     print(f"  matmul rate: update-like (rows {BATCH * NEW_TOKENS}) {rate['update']['gflops']:.1f} GFLOPS "
           f"(torch {rate['update']['gflops_torch']:.1f}), decode-like (rows {BATCH}) {rate['decode']['gflops']:.1f} "
@@ -396,7 +411,7 @@ def run_model(args, spawn, threads: int) -> dict:
     if args.bf16:  # bf16 mixed precision on CPU, measured rather than assumed (beta 0)
         print("== bf16 mixed precision (train.mixed_precision: bf16; TRL bf16=True), beta 0 ==", flush=True)
         bf16 = _rounds(spawn, {"bf16": {"model_path": path, "beta": 0.0, "prompt_format": "chat", "precision": "bf16"}},
-                       ("ours", "trl"), rounds, warmup, measured)["bf16"]
+                       ("ours", "trl"), rounds, warmup, measured, _ours(args))["bf16"]
         _summarize("bf16", bf16, BATCH * NEW_TOKENS)
         fp32 = results["settings"]["beta0"]["contenders"]
         summary = {"ours_bf16_vs_fp32_speed": fp32["ours"]["s_per_step"] / bf16["ours"]["s_per_step"],

@@ -23,15 +23,16 @@ from .data import PromptSampler, prompt_source
 from .episodes.spec import EpisodeSpec
 from .errors import UserError
 from .evaluation import evaluate
-from .models import apply_lora, load_causal_lm, load_lora_checkpoint, load_policy
+from .models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora_checkpoint, load_policy
 from .policy.cpu_matmul import MatmulChoice
-from .policy.kernels import uses_onednn
+from .policy.kernels import head_for_logprobs, uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
 from .policy.sampler import Sampler, SamplingParams, check_engine, make_sampler
 from .recipe import Recipe
 from .run import checkpoint as ckpt
 from .run.accel import new_accelerator, set_threads
 from .run.loop import Job
+from .run.memory import available_memory, check_fits, rss_bytes, step_shape
 from .run.optim import build_optimizer, build_scheduler
 from .run.rundir import RunDir
 
@@ -233,7 +234,9 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
                         f"number of processes ({world})")
     saved = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from) if resume_from is not None else None
 
-    policy, tokenizer, model_path = load_policy(recipe.model)
+    runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
+    policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
+    runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in policy.parameters()))
     reference = None
     if wants_reference is None:  # log_kl: kl/ref even at beta = 0
         wants_reference = recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl
@@ -244,14 +247,18 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         reference = "adapter" if wants_reference else None
     elif resume_from is not None:
         policy = _checkpoint_policy(recipe, resume_from, policy)
+    if recipe.train.gradient_checkpointing:  # on the model the run trains (a resumed one, or LoRA's base)
+        enable_gradient_checkpointing(policy.get_base_model() if recipe.peft is not None else policy)
     prompts, eval_prompts, eval_columns = prompt_source(recipe.data, recipe.rollout.prompts_per_step,
                                                        recipe.data.shuffle_seed + recipe.seed)
     if saved is not None:
         prompts.load_state_dict(saved.get("prompt_source"))  # a curriculum's levels
     max_context = context_length(policy)
     chat = recipe.data.chat_template_kwargs
-    check_prompt_lengths(tokenizer, prompts.known_prompts(), recipe.rollout.max_new_tokens, max_context,
-                         "rollout.max_new_tokens", chat_template_kwargs=chat)
+    prompt_tokens = check_prompt_lengths(tokenizer, prompts.known_prompts(), recipe.rollout.max_new_tokens,
+                                         max_context, "rollout.max_new_tokens", chat_template_kwargs=chat)
+    if recipe.train.check_memory:  # a run that cannot fit stops here, not at step 1 by the OOM killer
+        _check_memory(recipe, policy, prompt_tokens, accelerator, runtime)
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=chat)
@@ -284,6 +291,21 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         run_dir.write_marker(recipe.to_dict())
     accelerator.wait_for_everyone()
     return run, resume_from
+
+
+def _check_memory(recipe: Recipe, policy, prompt_tokens: int, accelerator, runtime: int) -> None:
+    """``run.memory.check_fits`` for this process's share of the batch (CPU: the host's MemAvailable plus what the
+    process already holds; CUDA: the device's free memory, before the model is moved there). Several processes on
+    one host share its memory, and DeepSpeed/FSDP shard what the estimate counts whole: the check is left to
+    ``rlhf-pg doctor`` there."""
+    device = accelerator.device
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    if sharded or (device.type == "cpu" and accelerator.num_processes > 1):
+        return
+    shape = step_shape(recipe, policy, prompt_tokens, processes=accelerator.num_processes,
+                       fused_head=head_for_logprobs(policy) is not None, runtime=runtime if device.type == "cpu" else 0)
+    free, where = available_memory(device)
+    check_fits(shape, free, where, resident=rss_bytes() if device.type == "cpu" else 0)
 
 
 def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:

@@ -227,7 +227,12 @@ class TrainConfig:
     """Length of the run, precision, memory, checkpoints and logging."""
 
     steps: int = option(100, min=1, help="optimizer steps (rollout batches)")
-    micro_batch_size: int | None = option(None, min=1, help="completions per forward/backward (None = whole batch)")
+    micro_batch_size: int | None = option(None, min=1, help="completions per forward/backward: the update's gradient "
+                                          "accumulated over chunks of this many rows, exactly the full-batch gradient; "
+                                          "the reference pass is chunked the same way (None = whole batch)")
+    gradient_checkpointing: bool = option(False, help="recompute each layer's activations in the backward pass "
+                                          "instead of keeping them: the same gradient, ~1/3 more update compute")
+    check_memory: bool = option(True, help="refuse to start when the estimated peak memory exceeds the free memory")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="accelerate mixed precision")
     eval_every: int = option(25, min=0, help="held-out evaluation every N steps (0 = only before and after)")
     save_every: int = option(50, min=0, help="checkpoint every N steps (0 = only at the end)")

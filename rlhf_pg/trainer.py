@@ -79,16 +79,22 @@ def update_settings(recipe: Recipe, kl_coef: float = 0.0) -> dict[str, Any]:
 
 
 def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
-    """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off)."""
-    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.temperature)
+    """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off), in
+    chunks of ``train.micro_batch_size`` rows (as the update: rows are independent, so the same numbers)."""
+    micro = run.recipe.train.micro_batch_size or len(batch)
+    chunks = []
     # inference mode: no autograd bookkeeping at all; the result is cloned out so the loss may use it
     with torch.inference_mode():
-        if run.reference == "adapter":
-            with run.unwrapped.disable_adapter():
-                logprobs = completion_logprobs(run.unwrapped, *args)
-        else:
-            logprobs = completion_logprobs(run.reference, *args)
-    return logprobs.clone()
+        for start in range(0, len(batch), micro):
+            rows = slice(start, start + micro)
+            args = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
+                    batch.completion_mask[rows], batch.temperature)
+            if run.reference == "adapter":
+                with run.unwrapped.disable_adapter():
+                    chunks.append(completion_logprobs(run.unwrapped, *args))
+            else:
+                chunks.append(completion_logprobs(run.reference, *args))
+    return torch.cat(chunks).clone()
 
 
 # --- one step ---------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ It loads what ``rlhf-pg train`` loads (the reward functions, the model and token
               the report says how many), scored one reward function at a time: truncation rate, the fraction
               of groups whose rewards are all equal (advantage 0: no learning signal), a histogram per reward
               function, each function's latency and errors
-    memory    an estimate for the configured batch (``memory_estimate`` has the formula)
+    memory    an estimate of a train process's peak for the configured batch (``run.memory.memory_estimate``
+              has the formula; ``train`` checks the same estimate before its first step)
     recipe    the resolved recipe (presets and overrides applied, every default filled in)
 
 and ends with a verdict. Exit codes: 1 when it finds a problem that would waste the run (every group has equal
@@ -19,7 +20,7 @@ rewards, every completion truncated, a reward function that fails or times out, 
 not end completions, a batch that does not fit in memory), each printed with its fix; 0 when there is none
 (warnings are printed but do not fail); 2 for bad input (recipe, model, data), as every command.
 
-    measures.py   pure pieces: the memory formula, histograms, group spread, the end-of-turn token
+    measures.py   pure pieces: histograms, group spread, the end-of-turn token, the model's shape
     diagnose.py   the checks: load, sample, score, findings
     report.py     the rich tables
 """

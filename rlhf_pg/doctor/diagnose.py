@@ -19,7 +19,9 @@ from ..errors import RewardFunctionError, UserError
 from ..recipe import Recipe
 from .report import (show_batch, show_end, show_examples, show_memory, show_model, show_prompt, show_recipe,
                      show_rewards, show_verdict)
-from .measures import available_memory, end_of_turn_token, group_spread, histogram, memory_estimate, model_shape, size_text
+from ..policy.kernels import head_for_logprobs
+from ..run.memory import available_memory, memory_estimate, rss_bytes, size_text, step_shape, what_fits
+from .measures import end_of_turn_token, group_spread, histogram, model_shape
 
 DEFAULT_TIME_BUDGET_S = 30  # seconds of sampling; loading, scoring and printing come on top
 _PROBE_PROMPTS = 2  # sampled first, to measure how many more fit in the budget
@@ -84,7 +86,9 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before we add to it
     set_threads(recipe.train.num_threads)
     scorer = RewardScorer(recipe.rewards)  # a bad reward name fails here: exit 2, as train
+    runtime = rss_bytes()  # the process before the model: the memory estimate's R (as lm_run.setup_run measures it)
     model, tokenizer, model_path = load_policy(recipe.model)
+    runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters()))
     if recipe.peft is not None:
         model = apply_lora(model, recipe.peft)
     device = new_accelerator(recipe.train.mixed_precision).device
@@ -136,7 +140,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     if diagnosis.stats["model"].get("doctor_threads"):
         torch.set_num_threads(diagnosis.stats["model"]["threads"])  # as the recipe set it
     _check_memory(diagnosis, recipe, model, device, int(batch.prompt_mask.sum(-1).max()) if batch is not None
-                  else len(ids))
+                  else len(ids), runtime)
     show_memory(console, diagnosis.stats["memory"])
     show_recipe(console, recipe.to_dict())
     diagnosis.stats["wall_s"] = time.perf_counter() - started
@@ -367,32 +371,30 @@ def _judge_batch(diagnosis, recipe) -> None:
                       "a reward that distinguishes completions, or more completions per prompt")
 
 
-def _check_memory(diagnosis, recipe, model, device, prompt_tokens: int) -> None:
-    """``measures.memory_estimate`` for the configured batch against the memory free on the device."""
-    shape = model_shape(model)
-    model_stats = diagnosis.stats["model"]
-    weight_bytes = next(model.parameters()).element_size()
-    activation_bytes = 2 if recipe.train.mixed_precision in ("bf16", "fp16") else weight_bytes
-    config = recipe.rollout
-    sequences = config.prompts_per_step * config.completions_per_prompt
-    micro = min(recipe.train.micro_batch_size or sequences, sequences)
-    reference = (recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl) and recipe.peft is None
-    estimate = memory_estimate(model_stats["parameters"], model_stats["trainable"], weight_bytes, shape["layers"],
-                               shape["hidden"], shape["kv_heads"] * shape["head_dim"], shape["vocab"], sequences, micro,
-                               prompt_tokens, config.max_new_tokens, activation_bytes, reference,
-                               recipe.model.gradient_checkpointing)
+def _check_memory(diagnosis, recipe, model, device, prompt_tokens: int, runtime: int) -> None:
+    """``run.memory.memory_estimate`` for the configured batch against the memory this machine has for the run
+    (CPU: MemAvailable + what this process holds now, as ``train`` checks it; ``run.memory.what_fits`` names
+    the keys that would make it fit)."""
+    shape = step_shape(recipe, model, prompt_tokens, fused_head=head_for_logprobs(model) is not None,
+                       runtime=runtime if device.type == "cpu" else 0)
+    estimate = memory_estimate(shape)
     free, where = available_memory(device)
-    diagnosis.stats["memory"] = {"estimate": estimate, "free": free, "where": where, "sequences": sequences,
-                                 "micro": micro, "prompt_tokens": prompt_tokens, "new_tokens": config.max_new_tokens,
-                                 "weight_bytes": weight_bytes, "activation_bytes": activation_bytes, **shape,
-                                 "parameters": model_stats["parameters"], "trainable": model_stats["trainable"]}
+    if free is not None and device.type == "cpu":
+        free, where = free + rss_bytes(), f"{where} + this process's {size_text(rss_bytes())}"
+    diagnosis.stats["memory"] = {"estimate": estimate, "free": free, "where": where, "sequences": shape.sequences,
+                                 "micro": shape.micro_batch, "prompt_tokens": prompt_tokens,
+                                 "new_tokens": shape.new_tokens, "weight_bytes": shape.weight_bytes, **model_shape(model),
+                                 "activation_bytes": shape.activation_bytes, "intermediate": shape.intermediate,
+                                 "checkpointing": shape.checkpointing, "parameters": shape.parameters,
+                                 "trainable": shape.trainable}
     if free is not None and estimate.peak > free:
+        fixes = what_fits(shape, free)
         diagnosis.add("problem", "the batch would not fit in memory",
-                      f"the estimated peak {size_text(estimate.peak)} exceeds the {size_text(free)} {where}",
-                      f"set train.micro_batch_size (e.g. {max(1, micro * free // max(estimate.peak, 1))}), "
-                      "model.gradient_checkpointing: true, peft (LoRA), train.mixed_precision: bf16, or fewer "
-                      "rollout.prompts_per_step")
+                      f"the estimated peak {size_text(estimate.peak)} exceeds the {size_text(free)} {where}; "
+                      "rlhf-pg train would refuse to start",
+                      "; ".join(fixes) if fixes else "a smaller model, fewer rollout.prompts_per_step or a shorter "
+                      "rollout.max_new_tokens (micro-batches, checkpointing, bf16 and LoRA are not enough alone)")
     elif free is not None and estimate.peak > 0.8 * free:
         diagnosis.add("warning", "the batch is close to the memory limit",
                       f"the estimated peak {size_text(estimate.peak)} is over 80% of the {size_text(free)} {where}",
-                      "train.micro_batch_size or model.gradient_checkpointing: true leave room")
+                      "train.micro_batch_size or train.gradient_checkpointing: true leave room")

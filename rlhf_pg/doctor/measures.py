@@ -1,61 +1,14 @@
-"""The doctor's measurements that need no model run: the memory formula, histograms, group spread, the chat
-template's end-of-turn token, the model's shape and the memory free on a device."""
+"""The doctor's measurements that need no model run: histograms, group spread, the chat template's end-of-turn
+token, the model's shape (the memory formula and the memory free on a device are ``run.memory``'s)."""
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per part of a training step (``memory_estimate``) and the formula each part came from."""
-
-    parts: dict[str, tuple[int, str]]  # name -> (bytes, formula)
-    peak: int
-
-
-def memory_estimate(num_parameters: int, trainable: int, weight_bytes: int, layers: int, hidden: int, kv_width: int,
-                    vocab: int, sequences: int, micro_batch: int, prompt_tokens: int, new_tokens: int,
-                    activation_bytes: int | None = None, reference: bool = False,
-                    gradient_checkpointing: bool = False) -> MemoryEstimate:
-    """A step's memory, in bytes, with N = parameters (N_t trainable), b = bytes per weight, L layers, d hidden
-    size, w = KV width per layer (kv heads x head dim), V vocabulary, B sequences sampled per step
-    (prompts_per_step x completions_per_prompt), M sequences per forward/backward (train.micro_batch_size or B),
-    S = P + T tokens per sequence (prompt + max_new_tokens), a = bytes per activation (2 under bf16/fp16 mixed
-    precision, else b):
-
-        weights        N b                     (+ N b for the frozen reference when a KL term needs one)
-        gradients      N_t b
-        AdamW state    2 N_t b                 (exp_avg and exp_avg_sq, in the weights' dtype)
-        KV cache       2 L B S w a             (keys and values while sampling)
-        logits         2 M T V a               (the update's completion logits and their gradient)
-        activations    34 M S d L a / 2        (rough: Korthikanti et al. 2022 without the attention-score
-                                                term, as SDPA keeps none; 2 M S d L a with gradient checkpointing)
-        peak = weights + gradients + AdamW + max(KV cache, logits + activations)
-
-    Sampling and the update do not overlap, so the peak holds the larger of the two phases.
-    """
-    a = activation_bytes or weight_bytes
-    s = prompt_tokens + new_tokens
-    activation_factor = 2 if gradient_checkpointing else 17
-    parts = {
-        "weights": (num_parameters * weight_bytes, "N b"),
-        "reference model": (num_parameters * weight_bytes if reference else 0, "N b (kl_coef > 0 or log_kl)"),
-        "gradients": (trainable * weight_bytes, "N_t b"),
-        "AdamW state": (2 * trainable * weight_bytes, "2 N_t b"),
-        "KV cache (sampling)": (2 * layers * sequences * s * kv_width * a, "2 L B S w a"),
-        "logits (update)": (2 * micro_batch * new_tokens * vocab * a, "2 M T V a"),
-        "activations (update)": (activation_factor * micro_batch * s * hidden * layers * a,
-                                 "2 M S d L a" if gradient_checkpointing else "34 M S d L a / 2"),
-    }
-    static = sum(parts[k][0] for k in ("weights", "reference model", "gradients", "AdamW state"))
-    update = parts["logits (update)"][0] + parts["activations (update)"][0]
-    return MemoryEstimate(parts, static + max(parts["KV cache (sampling)"][0], update))
+from ..run.memory import MemoryEstimate, StepShape, available_memory, memory_estimate, size_text, step_shape  # noqa: F401
 
 
 def model_shape(model) -> dict[str, int]:
@@ -127,30 +80,3 @@ def end_of_turn_token(tokenizer, prompt: list[dict[str, Any]], chat_template_kwa
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special |= {i for i, token in added.items() if getattr(token, "special", False)}
     return next((token for token in full_ids[len(prompt_ids):] if token in special), None)
-
-
-def available_memory(device: torch.device) -> tuple[int | None, str]:
-    """``(bytes free now, where)`` on ``device``: CUDA's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"free on {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available host memory (MemAvailable)"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available host memory"
-    except (ValueError, OSError, AttributeError):
-        return None, "unknown"
-
-
-def size_text(count: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..chat import completion_text
-from .measures import size_text
+from ..run.memory import size_text
 
 _BAR = "█"
 
@@ -149,14 +149,15 @@ def show_memory(console, stats: dict[str, Any]) -> None:
     for name, (size, formula) in estimate.parts.items():
         if size:
             table.add_row(name, formula, size_text(size))
-    table.add_row("[bold]peak[/bold]", "weights + gradients + AdamW + max(KV cache, logits + activations)",
+    table.add_row("[bold]peak[/bold]", "runtime + weights + gradients + AdamW + max(sampling, update)",
                   f"[bold]{size_text(estimate.peak)}[/bold]")
     if stats["free"] is not None:
         table.add_row(stats["where"], "", size_text(stats["free"]))
     table.caption = (f"N={stats['parameters']:,} N_t={stats['trainable']:,} b={stats['weight_bytes']} "
-                     f"a={stats['activation_bytes']} L={stats['layers']} d={stats['hidden']} "
-                     f"w={stats['kv_heads']}x{stats['head_dim']} V={stats['vocab']}; activations are a rough guide "
-                     "(memory_estimate in rlhf_pg/doctor/measures.py)")
+                     f"a={stats['activation_bytes']} L={stats['layers']} d={stats['hidden']} I={stats['intermediate']} "
+                     f"w={stats['kv_heads']}x{stats['head_dim']} V={stats['vocab']}"
+                     f"{', checkpointing' if stats['checkpointing'] else ''}; peak resident memory of a train "
+                     "process (memory_estimate in rlhf_pg/run/memory.py)")
     console.print(table)
 
 

@@ -94,9 +94,16 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
         raise UserError(f"model: cannot load {path!r} as a causal LM: {first_line(error)}{_offline_hint(path)}") from None
     use_fused_activations(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (``train.gradient_checkpointing``): transformers'
+    ``gradient_checkpointing_enable`` with ``use_reentrant=False`` (gradients also reach inputs that do not require
+    them, e.g. under LoRA, and the result is the same gradient as without)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def use_fused_activations(model) -> None:

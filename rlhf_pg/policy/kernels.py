@@ -192,7 +192,7 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tokens, temperature: float, rows: int, onednn: bool):
         scale = 1.0 / temperature
-        picked = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        picked = torch.empty(x.shape[0], dtype=_exact(weight.dtype), device=x.device)
         lse = torch.empty_like(picked)
         for start in range(0, x.shape[0], rows):
             logits = _chunk_logits(x[start : start + rows], weight, bias, scale, onednn)
@@ -208,11 +208,11 @@ class LinearLogprobs(torch.autograd.Function):
         scale, rows, onednn = ctx.scale, ctx.rows, ctx.onednn
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if want_x else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if want_b and bias is not None else None
+        grad_w = torch.zeros_like(weight, dtype=_exact(weight.dtype)) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=_exact(weight.dtype), device=x.device) if want_b and bias is not None else None
         weight_t = weight.t()  # [H, V]
         for start in range(0, x.shape[0], rows):
-            part, g = x[start : start + rows], grad[start : start + rows].float()
+            part, g = x[start : start + rows], grad[start : start + rows].to(_exact(weight.dtype))
             logits = _chunk_logits(part, weight, bias, scale, onednn)
             # d picked-lse / d logits = onehot(a) - softmax; times the upstream g and the 1/tau of the logits
             probs = logits.sub_(lse[start : start + rows, None]).exp_().mul_(-(g * scale)[:, None])
@@ -232,8 +232,13 @@ def _chunk_logits(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
     logits = matmul_nt(x, weight, onednn)
     if bias is not None:
         logits = logits + bias
-    logits = logits.float()
+    logits = logits.to(_exact(logits.dtype))
     return logits.mul_(scale) if scale != 1.0 else logits
+
+
+def _exact(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the log-softmax is computed in: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def linear_logprobs(hidden: Tensor, head: torch.nn.Linear, tokens: Tensor, temperature: float = 1.0,

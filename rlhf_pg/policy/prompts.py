@@ -74,8 +74,9 @@ def _shown(value: Any, width: int = 62) -> str:
 
 def check_prompt_lengths(tokenizer, prompts: list[Any], max_new_tokens: int, max_context: int | None,
                          limit_key: str = "rollout.max_new_tokens",
-                         chat_template_kwargs: dict[str, Any] | None = None) -> None:
+                         chat_template_kwargs: dict[str, Any] | None = None) -> int:
     """Every prompt (as the model reads it, after the chat template) + ``max_new_tokens`` fits in ``max_context``.
+    Returns the token count of the longest prompt text (the memory estimate's P, ``run.memory``).
 
     Checked once before training, so a long prompt met at step 900 cannot end the run; rendering also validates
     every message and that the tokenizer has a template (``chat.prompt_texts``). Only prompts that might not
@@ -84,13 +85,15 @@ def check_prompt_lengths(tokenizer, prompts: list[Any], max_new_tokens: int, max
     """
     prompts = list(prompts)
     texts, special_tokens = prompt_texts(tokenizer, prompts, chat_template_kwargs, where="data")
+    longest = max(texts, key=len, default="")
+    longest_tokens = len(tokenizer(longest, add_special_tokens=special_tokens)["input_ids"]) if texts else 0
     if max_context is None:
-        return
+        return longest_tokens
     room = max_context - max_new_tokens
     special = len(tokenizer("")["input_ids"]) if special_tokens else 0
     suspects = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) + special + 1 > room]
     if not suspects:
-        return
+        return longest_tokens
     counted = tokenizer([texts[i] for i in suspects], add_special_tokens=special_tokens)["input_ids"]
     lengths = [0] * len(prompts)
     for i, ids in zip(suspects, counted):
@@ -100,6 +103,7 @@ def check_prompt_lengths(tokenizer, prompts: list[Any], max_new_tokens: int, max
                   lambda row, n: f"prompt {_shown(prompts[row])} (row {row}) is {n} tokens{templated}; with "
                                  f"{limit_key}={max_new_tokens}",
                   f"Drop or shorten those prompts, or lower {limit_key}", rows="prompts")
+    return longest_tokens
 
 
 # --- encoding and decoding --------------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""Memory planning: a training step's peak memory from the model's shape and the recipe, before anything runs.
+
+``rlhf-pg doctor`` prints the breakdown; ``rlhf-pg train`` refuses to start a run whose estimate exceeds the
+memory free on the device (``check_fits``), naming the recipe keys that would make it fit, instead of being
+killed by the OOM killer at step 1. Calibrated against the peaks ``benchmarks/memory_profile.py`` and
+``benchmarks/vs_trl.py --sizes`` measure (README: memory planning).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from ..errors import UserError
+
+GIB = 1 << 30
+HEAD_CHUNK_ELEMENTS = 1 << 25  # policy.kernels.linear_logprobs: logits held at once by the chunked head
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step's memory depends on: the model (N parameters, N_t trainable, b bytes per weight, L layers,
+    d hidden, I intermediate, w = KV width per layer, V vocabulary) and the batch (B rows of P prompt + T new
+    tokens, G prompts, M rows per forward/backward, a bytes per activation)."""
+
+    parameters: int
+    trainable: int
+    weight_bytes: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_width: int
+    vocab: int
+    sequences: int
+    prompts: int
+    micro_batch: int
+    prompt_tokens: int
+    new_tokens: int
+    activation_bytes: int
+    reference: bool = False  # a frozen copy of the weights (KL term without LoRA)
+    checkpointing: bool = False
+    fused_head: bool = True  # policy.kernels.linear_logprobs: no [M, T, V] logits
+    runtime: int = 0  # the process before the model: interpreter, torch, transformers
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part of a training step and the formula each part came from; ``peak`` = the static parts + the
+    larger of the two phases that never overlap (sampling, the update)."""
+
+    parts: dict[str, tuple[int, str]]  # name -> (bytes, formula)
+    peak: int
+
+
+def memory_estimate(shape: StepShape) -> MemoryEstimate:
+    """A step's peak resident memory, in bytes:
+
+        runtime        R                          (the process before the model is loaded, measured)
+        weights        N b                        (+ N b for the frozen reference when a KL term needs one)
+        gradients      N_t b
+        AdamW state    2 N_t b                    (exp_avg and exp_avg_sq, in the weights' dtype)
+        sampling       2 L B S w a + L d (d + 2w) b     (the KV cache, and the decoder's fused q/k/v weights)
+        logits         2 min(M T V, 32M) 4 (the chunked head: a chunk and its log-sum-exp or softmax temporary)
+                       or 3 M T V a (a head it cannot chunk: the logits, their log-softmax and its gradient)
+        vocab grads    3 V d b                    (when the embeddings train: the head's d/dW, the embedding's
+                                                   dense gradient, their sum, beside the gradients)
+        activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M S when
+                                                   checkpointing, each layer's kept tensors per token; with
+                                                   checkpointing: X d L a + one layer's (14 d + 4 w + 4 I) X a)
+        peak = runtime + weights + gradients + AdamW + max(sampling, logits + vocab grads + activations)
+    """
+    s, a, b = shape, shape.activation_bytes, shape.weight_bytes
+    length = s.prompt_tokens + s.new_tokens
+    group = max(1, s.sequences // max(1, s.prompts))
+    if s.checkpointing:  # transformers turns the cache off under checkpointing: no shared prompt in the update
+        tokens = s.micro_batch * length
+    else:
+        tokens = s.micro_batch * s.new_tokens + -(-s.micro_batch // group) * s.prompt_tokens
+    per_token_layer = 14 * s.hidden + 4 * s.kv_width + 4 * s.intermediate
+    if s.checkpointing:
+        activations = tokens * (s.hidden * s.layers + per_token_layer) * a
+        activation_formula = "X d L a + X (14 d + 4 w + 4 I) a (checkpointing)"
+    else:
+        activations = tokens * per_token_layer * s.layers * a
+        activation_formula = "X (14 d + 4 w + 4 I) L a"
+    if s.fused_head:
+        logits = 2 * min(s.micro_batch * s.new_tokens * s.vocab, HEAD_CHUNK_ELEMENTS) * 4
+        logits_formula = "2 min(M T V, 32M) 4 (chunked head)"
+    else:
+        logits = 3 * s.micro_batch * s.new_tokens * s.vocab * max(a, 4)
+        logits_formula = "3 M T V a"
+    parts = {
+        "runtime": (s.runtime, "R (measured before the model loads)"),
+        "weights": (s.parameters * b, "N b"),
+        "reference model": (s.parameters * b if s.reference else 0, "N b (kl_coef > 0 or log_kl)"),
+        "gradients": (s.trainable * b, "N_t b"),
+        "AdamW state": (2 * s.trainable * b, "2 N_t b"),
+        "sampling (KV cache)": (2 * s.layers * s.sequences * length * s.kv_width * a
+                                + s.layers * s.hidden * (s.hidden + 2 * s.kv_width) * b, "2 L B S w a + L d (d+2w) b"),
+        "logits (update)": (logits, logits_formula),
+        "vocabulary gradients (update)": (3 * s.vocab * s.hidden * b if s.trainable == s.parameters else 0,
+                                          "3 V d b (the embeddings train)"),
+        "activations (update)": (activations, activation_formula),
+    }
+    static = sum(parts[key][0] for key in ("runtime", "weights", "reference model", "gradients", "AdamW state"))
+    update = sum(parts[key][0] for key in ("logits (update)", "vocabulary gradients (update)", "activations (update)"))
+    return MemoryEstimate(parts, static + max(parts["sampling (KV cache)"][0], update))
+
+
+def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_head: bool = True,
+               runtime: int = 0) -> StepShape:
+    """The ``StepShape`` of ``recipe`` (this process's share of the batch) on the loaded ``model``."""
+    rollout, train = recipe.rollout, recipe.train
+    config = getattr(model, "config", None)
+
+    def value(*names, default=0):
+        for name in names:
+            found = getattr(config, name, None)
+            if isinstance(found, int) and found > 0:
+                return found
+        return default
+
+    hidden = value("hidden_size", "n_embd", "d_model")
+    heads = value("num_attention_heads", "n_head", default=1)
+    head_dim = value("head_dim", default=hidden // heads)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parameters = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    weight_bytes = next(iter(parameters)).element_size()
+    prompts = max(1, rollout.prompts_per_step // processes)
+    sequences = prompts * rollout.completions_per_prompt
+    reference = (recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl) and recipe.peft is None
+    return StepShape(
+        parameters=sum(p.numel() for p in parameters), trainable=sum(p.numel() for p in parameters if p.requires_grad),
+        weight_bytes=weight_bytes, layers=value("num_hidden_layers", "n_layer"), hidden=hidden,
+        intermediate=value("intermediate_size", "n_inner", default=4 * hidden),
+        kv_width=value("num_key_value_heads", default=heads) * head_dim,
+        vocab=int(output.weight.shape[0]) if output is not None else value("vocab_size"),
+        sequences=sequences, prompts=prompts, micro_batch=min(train.micro_batch_size or sequences, sequences),
+        prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
+        activation_bytes=2 if train.mixed_precision in ("bf16", "fp16") else weight_bytes, reference=reference,
+        checkpointing=bool(train.gradient_checkpointing or recipe.model.gradient_checkpointing),
+        fused_head=fused_head, runtime=runtime)
+
+
+def what_fits(shape: StepShape, free: int) -> list[str]:
+    """The recipe changes, cheapest first, whose estimate fits in ``free`` bytes (each alone, then combined)."""
+    fixes = []
+    for rows in (8, 4, 2, 1):
+        if rows < shape.micro_batch and memory_estimate(replace(shape, micro_batch=rows)).peak <= free:
+            fixes.append(f"train.micro_batch_size: {rows} (the same gradient, accumulated over chunks of {rows} rows)")
+            break
+    smallest = replace(shape, micro_batch=min(shape.micro_batch, 4))
+    for change, text, applies in (
+        (dict(checkpointing=True), "train.gradient_checkpointing: true (the same gradient; ~1/3 more update compute)",
+         not shape.checkpointing),
+        (dict(activation_bytes=2), "train.mixed_precision: bf16 (activations in 2 bytes)", shape.activation_bytes > 2),
+        (dict(trainable=shape.parameters // 100, reference=False), "peft: {r: 16} (LoRA: gradients and AdamW "
+         "state for ~1% of the weights)", shape.trainable > shape.parameters // 2),
+    ):
+        if applies and memory_estimate(replace(smallest, **change)).peak <= free:
+            rows = "" if smallest.micro_batch == shape.micro_batch else f"train.micro_batch_size: {smallest.micro_batch} and "
+            fixes.append(rows + text)
+    return fixes
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (``VmRSS``; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory(device) -> tuple[int | None, str]:
+    """``(bytes free now, where)`` on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available host memory (MemAvailable)"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available host memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def size_text(count: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_fits(shape: StepShape, free: int | None, where: str, resident: int = 0) -> MemoryEstimate:
+    """The estimate; ``UserError`` (exit 2) when its peak exceeds ``free`` + ``resident`` (the part of the estimate
+    this process already holds: the free figure was read after the model was loaded). The message gives the
+    breakdown and the keys that would make the run fit, and ``train.check_memory: false`` to start anyway."""
+    estimate = memory_estimate(shape)
+    if free is None or estimate.peak <= free + resident:
+        return estimate
+    budget = free + resident
+    breakdown = ", ".join(f"{name} {size_text(size)}" for name, (size, _) in estimate.parts.items() if size)
+    fixes = what_fits(shape, budget)
+    advice = ("; ".join(fixes) if fixes else "a smaller model, fewer rollout.prompts_per_step or a shorter "
+              "rollout.max_new_tokens (none of train.micro_batch_size, train.gradient_checkpointing, "
+              "train.mixed_precision: bf16 or LoRA is enough alone)")
+    raise UserError(f"this run would not fit in memory: its estimated peak is {size_text(estimate.peak)} ({breakdown}) "
+                    f"against {size_text(budget)} ({where}: {size_text(free)} free now + {size_text(resident)} "
+                    f"already held). To make it fit: {advice}. `rlhf-pg doctor RECIPE` prints the estimate; "
+                    "train.check_memory: false starts the run anyway")
+
+
+__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "memory_estimate", "rss_bytes",
+           "size_text", "step_shape", "what_fits"]
