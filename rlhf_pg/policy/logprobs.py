@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoder import cache_argument, positions_from_mask
-from .kernels import head_for_logprobs, hidden_states, linear_logprobs, token_logprobs
+from .kernels import head_for_logprobs, hidden_states, linear_logprobs, sharded, token_logprobs
 from .prompts import distinct_rows
 
 Tensor = torch.Tensor
@@ -79,8 +79,11 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(first row of each distinct prompt, its index for every row)``, or None when sharing cannot help
-    (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off)."""
+    (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off), or would make the
+    number of forwards differ between processes whose forwards are collectives (sharded parameters: FSDP, ZeRO-3)."""
     body = getattr(model, "module", model)
+    if sharded(next(body.parameters())):
+        return None
     checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
     if checkpointing is None:
         checkpointing = getattr(body, "is_gradient_checkpointing", False)

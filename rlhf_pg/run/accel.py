@@ -40,28 +40,23 @@ def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None)
 
 
 def refuse_cpu_sharding() -> None:
-    """DeepSpeed or FSDP asked of accelerate (``accelerate launch`` with such a config sets ``ACCELERATE_USE_DEEPSPEED``
-    / ``ACCELERATE_USE_FSDP``) on a machine without a GPU: a recipe error, not a silently different run.
+    """DeepSpeed asked of accelerate (``accelerate launch`` with such a config sets ``ACCELERATE_USE_DEEPSPEED``) on a
+    machine without a GPU: a recipe error, not a silently different run.
 
-    Measured with accelerate 1.x on 2 CPU processes: an FSDP plugin runs plain data parallel (accelerate switches to
-    FSDP only for GPU-like devices), so every rank holds the whole model while the user believes it sharded; DeepSpeed
-    ZeRO runs its engine over gloo, but accelerate tells every rank it is process 0 of 1, so every rank would write
-    the checkpoints and no gather would gather."""
+    Measured with accelerate 1.x on 2 CPU processes: DeepSpeed ZeRO runs its engine over gloo, but accelerate tells
+    every rank it is process 0 of 1, so every rank would write the checkpoints and no gather would gather. (FSDP is
+    not refused: accelerate does not shard on CPU, so rlhf-pg shards itself, ``run/fsdp.py``.)"""
     import os
 
     from ..errors import UserError
 
     if not cpu_only():
         return
-    data_parallel = ("for data parallel on CPU use `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml "
-                     "-m rlhf_pg train RECIPE`")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UserError("DeepSpeed through accelerate needs GPUs: on CPU accelerate tells every process it is process 0 "
-                        f"of 1, so checkpoints and metrics would be written by every rank and gathers would not gather; "
-                        f"{data_parallel}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError("FSDP through accelerate needs GPUs: on CPU accelerate does not shard (it runs plain data "
-                        f"parallel, the whole model on every process); {data_parallel}")
+                        "of 1, so checkpoints and metrics would be written by every rank and gathers would not gather; "
+                        "for data parallel on CPU use `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml "
+                        "-m rlhf_pg train RECIPE`, to shard `--config_file recipes/accelerate/fsdp_cpu_2proc.yaml`")
 
 
 def collective_failure(error: BaseException) -> bool:
