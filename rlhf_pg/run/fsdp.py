@@ -45,10 +45,24 @@ def check(recipe, num_processes: int) -> None:
         raise RecipeError(f"{where} with train.mixed_precision: fp16 (no sharded loss scaling here); use bf16 or no")
     if recipe.model.gradient_checkpointing:
         raise RecipeError(f"{where} with model.gradient_checkpointing: not tested with sharded layers; turn one off")
+    launch = {"FSDP_VERSION": ("1", "fsdp_version: 1 (rlhf-pg runs FSDP2); set fsdp_version: 2"),
+              "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params: true (not supported here); set it to false"),
+              "FSDP_ACTIVATION_CHECKPOINTING": ("true", "fsdp_activation_checkpointing: true (not supported here); set "
+                                                        "it to false")}
+    for name, (bad, fix) in launch.items():
+        if os.environ.get(name, "").lower() == bad:
+            raise RecipeError(f"the FSDP launch config has {fix}")
     if num_processes < 2:
         raise RecipeError(f"{where} with a single process: nothing to shard over; launch 2 or more processes "
                           "(accelerate launch --config_file recipes/accelerate/fsdp_cpu_2proc.yaml -m rlhf_pg train "
                           "RECIPE) or remove train.fsdp")
+
+
+def load_whole_models() -> None:
+    """Every process reads the whole model, then ``shard`` keeps its part: turn off accelerate's
+    ``fsdp_cpu_ram_efficient_loading`` (on by default in ``accelerate launch``), with which transformers may leave the
+    weights of processes other than the first to a broadcast that accelerate's own FSDP preparation would do."""
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def reshard_after_forward() -> bool:
