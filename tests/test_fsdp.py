@@ -8,6 +8,7 @@ and writes a final/ that ``from_pretrained`` loads in one process; the two-node 
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def test_fsdp_run_from_the_launch_config_or_the_recipe_key_resumes_exactly_and_f
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "b" / "checkpoint-2" / "sharded" / ".metadata").exists()
     assert not (tmp_path / "b" / "checkpoint-2" / "optimizer.pt").exists()
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     resumed = accelerate([*key_config, *train, "--output-dir", str(tmp_path / "b"), "--resume", "train.fsdp=true"],
                          tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -103,11 +105,18 @@ def test_fsdp_run_from_the_launch_config_or_the_recipe_key_resumes_exactly_and_f
     assert summary["fsdp"] is True and summary["world_size"] == 2 and summary["resumed_from_step"] == 2
     assert _comparable(tmp_path / "a", 3) == _comparable(tmp_path / "b", 3)
     assert any("kl/ref" in r for r in _comparable(tmp_path / "a", 3))
+    assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     final_a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
     final_b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert final_a.keys() == initial.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert any(not torch.equal(final_a[k], initial[k]) for k in final_a)
+    # another number of processes: DCP reshards (here onto one unsharded process); said, and the run finishes
+    single = subprocess.run([sys.executable, *train, "--output-dir", str(tmp_path / "c"), "--resume"],
+                            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "was written by 2 processes, this run has 1" in single.stdout + single.stderr
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["resumed_from_step"] == 2
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
