@@ -208,8 +208,10 @@ class LMRun(Job):
             summary["merged_model_dir"] = str(self.output_dir / "final" / "merged")
 
     def gather_final(self) -> None:
-        """Every process: a sharded policy's full weights onto the main process, for ``save_final``."""
+        """Every process: a sharded policy's full weights onto the main process, for ``save_final``. The AdamW moments
+        are dropped first (the final checkpoint holds them): the full copy takes their place, not a new peak."""
         if self.sharded:
+            getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
             self.final_weights = fsdp.full_state_dict(self.unwrapped)
 
     def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
