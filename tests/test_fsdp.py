@@ -159,3 +159,15 @@ def test_fsdp_with_an_option_it_cannot_run_with_exits_2_naming_the_option(tmp_pa
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_written_without_fsdp_is_refused_by_a_sharded_resume(tiny_model_dir, tmp_path):
+    recipe = _recipe(tmp_path, tiny_model_dir, steps=2, eval_every=0, save_every=0)
+    launch = ["--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "rlhf_pg", "--no-progress",
+              "train", str(recipe), "--output-dir", str(tmp_path / "run")]
+    assert accelerate(launch, tmp_path).returncode == 0
+    resumed = accelerate([*launch, "--resume", "--max-steps", "3", "train.fsdp=true"], tmp_path)
+    assert resumed.returncode != 0
+    assert "checkpoint-2 was written by a run without FSDP (a full model and optimizer.pt)" in resumed.stderr
+    message = next(line for line in resumed.stderr.splitlines() if line.startswith("error: checkpoint"))
+    assert "resume with the recipe that wrote it" in message  # (the launcher adds its own traceback after it)
