@@ -171,3 +171,23 @@ def test_a_checkpoint_written_without_fsdp_is_refused_by_a_sharded_resume(tiny_m
     assert "checkpoint-2 was written by a run without FSDP (a full model and optimizer.pt)" in resumed.stderr
     message = next(line for line in resumed.stderr.splitlines() if line.startswith("error: checkpoint"))
     assert "resume with the recipe that wrote it" in message  # (the launcher adds its own traceback after it)
+
+
+def test_a_sharded_run_logs_the_data_parallel_runs_numbers(tiny_model_dir, tmp_path):
+    """Sampling from gathered weights, the sharded reference's KL, the loss, the clipped global gradient norm and the
+    held-out evaluation of step 1 are those of a data-parallel run of the same recipe (float tolerance)."""
+    recipe = _recipe(tmp_path, tiny_model_dir, steps=1, eval_every=0, save_every=0)
+    runs = {}
+    for name, extra in (("ddp", []), ("fsdp", ["train.fsdp=true"])):
+        result = accelerate(["--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "rlhf_pg",
+                             "--no-progress", "train", str(recipe), "--output-dir", str(tmp_path / name), *extra],
+                            tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = {}
+        for record in read_metrics(tmp_path / name / "metrics.jsonl"):  # a step's training and held-out records
+            runs[name].setdefault(record["step"], {}).update(record)
+    ddp, sharded = runs["ddp"][1], runs["fsdp"][1]
+    assert sharded["reward/mean"] == ddp["reward/mean"] and sharded["completion/length"] == ddp["completion/length"]
+    for key in ("loss/policy", "grad/norm", "kl/ref", "policy/entropy", "eval/reward"):
+        assert sharded[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
+    assert runs["fsdp"][0]["eval/reward"] == runs["ddp"][0]["eval/reward"]
