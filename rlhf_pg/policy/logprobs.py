@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoder import cache_argument, positions_from_mask
-from .kernels import head_for_logprobs, hidden_states, linear_logprobs, sharded, token_logprobs
+from .kernels import head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs, token_logprobs
 from .prompts import distinct_rows
 
 Tensor = torch.Tensor
@@ -42,6 +42,11 @@ def completion_logprobs(
         padded = (torch.nn.functional.pad(completion_ids, (0, 1)), torch.nn.functional.pad(completion_mask, (0, 1)))
         return completion_logprobs(model, prompt_ids, prompt_mask, *padded, temperature, share_prompts, fused_head)[:, :1]
     head = head_for_logprobs(model) if fused_head else None
+    gathered_head = sharded_head_logprobs(model) if fused_head and head is None else None
+    if gathered_head is not None:  # FSDP2: the same chunked head, its weight gathered for it
+        with hidden_states(gathered_head[0]):
+            hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+        return gathered_head[1](hidden, completion_ids, temperature) * completion_mask
     if head is not None:
         with hidden_states(head):
             hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
