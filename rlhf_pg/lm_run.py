@@ -242,7 +242,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     """
     set_threads(recipe.train.num_threads)
     check_engine(recipe.rollout.engine, installed=True)  # a missing vLLM fails before anything is loaded
-    accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s)
+    accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s, shards_itself=True)
     sharding = fsdp.requested(recipe)  # FSDP2 (run/fsdp.py): an option it cannot run with fails before any write
     if sharding:
         fsdp.check(recipe, accelerator.num_processes)

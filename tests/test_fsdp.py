@@ -191,3 +191,13 @@ def test_a_sharded_run_logs_the_data_parallel_runs_numbers(tiny_model_dir, tmp_p
     for key in ("loss/policy", "grad/norm", "kl/ref", "policy/entropy", "eval/reward"):
         assert sharded[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
     assert runs["fsdp"][0]["eval/reward"] == runs["ddp"][0]["eval/reward"]
+
+
+def test_an_fsdp_launch_of_a_command_that_does_not_shard_itself_is_refused_on_cpu(monkeypatch):
+    """The reward-model trainer hands its model to accelerate, which on CPU would run plain data parallel."""
+    from rlhf_pg.run.accel import refuse_cpu_sharding
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    refuse_cpu_sharding(shards_itself=True)  # train, sft: rlhf-pg's own fully_shard
+    with pytest.raises(UserError, match="FSDP on CPU is rlhf-pg's own, for `train` and `sft`.*cpu_2proc.yaml"):
+        refuse_cpu_sharding()
