@@ -247,6 +247,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     if sharding:
         fsdp.check(recipe, accelerator.num_processes)
         fsdp.load_whole_models()
+        fsdp.return_freed_memory()
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer

@@ -58,6 +58,22 @@ def check(recipe, num_processes: int) -> None:
                           "RECIPE) or remove train.fsdp")
 
 
+def return_freed_memory(threshold_bytes: int = 1 << 16) -> bool:
+    """glibc: serve every block of ``threshold_bytes`` or more by its own mmap, so that freeing it gives it back to the
+    OS at once (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold by itself). A sharded
+    run gathers and frees each layer's weights and gradients many times a step: with glibc's default the freed
+    blocks stayed in the heap and the per-process peak RSS *grew* over data parallel's (measured: 38M-parameter Llama,
+    2 processes, 1347 MB against DDP's 1251 MB; 884 MB with this). Returns whether it was set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold_bytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def load_whole_models() -> None:
     """Every process reads the whole model, then ``shard`` keeps its part: turn off accelerate's
     ``fsdp_cpu_ram_efficient_loading`` (on by default in ``accelerate launch``), with which transformers may leave the
