@@ -8,6 +8,7 @@ commands add only their ``step``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ from .errors import UserError
 from .evaluation import evaluate
 from .models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora_checkpoint, load_policy
 from .policy.cpu_matmul import MatmulChoice
-from .policy.kernels import head_for_logprobs, uses_onednn
+from .policy.kernels import head_for_logprobs, sharded, uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
 from .policy.sampler import Sampler, SamplingParams, check_engine, make_sampler
 from .recipe import Recipe
 from .run import checkpoint as ckpt
+from .run import fsdp
 from .run.accel import new_accelerator, set_threads
 from .run.loop import Job
 from .run.memory import available_memory, check_fits, rss_bytes, step_shape
@@ -60,6 +62,8 @@ class LMRun(Job):
     episodes: EpisodeSpec | None = None  # multi-turn episodes (tools / environment), or None
     sampler: Sampler | None = None  # the engine that draws completions (make_sampler); set by setup_run
     matmul: MatmulChoice | None = None  # train.cpu_matmul: the linear layers' CPU kernel; set by setup_run
+    sharded: bool = False  # FSDP2 (run/fsdp.py): policy (and reference) parameters are DTensor shards
+    final_weights: dict | None = None  # sharded: the full weights for final/, gathered onto the main process
 
     counter_defaults = {"tokens_total": 0, "cpu_matmul_switches": 0}
 
@@ -82,6 +86,10 @@ class LMRun(Job):
     def sampling(self) -> SamplingParams:
         return SamplingParams.for_training(self.recipe)
 
+    def full_weights(self):
+        """Context for sampling: a sharded policy is gathered whole inside (``fsdp.gathered``), else nothing to do."""
+        return fsdp.gathered(self.unwrapped) if self.sharded else contextlib.nullcontext()
+
     def sync_sampler(self) -> None:
         """Hand the policy's current weights to the sampler (after an optimizer step, after ``--resume``)."""
         self.sampler.update_weights(self.unwrapped)
@@ -92,10 +100,12 @@ class LMRun(Job):
             self.sampler.close()
 
     def all_finished(self, finished: torch.Tensor) -> bool:
-        """Stop decoding when every sequence has ended, on every process if parameters are sharded."""
+        """Stop decoding when every sequence has ended, on every process if parameters are sharded while decoding
+        (ZeRO-3, FSDP outside ``full_weights``: each forward is a collective)."""
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        whole = not sharded(next(self.unwrapped.parameters()))
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED and whole:
             return bool(finished.all())
         pending = (~finished).sum().reshape(1)
         return int(self.accelerator.reduce(pending, "sum")) == 0
@@ -128,8 +138,10 @@ class LMRun(Job):
         world, rank = accelerator.num_processes, accelerator.process_index
         prompts = self.eval_prompts[rank::world]
         columns = {key: values[rank::world] for key, values in self.eval_columns.items()}
-        result = evaluate(self.sampler, self.unwrapped, prompts, columns, self.eval_scorer,
-                          SamplingParams.for_eval(self.recipe), self.recipe.eval.batch_size, seed=self.recipe.seed + rank)
+        with self.full_weights():
+            result = evaluate(self.sampler, self.unwrapped, prompts, columns, self.eval_scorer,
+                              SamplingParams.for_eval(self.recipe), self.recipe.eval.batch_size,
+                              seed=self.recipe.seed + rank)
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -172,24 +184,36 @@ class LMRun(Job):
         """Checkpoint on the main process (all processes wait)."""
         self.accelerator.wait_for_everyone()
         path = None
+        if self.sharded:  # every process writes its shards (DCP) into the staging directory first
+            ckpt.save_shards(self.output_dir, step, lambda directory: fsdp.save_sharded(
+                directory, self.unwrapped, self.optimizer), self.accelerator.is_main_process, self.barrier)
         if self.accelerator.is_main_process:
             state = {**self.counters, "recipe": self.recipe.to_dict(), "kl_controller": self.kl.state_dict(),
-                     "prompt_source": self.prompts.state_dict()}
-            path = ckpt.save_checkpoint(self.output_dir, step, self.unwrapped, self.tokenizer, self.optimizer,
-                                        self.scheduler, state, self.recipe.train.keep_checkpoints)
+                     "prompt_source": self.prompts.state_dict(), "world_size": self.num_processes}
+            model, optimizer = (self.unwrapped.config, None) if self.sharded else (self.unwrapped, self.optimizer)
+            path = ckpt.save_checkpoint(self.output_dir, step, model, self.tokenizer, optimizer, self.scheduler, state,
+                                        self.recipe.train.keep_checkpoints, staged=self.sharded)
         self.accelerator.wait_for_everyone()
         return path
 
     def save_final(self, staging: Path, summary: dict[str, Any]) -> None:
-        """The model (or LoRA adapter) and tokenizer; ``merged/`` beside them when ``peft.merge``."""
+        """The model (or LoRA adapter) and tokenizer; ``merged/`` beside them when ``peft.merge``. A sharded model is
+        written from the full weights ``gather_final`` collected: an ordinary HF model either way."""
         model = self.unwrapped
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": self.final_weights} if self.sharded else {}))
         self.tokenizer.save_pretrained(staging)
         if self.recipe.peft is not None and self.recipe.peft.merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(staging / "merged")
             self.tokenizer.save_pretrained(staging / "merged")
             summary["merged_model_dir"] = str(self.output_dir / "final" / "merged")
+
+    def gather_final(self) -> None:
+        """Every process: a sharded policy's full weights onto the main process, for ``save_final``. The AdamW moments
+        are dropped first (the final checkpoint holds them): the full copy takes their place, not a new peak."""
+        if self.sharded:
+            getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
+            self.final_weights = fsdp.full_state_dict(self.unwrapped)
 
     def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         counters, scalars = self.counters, {k: v for k, v in after.items() if k != "examples"}
@@ -201,6 +225,7 @@ class LMRun(Job):
             "tokens_per_s": round(counters["tokens_total"] / counters["train_time_s"], 1) if counters["train_time_s"] else None,
             "completion_tokens": counters["tokens_total"],
             "world_size": self.accelerator.num_processes,
+            "fsdp": self.sharded,
             "model": self.recipe.model.name_or_path,
             "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # the kernel in use at the end
             "cpu_matmul_switches": counters.get("cpu_matmul_switches", 0),  # auto's switches during the run
@@ -218,7 +243,12 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     """
     set_threads(recipe.train.num_threads)
     check_engine(recipe.rollout.engine, installed=True)  # a missing vLLM fails before anything is loaded
-    accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s)
+    accelerator = new_accelerator(recipe.train.mixed_precision, recipe.train.distributed_timeout_s, shards_itself=True)
+    sharding = fsdp.requested(recipe)  # FSDP2 (run/fsdp.py): an option it cannot run with fails before any write
+    if sharding:
+        fsdp.check(recipe, accelerator.num_processes)
+        fsdp.load_whole_models()
+        fsdp.return_freed_memory()
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
@@ -233,6 +263,10 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         raise UserError(f"rollout.prompts_per_step={recipe.rollout.prompts_per_step} must be divisible by the "
                         f"number of processes ({world})")
     saved = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from) if resume_from is not None else None
+    from_shards = resume_from is not None and ckpt.has_shards(resume_from)
+    if sharding and resume_from is not None and not from_shards:
+        raise ckpt.unusable(resume_from, "was written by a run without FSDP (a full model and optimizer.pt)",
+                            mismatch=True)
 
     runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
     policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
@@ -245,7 +279,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     if recipe.peft is not None:
         policy = _checkpoint_adapter(policy, resume_from) if resume_from else apply_lora(policy, recipe.peft)
         reference = "adapter" if wants_reference else None
-    elif resume_from is not None:
+    elif resume_from is not None and not from_shards:  # (shards are loaded below, into the optimizer's parameters)
         policy = _checkpoint_policy(recipe, resume_from, policy)
     if recipe.train.gradient_checkpointing:  # on the model the run trains (a resumed one, or LoRA's base)
         enable_gradient_checkpointing(policy.get_base_model() if recipe.peft is not None else policy)
@@ -262,22 +296,31 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=chat)
+    if sharding:  # the optimizer is built on the shards: each process keeps the AdamW states of its shards only
+        policy = fsdp.shard(policy.to(accelerator.device), accelerator.device.type, recipe.train.mixed_precision)
+        if isinstance(reference, torch.nn.Module):
+            reference = fsdp.shard(reference.to(accelerator.device), accelerator.device.type,
+                                   recipe.train.mixed_precision, name="the reference model")
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim,
                                 fused=accelerator.device.type == "cpu" and accelerator.distributed_type.value in ("NO", "MULTI_CPU"))
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    if isinstance(reference, torch.nn.Module):
+    if not sharding:  # (accelerate would wrap a sharded model in DDP on CPU)
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+    if isinstance(reference, torch.nn.Module) and not sharding:
         reference = reference.to(accelerator.device)
     # train.cpu_matmul: the linear layers' CPU kernel, chosen now and (auto) re-checked between steps
     decode_rows = recipe.rollout.prompts_per_step // world * recipe.rollout.completions_per_prompt
     matmul = MatmulChoice(recipe.train.cpu_matmul, [accelerator.unwrap_model(policy), reference], decode_rows)
     kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
+    if from_shards:
+        fsdp.resume(resume_from, accelerator.unwrap_model(policy), optimizer, saved.get("world_size"), world,
+                    accelerator.is_main_process)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, optimizer, scheduler)
         kl.load_state_dict(saved.get("kl_controller", kl.state_dict()))
     run = run_class(
         recipe=recipe, accelerator=accelerator, run_dir=run_dir, policy=policy, tokenizer=tokenizer,
-        optimizer=optimizer, scheduler=scheduler,
+        optimizer=optimizer, scheduler=scheduler, sharded=sharding,
         prompts=prompts,
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
         reference=reference, max_context=max_context, episodes=episodes, matmul=matmul,

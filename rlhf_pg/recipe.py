@@ -255,6 +255,8 @@ class TrainConfig:
                                    "after it (0 = none)")
     sft_warmup_lr: float = option(1.0e-4, min=0.0, min_exclusive=True, help="learning rate of the SFT warm-up "
                                   "(constant; the optimizer's other keys are optim's)")
+    fsdp: bool = option(False, help="several processes: shard parameters, gradients and optimizer states (FSDP2, "
+                        "torch's fully_shard per decoder layer; also on CPU); as a launch config with distributed_type: FSDP")
     distributed_timeout_s: float = option(600.0, min=0.0, min_exclusive=True, help="several processes: how long one "
                                           "waits for the others in a collective before it stops with an error (a hung "
                                           "or dead process); longer than the slowest checkpoint write or evaluation")

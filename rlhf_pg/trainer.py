@@ -107,7 +107,8 @@ def train_step(run: LMRun, step: int) -> dict[str, float]:
     started = time.perf_counter()
     # 1. rollout and reward r(tau) (on the last token), K completions per prompt
     run.unwrapped.eval()
-    scored = sample_step(run, step)
+    with run.full_weights():  # FSDP: the sharded policy gathered whole while it samples
+        scored = sample_step(run, step)
     sample_time = time.perf_counter() - started
     run.unwrapped.train()
     batch, scores, mask = scored.batch, scored.scores, action_tokens(scored.batch)  # episodes: actions only

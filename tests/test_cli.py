@@ -79,15 +79,23 @@ def test_console_script_is_installed():
     assert scripts.get("rlhf-pg") == "rlhf_pg.cli:main"
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed through accelerate needs GPUs"),
-    ("ACCELERATE_USE_FSDP", "FSDP through accelerate needs GPUs: on CPU accelerate does not shard"),
-])
-def test_sharding_through_accelerate_on_cpu_is_refused_not_silently_run_unsharded(tmp_path, flag, message):
-    """What `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml` (or fsdp.yaml) sets in every
-    process: on a CPU-only machine that run would misbehave (README: What has been run, and where), so it stops."""
+def test_deepspeed_through_accelerate_on_cpu_is_refused_not_silently_misrun(tmp_path):
+    """What `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml` sets in every process: on a
+    CPU-only machine that run would misbehave (README: What has been run, and where), so it stops."""
     result = run_cli("--no-progress", "train", str(ROOT / "recipes" / "quickstart.yaml"), "--output-dir",
-                     str(tmp_path / "run"), env_extra={flag: "true"})
+                     str(tmp_path / "run"), env_extra={"ACCELERATE_USE_DEEPSPEED": "true"})
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "recipes/accelerate/cpu_2proc.yaml" in result.stderr
+    assert "DeepSpeed through accelerate needs GPUs" in result.stderr
+    assert "recipes/accelerate/cpu_2proc.yaml" in result.stderr and "fsdp_cpu_2proc.yaml" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("how", ["env", "key"])
+def test_fsdp_in_a_single_process_is_refused_naming_the_two_process_launch(tmp_path, how):
+    """FSDP asked (the launch config's ACCELERATE_USE_FSDP, or train.fsdp: true) with one process: nothing to shard."""
+    extra = ["train.fsdp=true"] if how == "key" else []
+    result = run_cli("--no-progress", "train", str(ROOT / "recipes" / "quickstart.yaml"), "--output-dir",
+                     str(tmp_path / "run"), *extra, env_extra={"ACCELERATE_USE_FSDP": "true"} if how == "env" else {})
+    assert result.returncode == 2, result.stderr
+    assert "single process: nothing to shard over" in result.stderr and "fsdp_cpu_2proc.yaml" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -203,7 +203,10 @@ def _every_checkpoint_is_complete(run_dir: Path) -> int:
     assert checkpoints, "no checkpoint"
     for path in checkpoints:
         state = ckpt.read_trainer_state(path)  # raises for a missing file or a corrupt state
-        assert (path / "model.safetensors").stat().st_size > 0 and (path / "optimizer.pt").stat().st_size > 0
+        if ckpt.has_shards(path):  # FSDP: model and optimizer in the DCP files of every process
+            assert len(list((path / ckpt.SHARDS).glob("*.distcp"))) == state["world_size"]
+        else:
+            assert (path / "model.safetensors").stat().st_size > 0 and (path / "optimizer.pt").stat().st_size > 0
         assert state["global_step"] == int(path.name.split("-")[1])
     return int(checkpoints[-1].name.split("-")[1])
 
@@ -337,14 +340,16 @@ def _two_process_recipe(tmp_path: Path, model_dir) -> Path:
     return write(tmp_path / "r.yaml", tiny_recipe(model_dir, train={"steps": 10_000, "save_every": 2}))
 
 
-@pytest.mark.parametrize("fault", ["killed", "hung"])
+@pytest.mark.parametrize("fault,sharded", [("killed", False), ("hung", False), ("killed", True), ("hung", True)],
+                         ids=["killed", "hung", "killed-fsdp", "hung-fsdp"])
 def test_one_of_two_processes_dies_or_hangs_the_other_stops_with_a_clear_message_in_bounded_time(tiny_model_dir,
-                                                                                                tmp_path, fault):
+                                                                                                tmp_path, fault, sharded):
     """Killed: the survivor's next collective fails at once (the connection closes). Hung (SIGSTOP): it fails
-    after train.distributed_timeout_s (5 s here; 600 s by default)."""
+    after train.distributed_timeout_s (5 s here; 600 s by default). The same with sharded parameters (FSDP2), whose
+    every forward and backward is a collective."""
     run_dir = tmp_path / "run"
     survivor, victim = _launch_two(_two_process_recipe(tmp_path, tiny_model_dir), run_dir,
-                                   "train.distributed_timeout_s=5")
+                                   "train.distributed_timeout_s=5", *(["train.fsdp=true"] if sharded else []))
     try:
         _wait_for(lambda: ckpt.list_checkpoints(run_dir), survivor, timeout=240)
         started = time.monotonic()

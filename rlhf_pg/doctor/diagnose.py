@@ -91,7 +91,7 @@ def diagnose(recipe: Recipe, prompts: int | None = None, time_budget_s: float = 
     runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters()))
     if recipe.peft is not None:
         model = apply_lora(model, recipe.peft)
-    device = new_accelerator(recipe.train.mixed_precision).device
+    device = new_accelerator(recipe.train.mixed_precision, shards_itself=True).device  # (one process: nothing to shard)
     model = model.to(device).eval()
     sampler, _, _ = prompt_source(recipe.data, recipe.rollout.prompts_per_step, recipe.data.shuffle_seed + recipe.seed)
     diagnosis.stats["model"] = {

@@ -154,9 +154,10 @@ def sharded(parameter) -> bool:
     return hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor"
 
 
-def head_for_logprobs(model) -> torch.nn.Linear | None:
+def head_for_logprobs(model, allow_sharded: bool = False) -> torch.nn.Linear | None:
     """The model's output layer when its logits are exactly ``head(hidden)`` (a plain linear layer without
-    hooks, of a family in ``HEAD_FAMILIES``), so ``linear_logprobs`` may replace it; else None."""
+    hooks, of a family in ``HEAD_FAMILIES``), so ``linear_logprobs`` may replace it; else None. A weight sharded
+    between forwards only with ``allow_sharded`` (``sharded_head_logprobs`` gathers it)."""
     if "FullyShardedDataParallel" in type(model).__name__:  # FSDP1: flat parameters, sharded outside forward
         return None
     body = _body(model)
@@ -167,9 +168,29 @@ def head_for_logprobs(model) -> torch.nn.Linear | None:
                                                                       "logits_scaling")):
         return None
     head = body.get_output_embeddings() if hasattr(body, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or sharded(head.weight):
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks or (
+            sharded(head.weight) and not allow_sharded):
         return None  # a LoRA-wrapped head, hooks that expect logits, or a weight sharded after the forward
     return head
+
+
+def sharded_head_logprobs(model):
+    """FSDP2 (a sharded root whose head ``head_for_logprobs`` allows): ``(head, apply)`` where ``apply(hidden, tokens,
+    temperature)`` is ``linear_logprobs`` run as a forward method FSDP knows (``register_fsdp_forward_method``), so the
+    head's weight is gathered for it and its gradient reduce-scattered; else None. No ``[B, T, V]`` logits then
+    either."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    body, head = _body(model), head_for_logprobs(model, allow_sharded=True)
+    if not isinstance(body, FSDPModule) or head is None or not sharded(head.weight):
+        return None
+    if "rlhf_pg_head_logprobs" not in body.__dict__:
+        def head_logprobs(self, hidden, tokens, temperature):
+            return linear_logprobs(hidden, self.get_output_embeddings(), tokens, temperature)
+
+        body.rlhf_pg_head_logprobs = types.MethodType(head_logprobs, body)
+        register_fsdp_forward_method(body, "rlhf_pg_head_logprobs")
+    return head, body.rlhf_pg_head_logprobs
 
 
 @contextlib.contextmanager

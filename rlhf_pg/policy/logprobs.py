@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoder import cache_argument, positions_from_mask
-from .kernels import head_for_logprobs, hidden_states, linear_logprobs, token_logprobs
+from .kernels import head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs, token_logprobs
 from .prompts import distinct_rows
 
 Tensor = torch.Tensor
@@ -36,7 +36,17 @@ def completion_logprobs(
     if not temperature > 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature} "
                          "(greedy batches are scored at SamplingParams.policy_temperature = 1)")
+    if share_prompts and completion_ids.shape[1] == 1 and _collective(model):
+        # sharded forwards are collectives: every process runs the same two (prompt pass, completion pass), so a
+        # one-token batch gets a masked second column
+        padded = (torch.nn.functional.pad(completion_ids, (0, 1)), torch.nn.functional.pad(completion_mask, (0, 1)))
+        return completion_logprobs(model, prompt_ids, prompt_mask, *padded, temperature, share_prompts, fused_head)[:, :1]
     head = head_for_logprobs(model) if fused_head else None
+    gathered_head = sharded_head_logprobs(model) if fused_head and head is None else None
+    if gathered_head is not None:  # FSDP2: the same chunked head, its weight gathered for it
+        with hidden_states(gathered_head[0]):
+            hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+        return gathered_head[1](hidden, completion_ids, temperature) * completion_mask
     if head is not None:
         with hidden_states(head):
             hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
@@ -79,12 +89,25 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(first row of each distinct prompt, its index for every row)``, or None when sharing cannot help
-    (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off)."""
+    (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off). With sharded
+    parameters (FSDP, ZeRO-3: every forward a collective) distinct prompts still take the shared path, each its own
+    group, so that every process runs the same two forwards."""
     body = getattr(model, "module", model)
     checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
     if checkpointing is None:
         checkpointing = getattr(body, "is_gradient_checkpointing", False)
-    return None if checkpointing else distinct_rows(prompt_ids, prompt_mask)
+    if checkpointing:
+        return None
+    groups = distinct_rows(prompt_ids, prompt_mask)
+    if groups is None and _collective(model):
+        rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
+        return rows, rows
+    return groups
+
+
+def _collective(model) -> bool:
+    """Are the model's forwards collectives (parameters sharded between forwards: FSDP2, ZeRO-3)?"""
+    return sharded(next(getattr(model, "module", model).parameters()))
 
 
 __all__ = ["completion_logprobs"]

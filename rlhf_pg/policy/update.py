@@ -16,6 +16,7 @@ import torch
 from ..core.correction import GapStats, sampler_correction
 from ..core.losses import aggregate, kl_estimate, off_policy_loss, policy_gradient_loss
 from ..core.mdp import Rollout, action_tokens
+from .kernels import sharded
 from .logprobs import completion_logprobs
 
 
@@ -60,6 +61,12 @@ def policy_update(
         rows = active or rows[:1]  # keep one row so every process still joins the gradient all-reduce
     micro = micro_batch_size or len(rows)
     chunks = [rows[start : start + micro] for start in range(0, len(rows), micro)]
+    real_chunks = len(chunks)
+    if accelerator.num_processes > 1 and sharded(next(model.parameters())):
+        # FSDP / ZeRO-3: every forward and backward is a collective, so all processes run as many micro-batches;
+        # the extra ones (a row again, its loss times 0) add nothing to the gradient
+        most = int(accelerator.reduce(torch.tensor(len(chunks), device=batch.completion_mask.device), "max"))
+        chunks += [rows[:1]] * (most - len(chunks))
     old_logprobs = torch.zeros_like(batch.completion_mask)
     is_weights = torch.ones_like(batch.completion_mask)
     gap = GapStats()
@@ -69,7 +76,7 @@ def policy_update(
         for index, chunk in enumerate(chunks):
             part = batch.select(chunk)
             part_adv = advantages[chunk]
-            last_chunk = index == len(chunks) - 1
+            last_chunk, padding = index == len(chunks) - 1, index >= real_chunks
             # gradient accumulation: no all-reduce (DDP) and no optimizer step (DeepSpeed) before the last chunk
             accelerator.gradient_state._set_sync_gradients(last_chunk)
             sync = contextlib.nullcontext() if last_chunk else accelerator.no_sync(model)
@@ -77,7 +84,7 @@ def policy_update(
                 logprobs = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                part.completion_mask, batch.temperature)
                 mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
-                if epoch == 0:  # pi_theta before any step, against the sampler's log-probs (core/correction.py)
+                if epoch == 0 and not padding:  # pi_theta before any step, against the sampler's log-probs (core/correction.py)
                     old_logprobs[chunk] = logprobs.detach()
                     weights, chunk_gap = sampler_correction(logprobs, part.logprobs, mask, is_correction, is_cap, is_level)
                     gap = gap.add(chunk_gap)
@@ -93,12 +100,12 @@ def policy_update(
                         importance, logprobs, old_logprobs[chunk], part_adv, mask, clip_eps, clip_eps_high,
                         ratio_level, aggregation, num_sequences, num_tokens, norm_length,
                     )
-                    ratio_stats.append(stats)
+                    ratio_stats += [] if padding else [stats]
                 if kl_coef > 0:
                     kl = kl_estimate(logprobs, part.ref_logprobs, kl_estimator)
                     loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens, norm_length)
-                accelerator.backward(loss)
-            total_loss += float(loss.detach())
+                accelerator.backward(loss * 0.0 if padding else loss)
+            total_loss += 0.0 if padding else float(loss.detach())
         accelerator.gradient_state._set_sync_gradients(True)
         result = _optimizer_step(model, optimizer, accelerator, total_loss, max_grad_norm)
         result.gap = gap if epoch == 0 else None
@@ -111,6 +118,8 @@ def policy_update(
             }
         results.append(result)
         approx_kl = result.stats.get("ratio/approx_kl", 0.0)
+        if max_approx_kl is not None and accelerator.num_processes > 1:  # one decision for all (each step is collective)
+            approx_kl = float(accelerator.reduce(torch.tensor(approx_kl, device=batch.completion_mask.device), "max"))
         if max_approx_kl is not None and approx_kl > max_approx_kl:
             break
     return results

@@ -23,45 +23,45 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
-def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None):
+def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None, shards_itself: bool = False):
     """An ``Accelerator`` for this run. Several runs in one process (``compare``, tests) may each pick
     their own precision: accelerate keeps one global state, so it is reset between runs (the process
     group, if any, is kept, with the timeout of the run that created it). ``timeout_s``: how long a
-    collective waits for the other processes (None: ``DEFAULT_DISTRIBUTED_TIMEOUT_S``)."""
+    collective waits for the other processes (None: ``DEFAULT_DISTRIBUTED_TIMEOUT_S``). ``shards_itself``: the command
+    applies FSDP itself when asked (``train``, ``sft``: ``run/fsdp.py``); other commands refuse an FSDP launch on CPU."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
 
-    refuse_cpu_sharding()
+    refuse_cpu_sharding(shards_itself)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_DISTRIBUTED_TIMEOUT_S)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
-def refuse_cpu_sharding() -> None:
-    """DeepSpeed or FSDP asked of accelerate (``accelerate launch`` with such a config sets ``ACCELERATE_USE_DEEPSPEED``
-    / ``ACCELERATE_USE_FSDP``) on a machine without a GPU: a recipe error, not a silently different run.
+def refuse_cpu_sharding(shards_itself: bool = False) -> None:
+    """DeepSpeed asked of accelerate (``accelerate launch`` with such a config sets ``ACCELERATE_USE_DEEPSPEED``) on a
+    machine without a GPU: a recipe error, not a silently different run.
 
-    Measured with accelerate 1.x on 2 CPU processes: an FSDP plugin runs plain data parallel (accelerate switches to
-    FSDP only for GPU-like devices), so every rank holds the whole model while the user believes it sharded; DeepSpeed
-    ZeRO runs its engine over gloo, but accelerate tells every rank it is process 0 of 1, so every rank would write
-    the checkpoints and no gather would gather."""
+    Measured with accelerate 1.x on 2 CPU processes: DeepSpeed ZeRO runs its engine over gloo, but accelerate tells
+    every rank it is process 0 of 1, so every rank would write the checkpoints and no gather would gather. FSDP on CPU
+    (accelerate would run plain data parallel) only for a command that shards itself (``run/fsdp.py``)."""
     import os
 
     from ..errors import UserError
 
     if not cpu_only():
         return
-    data_parallel = ("for data parallel on CPU use `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml "
-                     "-m rlhf_pg train RECIPE`")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UserError("DeepSpeed through accelerate needs GPUs: on CPU accelerate tells every process it is process 0 "
-                        f"of 1, so checkpoints and metrics would be written by every rank and gathers would not gather; "
-                        f"{data_parallel}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError("FSDP through accelerate needs GPUs: on CPU accelerate does not shard (it runs plain data "
-                        f"parallel, the whole model on every process); {data_parallel}")
+                        "of 1, so checkpoints and metrics would be written by every rank and gathers would not gather; "
+                        "for data parallel on CPU use `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml "
+                        "-m rlhf_pg train RECIPE`, to shard `--config_file recipes/accelerate/fsdp_cpu_2proc.yaml`")
+    if not shards_itself and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("FSDP on CPU is rlhf-pg's own, for `train` and `sft` (accelerate does not shard on CPU: it would "
+                        "run plain data parallel); for this command use `accelerate launch --config_file "
+                        "recipes/accelerate/cpu_2proc.yaml ...`")
 
 
 def collective_failure(error: BaseException) -> bool:

@@ -1,7 +1,9 @@
 """Checkpoints in ``DIR/checkpoint-<step>/``, named as the HF Trainer names them.
 
 Each holds the model and tokenizer (``save_pretrained``), ``trainer_state.json`` (step, recipe,
-metrics so far), ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pth``. A checkpoint is written to
+metrics so far), ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pth``. A sharded run's (FSDP) holds the model's
+``config.json`` and, instead of the weights and ``optimizer.pt``, ``sharded/``: a torch distributed checkpoint (DCP)
+that every process wrote its shards of the model and the optimizer into (``run/fsdp.py``). A checkpoint is written to
 a temporary directory, flushed to disk (fsync) and renamed into place, so a crash (``kill -9``, a power cut)
 never leaves a half-written ``checkpoint-<step>``: a leftover ``.checkpoint-<step>.tmp`` is ignored, and removed
 by ``clean_staging``. Only the last ``keep`` are kept; an older one is renamed to ``.checkpoint-<step>.del``
@@ -25,7 +27,8 @@ from ..errors import UserError, first_line
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _STAGING_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old|del)$")
-REQUIRED_FILES = ("trainer_state.json", "optimizer.pt")
+REQUIRED_FILES = ("trainer_state.json", "optimizer.pt")  # a sharded checkpoint: sharded/.metadata for optimizer.pt
+SHARDS = "sharded"
 MODEL_FILES = ("config.json", "adapter_config.json")  # a full model or a LoRA adapter
 
 
@@ -45,28 +48,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def has_shards(checkpoint: Path) -> bool:
+    """Written by a sharded run (``sharded/`` holds the model and the optimizer)?"""
+    return (checkpoint / SHARDS / ".metadata").exists()
+
+
+def save_shards(output_dir: Path, step: int, write, is_main: bool, barrier) -> None:
+    """Every process: ``write(DIR)`` its shards into ``.checkpoint-<step>.tmp/sharded`` (a fresh staging directory
+    the main process makes), between barriers; ``save_checkpoint(..., staged=True)`` then completes and publishes it."""
+    staging = output_dir / f".checkpoint-{step}.tmp"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / SHARDS).mkdir(parents=True)
+    barrier()
+    try:
+        write(staging / SHARDS)
+    except (OSError, RuntimeError) as error:  # DCP raises on every process when one failed to write
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write the shards of checkpoint-{step} in {output_dir}: {first_line(error)[:300]} "
+                        f"({_free_mib(output_dir)} MiB free there); free some disk space or choose another "
+                        "--output-dir (the earlier checkpoints are intact)") from None
+    barrier()
+
+
 def save_checkpoint(
     output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict[str, Any], keep: int,
+    staged: bool = False,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (temp dir + rename) and prune older ones beyond ``keep``.
 
-    A failure while writing (disk full, permissions) leaves the earlier checkpoints as they were and is
-    a ``UserError``.
+    ``staged``: the staging directory already holds ``sharded/`` (``save_shards``): it is kept, ``model`` is then the
+    model's config and ``optimizer`` None. A failure while writing (disk full, permissions) leaves the earlier
+    checkpoints as they were and is a ``UserError``.
     """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.tmp"
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        if not staged:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
         model.save_pretrained(staging)
         if tokenizer is not None:  # the gym track saves a policy with no tokenizer
             tokenizer.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(), staging / "rng_state.pth")
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **trainer_state}, indent=2))
         _flush(staging)
+        if staged:
+            _flush(staging / SHARDS)
         if final.exists():  # the same step written again: swap, so some complete copy exists at every moment
             previous = output_dir / f".checkpoint-{step}.old"
             shutil.rmtree(previous, ignore_errors=True)
@@ -167,7 +200,8 @@ def unusable(checkpoint: Path, problem: str, mismatch: bool = False) -> UserErro
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a checkpoint, or a ``UserError`` saying it is corrupt and what to do."""
-    missing = [name for name in REQUIRED_FILES if not (checkpoint / name).exists()]
+    required = [name for name in REQUIRED_FILES if not (name == "optimizer.pt" and has_shards(checkpoint))]
+    missing = [name for name in required if not (checkpoint / name).exists()]
     if not any((checkpoint / name).exists() for name in MODEL_FILES):
         missing.append(" or ".join(MODEL_FILES))
     if missing:
@@ -188,14 +222,15 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
-    """Restore optimizer, scheduler and RNG states (the model is loaded with ``from_pretrained``).
+    """Restore optimizer, scheduler and RNG states (the model is loaded with ``from_pretrained``; a sharded
+    checkpoint's model and optimizer with ``fsdp.resume``).
 
     The optimizer state is checked against the parameters' shapes, which ``load_state_dict`` does not
     do (a state from another model would otherwise fail only at the first step).
     """
     for name, restore in (("optimizer.pt", lambda state: _load_optimizer(optimizer, state)),
                           ("scheduler.pt", scheduler.load_state_dict), ("rng_state.pth", set_rng_state)):
-        if name != "optimizer.pt" and not (checkpoint / name).exists():
+        if (name != "optimizer.pt" or has_shards(checkpoint)) and not (checkpoint / name).exists():
             continue
         try:
             restore(torch.load(checkpoint / name, weights_only=False))

@@ -136,6 +136,9 @@ class Job:
         """Write the final model into ``staging`` (it becomes ``DIR/final``); main process only."""
         raise NotImplementedError
 
+    def gather_final(self) -> None:
+        """Every process, before ``save_final``: collect what it needs (a sharded model's full weights)."""
+
     def summary(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         """The command's own summary keys (the loop adds steps, times, resume and skip counts)."""
         return {}
@@ -285,6 +288,7 @@ def finish(job: Job, summary: dict[str, Any]) -> None:
     trained model is safe in the checkpoint and ``--resume`` writes ``final/`` again."""
     job.counters["global_step"] = job.steps
     path = job.save_checkpoint(job.steps)
+    job.gather_final()
     job.barrier()
     if job.is_main:
         try:

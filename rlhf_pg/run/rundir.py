@@ -27,7 +27,9 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 
 RUN_MARKER = "recipe.yaml"
-IGNORED_ON_RESUME = {"train.steps", "output_dir", "train.distributed_timeout_s"}  # keys a resumed run may change
+# keys a resumed run may change (train.fsdp: how the run is spread over processes; a sharded checkpoint resumes
+# unsharded too, an unsharded one is refused by a sharded run)
+IGNORED_ON_RESUME = {"train.steps", "output_dir", "train.distributed_timeout_s", "train.fsdp"}
 
 
 class RunDir:
