@@ -343,7 +343,7 @@ def train_reward_model(recipe: RewardModelRecipe, output_dir: str | Path, resume
     with run_dir.lock():
         accelerator = new_accelerator(train_cfg.mixed_precision)
         is_main = accelerator.is_main_process
-        resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, is_main)
+        resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, is_main, defaults=type(recipe)().to_dict())
         saved = ckpt.read_trainer_state(resume_from) if resume_from is not None else None
         accelerator.wait_for_everyone()
         set_seed(recipe.seed)

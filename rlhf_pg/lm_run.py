@@ -254,7 +254,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
     episodes = EpisodeSpec.from_recipe(recipe)  # tools / environment imported: a bad path fails before any write
     run_dir = RunDir(output_dir)
-    resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process)
+    resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process,
+                                  defaults=type(recipe)().to_dict())
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)

@@ -165,3 +165,29 @@ def test_report_to_an_uninstalled_tracker_is_one_clear_message_and_empty_means_m
     assert not (tmp_path / "a" / "tensorboard").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
     assert main(["--no-progress", "train", str(recipe), "--output-dir", str(tmp_path / "b")]) == 0
     assert any((tmp_path / "b" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_accepts_a_run_written_before_a_key_existed_when_the_key_keeps_its_default(tmp_path):
+    """A newer rlhf-pg adds keys with defaults: the old run's marker lacks them. Resuming it with the defaults is the
+    same recipe; with another value it is not; a machine-only knob (num_threads) may change."""
+    from rlhf_pg.errors import UserError
+    from rlhf_pg.recipe import Recipe
+    from rlhf_pg.run.rundir import RunDir
+
+    defaults = Recipe().to_dict()
+    current = Recipe().to_dict()
+    old = json.loads(json.dumps(current))
+    del old["train"]["check_memory"]  # as written by a version without the key
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.prepare(old)
+    run_dir.write_marker(old)
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    assert run_dir.prepare(current, resume=True, defaults=defaults).name == "checkpoint-1"
+    current["train"]["num_threads"] = 7  # how many threads this machine runs is not the recipe's science
+    assert run_dir.prepare(current, resume=True, defaults=defaults).name == "checkpoint-1"
+    current["train"]["check_memory"] = False
+    with pytest.raises(UserError, match=r"differs in train\.check_memory"):
+        run_dir.prepare(current, resume=True, defaults=defaults)
+    with pytest.raises(UserError, match=r"differs in train\.check_memory"):  # without the schema's defaults: strict
+        run_dir.prepare(Recipe().to_dict(), resume=True)

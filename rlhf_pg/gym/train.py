@@ -251,7 +251,7 @@ def train_gym(recipe: GymRecipe, output_dir: str | Path, resume: bool = False, o
     set_threads(recipe.train.num_threads)
     run_dir = RunDir(output_dir)
     with run_dir.lock():
-        resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite)
+        resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, defaults=type(recipe)().to_dict())
         saved = ckpt.read_trainer_state(resume_from) if resume_from is not None else None
         run = GymRun(recipe, run_dir, saved, resume_from)
         try:

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 RUN_MARKER = "recipe.yaml"
 # keys a resumed run may change (train.fsdp: how the run is spread over processes; a sharded checkpoint resumes
 # unsharded too, an unsharded one is refused by a sharded run)
-IGNORED_ON_RESUME = {"train.steps", "output_dir", "train.distributed_timeout_s", "train.fsdp"}
+IGNORED_ON_RESUME = {"train.steps", "output_dir", "train.distributed_timeout_s", "train.fsdp", "train.num_threads"}
 
 
 class RunDir:
@@ -51,11 +51,12 @@ class RunDir:
             (self.path / name).exists() for name in self.outputs if name != self.marker)
 
     def prepare(self, recipe: dict[str, Any], resume: bool = False, overwrite: bool = False,
-                is_main: bool = True, resumable: bool = True) -> Path | None:
+                is_main: bool = True, resumable: bool = True, defaults: dict[str, Any] | None = None) -> Path | None:
         """Refuse to mix runs; return the checkpoint to resume from (or None).
 
         ``recipe``: the resolved recipe as plain data; on ``--resume`` it must equal the marker's (up to
-        ``resume_may_change``). ``resumable=False`` for commands that have no checkpoints.
+        ``resume_may_change``; a key the marker lacks, added by a newer rlhf-pg, may hold its value in ``defaults``:
+        the schema's defaults). ``resumable=False`` for commands that have no checkpoints.
         """
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output dir {self.path} is a file; choose a directory with --output-dir")
@@ -69,7 +70,7 @@ class RunDir:
                          if holds_run else "drop --resume to start a new run")
                 raise UserError(f"--resume: {self.path} has no checkpoint-<step> directory to resume from; {start}")
             previous = self.read_marker()
-            differing = differing_keys(previous, recipe, self.resume_may_change) if previous else []
+            differing = differing_keys(previous, recipe, self.resume_may_change, defaults=defaults) if previous else []
             if differing:
                 raise UserError(f"--resume: {self.path} was written by a different recipe (differs in "
                                 f"{', '.join(differing[:5])}); resume with the same recipe or use --overwrite")
@@ -187,13 +188,16 @@ class RunDir:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def differing_keys(old: Any, new: Any, ignore: set[str], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested mappings (``ignore``: dotted keys to skip)."""
+def differing_keys(old: Any, new: Any, ignore: set[str], prefix: str = "", defaults: Any = None) -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (``ignore``: dotted keys to skip). A key missing
+    from ``old`` (a run written before that key existed) is unchanged when ``new`` holds its value in ``defaults``."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = []
+        defaults = defaults if isinstance(defaults, dict) else {}
         for key in sorted(set(old) | set(new)):
             path = f"{prefix}{key}"
-            if path not in ignore:
-                keys += differing_keys(old.get(key), new.get(key), ignore, path + ".")
+            if path in ignore or (key not in old and key in new and key in defaults and new[key] == defaults[key]):
+                continue
+            keys += differing_keys(old.get(key), new.get(key), ignore, path + ".", defaults.get(key))
         return keys
     return [] if old == new else [prefix.rstrip(".")]
