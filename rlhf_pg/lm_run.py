@@ -34,7 +34,7 @@ from .run import checkpoint as ckpt
 from .run import fsdp
 from .run.accel import new_accelerator, set_threads
 from .run.loop import Job
-from .run.memory import available_memory, check_fits, rss_bytes, step_shape
+from .run.memory import check_run_memory, rss_bytes
 from .run.optim import build_optimizer, build_scheduler
 from .run.rundir import RunDir
 
@@ -254,8 +254,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
     episodes = EpisodeSpec.from_recipe(recipe)  # tools / environment imported: a bad path fails before any write
     run_dir = RunDir(output_dir)
-    resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process,
-                                  defaults=type(recipe)().to_dict())
+    resume_from = run_dir.prepare(recipe.to_dict(), resume, overwrite, accelerator.is_main_process, defaults=Recipe().to_dict())
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
@@ -268,7 +267,6 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     if sharding and resume_from is not None and not from_shards:
         raise ckpt.unusable(resume_from, "was written by a run without FSDP (a full model and optimizer.pt)",
                             mismatch=True)
-
     runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
     policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
     runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in policy.parameters()))
@@ -293,7 +291,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     prompt_tokens = check_prompt_lengths(tokenizer, prompts.known_prompts(), recipe.rollout.max_new_tokens,
                                          max_context, "rollout.max_new_tokens", chat_template_kwargs=chat)
     if recipe.train.check_memory:  # a run that cannot fit stops here, not at step 1 by the OOM killer
-        _check_memory(recipe, policy, prompt_tokens, accelerator, runtime)
+        check_run_memory(recipe, policy, prompt_tokens, accelerator, runtime, head_for_logprobs(policy), sharding)
     check_prompt_lengths(tokenizer, eval_prompts, recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=chat)
@@ -335,21 +333,6 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         run_dir.write_marker(recipe.to_dict())
     accelerator.wait_for_everyone()
     return run, resume_from
-
-
-def _check_memory(recipe: Recipe, policy, prompt_tokens: int, accelerator, runtime: int) -> None:
-    """``run.memory.check_fits`` for this process's share of the batch (CPU: the host's MemAvailable plus what the
-    process already holds; CUDA: the device's free memory, before the model is moved there). Several processes on
-    one host share its memory, and DeepSpeed/FSDP shard what the estimate counts whole: the check is left to
-    ``rlhf-pg doctor`` there."""
-    device = accelerator.device
-    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
-    if sharded or (device.type == "cpu" and accelerator.num_processes > 1):
-        return
-    shape = step_shape(recipe, policy, prompt_tokens, processes=accelerator.num_processes,
-                       fused_head=head_for_logprobs(policy) is not None, runtime=runtime if device.type == "cpu" else 0)
-    free, where = available_memory(device)
-    check_fits(shape, free, where, resident=rss_bytes() if device.type == "cpu" else 0)
 
 
 def _checked_counters(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:

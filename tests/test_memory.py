@@ -179,9 +179,11 @@ def test_a_full_fine_tuning_of_smollm2_1_7b_on_24_gb_is_told_to_use_lora():
 
 def test_train_refuses_a_run_that_would_not_fit_and_names_the_keys(tiny_model_dir, tmp_path, monkeypatch):
     import rlhf_pg.lm_run as lm_run
+    from rlhf_pg.run import memory
 
     monkeypatch.setattr(lm_run, "rss_bytes", lambda: 0)
-    monkeypatch.setattr(lm_run, "available_memory", lambda device: (4096, "a test budget"))
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 0)
+    monkeypatch.setattr(memory, "available_memory", lambda device: (4096, "a test budget"))
     with pytest.raises(UserError, match=r"would not fit in memory: its estimated peak is .* against 4\.0 KiB "
                                         r"\(a test budget.*train\.check_memory: false"):
         train(tiny_recipe(tiny_model_dir), tmp_path / "refused", show_progress=False)
@@ -197,14 +199,15 @@ def test_the_refusal_names_micro_batches_when_they_are_enough(tiny_model_dir, tm
     import rlhf_pg.lm_run as lm_run
     from rlhf_pg.run import memory
 
-    shapes = []
+    shapes, real_check_fits = [], memory.check_fits
     monkeypatch.setattr(lm_run, "rss_bytes", lambda: 0)
-    monkeypatch.setattr(lm_run, "check_fits", lambda shape, *args, **kwargs: shapes.append(shape))
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 0)
+    monkeypatch.setattr(memory, "check_fits", lambda shape, *args, **kwargs: shapes.append(shape))
     train(tiny_recipe(tiny_model_dir, train={"steps": 1}), tmp_path / "probe", show_progress=False)
     full, chunked = memory_estimate(shapes[0]).peak, memory_estimate(replace(shapes[0], micro_batch=1)).peak
     assert chunked < full
-    monkeypatch.setattr(lm_run, "check_fits", memory.check_fits)
-    monkeypatch.setattr(lm_run, "available_memory", lambda device: ((chunked + full) // 2, "a test budget"))
+    monkeypatch.setattr(memory, "check_fits", real_check_fits)
+    monkeypatch.setattr(memory, "available_memory", lambda device: ((chunked + full) // 2, "a test budget"))
     with pytest.raises(UserError, match=r"To make it fit: train\.micro_batch_size: \d"):
         train(tiny_recipe(tiny_model_dir, train={"steps": 1}), tmp_path / "refused", show_progress=False)
 

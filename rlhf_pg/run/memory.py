@@ -223,5 +223,21 @@ def check_fits(shape: StepShape, free: int | None, where: str, resident: int = 0
                     "train.check_memory: false starts the run anyway")
 
 
-__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "memory_estimate", "rss_bytes",
+def check_run_memory(recipe, policy, prompt_tokens: int, accelerator, runtime: int, fused_head,
+                     sharded: bool = False) -> None:
+    """``run.memory.check_fits`` for this process's share of the batch (CPU: the host's MemAvailable plus what the
+    process already holds; CUDA: the device's free memory, before the model is moved there); ``fused_head``: the
+    policy's ``head_for_logprobs`` (None: full logits). Several processes on
+    one host share its memory, and DeepSpeed/FSDP (``sharded``: rlhf-pg's own) shard what the estimate counts whole:
+    the check is left to ``rlhf-pg doctor`` there."""
+    device = accelerator.device
+    if sharded or accelerator.distributed_type.value in ("DEEPSPEED", "FSDP") or (device.type == "cpu" and accelerator.num_processes > 1):
+        return
+    shape = step_shape(recipe, policy, prompt_tokens, processes=accelerator.num_processes,
+                       fused_head=fused_head is not None, runtime=runtime if device.type == "cpu" else 0)
+    free, where = available_memory(device)
+    check_fits(shape, free, where, resident=rss_bytes() if device.type == "cpu" else 0)
+
+
+__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "memory_estimate", "rss_bytes",
            "size_text", "step_shape", "what_fits"]
