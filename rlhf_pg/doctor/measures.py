@@ -8,27 +8,8 @@ from typing import Any
 
 import torch
 
-from ..run.memory import MemoryEstimate, StepShape, available_memory, memory_estimate, size_text, step_shape  # noqa: F401
-
-
-def model_shape(model) -> dict[str, int]:
-    """``{layers, hidden, heads, kv_heads, head_dim, vocab}`` from the model's config (0 where it does not say);
-    ``vocab`` is the width of the output layer (the logits), which may exceed the tokenizer's."""
-    config = getattr(model, "config", None)
-
-    def value(*names, default=0):
-        for name in names:
-            found = getattr(config, name, None)
-            if isinstance(found, int) and found > 0:
-                return found
-        return default
-
-    hidden = value("hidden_size", "n_embd", "d_model")
-    heads = value("num_attention_heads", "n_head", default=1)
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {"layers": value("num_hidden_layers", "n_layer"), "hidden": hidden, "heads": heads,
-            "kv_heads": value("num_key_value_heads", default=heads), "head_dim": value("head_dim", default=hidden // heads),
-            "vocab": int(output.weight.shape[0]) if output is not None else value("vocab_size")}
+from ..run.memory import (MemoryEstimate, StepShape, available_memory, memory_estimate, model_shape,  # noqa: F401
+                          size_text, step_shape)
 
 
 def histogram(values: list[float], bins: int = 8) -> list[tuple[str, int]]:

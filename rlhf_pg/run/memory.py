@@ -107,10 +107,9 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
     return MemoryEstimate(parts, static + max(parts["sampling (KV cache)"][0], update))
 
 
-def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_head: bool = True,
-               runtime: int = 0) -> StepShape:
-    """The ``StepShape`` of ``recipe`` (this process's share of the batch) on the loaded ``model``."""
-    rollout, train = recipe.rollout, recipe.train
+def model_shape(model) -> dict[str, int]:
+    """``{layers, hidden, heads, kv_heads, head_dim, intermediate, vocab}`` from the model's config (0 where it does
+    not say); ``vocab`` is the width of the output layer (the logits), which may exceed the tokenizer's."""
     config = getattr(model, "config", None)
 
     def value(*names, default=0):
@@ -122,8 +121,18 @@ def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_h
 
     hidden = value("hidden_size", "n_embd", "d_model")
     heads = value("num_attention_heads", "n_head", default=1)
-    head_dim = value("head_dim", default=hidden // heads)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {"layers": value("num_hidden_layers", "n_layer"), "hidden": hidden, "heads": heads,
+            "kv_heads": value("num_key_value_heads", default=heads), "head_dim": value("head_dim", default=hidden // heads),
+            "intermediate": value("intermediate_size", "n_inner", default=4 * hidden),
+            "vocab": int(output.weight.shape[0]) if output is not None else value("vocab_size")}
+
+
+def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_head: bool = True,
+               runtime: int = 0) -> StepShape:
+    """The ``StepShape`` of ``recipe`` (this process's share of the batch) on the loaded ``model``."""
+    rollout, train = recipe.rollout, recipe.train
+    shape = model_shape(model)
     parameters = {id(p): p for p in model.parameters()}.values()  # tied weights once
     weight_bytes = next(iter(parameters)).element_size()
     prompts = max(1, rollout.prompts_per_step // processes)
@@ -131,10 +140,8 @@ def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_h
     reference = (recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl) and recipe.peft is None
     return StepShape(
         parameters=sum(p.numel() for p in parameters), trainable=sum(p.numel() for p in parameters if p.requires_grad),
-        weight_bytes=weight_bytes, layers=value("num_hidden_layers", "n_layer"), hidden=hidden,
-        intermediate=value("intermediate_size", "n_inner", default=4 * hidden),
-        kv_width=value("num_key_value_heads", default=heads) * head_dim,
-        vocab=int(output.weight.shape[0]) if output is not None else value("vocab_size"),
+        weight_bytes=weight_bytes, layers=shape["layers"], hidden=shape["hidden"], intermediate=shape["intermediate"],
+        kv_width=shape["kv_heads"] * shape["head_dim"], vocab=shape["vocab"],
         sequences=sequences, prompts=prompts, micro_batch=min(train.micro_batch_size or sequences, sequences),
         prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
         activation_bytes=2 if train.mixed_precision in ("bf16", "fp16") else weight_bytes, reference=reference,
@@ -239,5 +246,5 @@ def check_run_memory(recipe, policy, prompt_tokens: int, accelerator, runtime: i
     check_fits(shape, free, where, resident=rss_bytes() if device.type == "cpu" else 0)
 
 
-__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "memory_estimate", "rss_bytes",
-           "size_text", "step_shape", "what_fits"]
+__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "memory_estimate",
+           "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
