@@ -148,10 +148,11 @@ def test_a_model_without_repeated_decoder_blocks_is_refused_saying_what_to_do():
 @pytest.mark.parametrize("extra,env,message", [
     (["train.fsdp=true", "peft.r=4"], {}, "train.fsdp with a peft: section (LoRA)"),
     (["train.fsdp=true", "model.gradient_checkpointing=true"], {}, "train.fsdp with model.gradient_checkpointing"),
+    (["train.fsdp=true", "train.gradient_checkpointing=true"], {}, "train.fsdp with train.gradient_checkpointing"),
     (["train.fsdp=true", "train.mixed_precision=fp16"], {}, "train.fsdp with train.mixed_precision: fp16"),
     ([], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 1 (rlhf-pg runs FSDP2)"),
     ([], {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true"),
-], ids=["lora", "checkpointing", "fp16", "fsdp1", "offload"])
+], ids=["lora", "checkpointing", "train-checkpointing", "fp16", "fsdp1", "offload"])
 def test_fsdp_with_an_option_it_cannot_run_with_exits_2_naming_the_option(tmp_path, extra, env, message):
     result = subprocess.run([sys.executable, "-m", "rlhf_pg", "--no-progress", "train",
                              str(ROOT / "recipes" / "quickstart.yaml"), "--output-dir", str(tmp_path / "run"), *extra],

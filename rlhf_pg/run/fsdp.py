@@ -27,6 +27,7 @@ import torch
 
 from ..errors import RecipeError, UserError, first_line
 
+
 def requested(recipe) -> bool:
     """``train.fsdp: true``, or a launch config that asks accelerate for FSDP (``ACCELERATE_USE_FSDP``)."""
     return bool(getattr(recipe.train, "fsdp", False)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
@@ -43,8 +44,9 @@ def check(recipe, num_processes: int) -> None:
                           "sharded parameters; use rollout.engine: builtin or a data-parallel run")
     if recipe.train.mixed_precision == "fp16":
         raise RecipeError(f"{where} with train.mixed_precision: fp16 (no sharded loss scaling here); use bf16 or no")
-    if recipe.model.gradient_checkpointing:
-        raise RecipeError(f"{where} with model.gradient_checkpointing: not tested with sharded layers; turn one off")
+    if recipe.model.gradient_checkpointing or getattr(recipe.train, "gradient_checkpointing", False):
+        key = "model.gradient_checkpointing" if recipe.model.gradient_checkpointing else "train.gradient_checkpointing"
+        raise RecipeError(f"{where} with {key}: not tested with sharded layers; turn one off")
     launch = {"FSDP_VERSION": ("1", "fsdp_version: 1 (rlhf-pg runs FSDP2); set fsdp_version: 2"),
               "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params: true (not supported here); set it to false"),
               "FSDP_ACTIVATION_CHECKPOINTING": ("true", "fsdp_activation_checkpointing: true (not supported here); set "
