@@ -30,23 +30,33 @@ def global_batch(model, tokenizer):
 
 def gradients(model_dir, algorithm, micro_batch_size, accelerator, rows):
     """Gradient of one update on ``rows`` of the global batch (all rows in a single process)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recipe = recipe_from_dict({"model": model_dir, "algorithm": algorithm, "rollout": {"max_new_tokens": 5},
-                               "train": {"micro_batch_size": micro_batch_size}, "optim": {"max_grad_norm": None}})
+    model, tokenizer, recipe = setup(model_dir, algorithm, micro_batch_size)
     batch = global_batch(model, tokenizer)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     captured = {}
     optimizer.step = lambda *a, **k: captured.update(
         {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(prepared).named_parameters()})
     prepared, prepared_optimizer = accelerator.prepare(model, optimizer)
-    batch = batch.select(rows)
+    one_update(prepared, prepared_optimizer, accelerator, batch.select(rows), recipe)
+    return captured
+
+
+def setup(model_dir, algorithm, micro_batch_size):
+    """``(model, tokenizer, recipe)`` of one test update: seeded weights, 5 new tokens, no gradient clipping."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    recipe = recipe_from_dict({"model": model_dir, "algorithm": algorithm, "rollout": {"max_new_tokens": 5},
+                               "train": {"micro_batch_size": micro_batch_size}, "optim": {"max_grad_norm": None}})
+    return model, tokenizer, recipe
+
+
+def one_update(model, optimizer, accelerator, batch, recipe):
+    """The trainer's update on this process's ``batch``, normalized by the global sequence and token counts."""
     advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
     global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
-    policy_update(prepared, prepared_optimizer, accelerator, batch, advantages,
+    policy_update(model, optimizer, accelerator, batch, advantages,
                   global_counts=(float(len(batch)), global_tokens / accelerator.num_processes), **update_settings(recipe))
-    return captured
 
 
 CONFIGS = [

@@ -10,21 +10,14 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distributed_worker
-from rlhf_pg.recipe import recipe_from_dict
 from rlhf_pg.run import fsdp
 from rlhf_pg.run.accel import new_accelerator
-from rlhf_pg.trainer import compute_advantages, policy_update, update_settings
 
 
 def sharded_update(model_dir, algorithm, micro_batch_size, accelerator, rows):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recipe = recipe_from_dict({"model": model_dir, "algorithm": algorithm, "rollout": {"max_new_tokens": 5},
-                               "train": {"micro_batch_size": micro_batch_size}, "optim": {"max_grad_norm": None}})
+    model, tokenizer, recipe = distributed_worker.setup(model_dir, algorithm, micro_batch_size)
     batch = distributed_worker.global_batch(model, tokenizer).select(rows)
     whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model = fsdp.shard(model, "cpu")
@@ -36,10 +29,7 @@ def sharded_update(model_dir, algorithm, micro_batch_size, accelerator, rows):
         return step(*args, **kwargs)
 
     optimizer.step = capture_then_step
-    advantages = compute_advantages(batch, recipe.algorithm.estimator_spec(), accelerator)
-    global_tokens = float(accelerator.reduce(batch.completion_mask.sum(), "sum"))
-    policy_update(model, optimizer, accelerator, batch, advantages,
-                  global_counts=(float(len(batch)), global_tokens / accelerator.num_processes), **update_settings(recipe))
+    distributed_worker.one_update(model, optimizer, accelerator, batch, recipe)
     dtensors = sum(type(p).__name__ == "DTensor" for p in model.parameters())
     return captured, {"dtensor_parameters": dtensors, "parameters": len(list(model.parameters())),
                       "local_bytes": fsdp.local_bytes(model, optimizer), "whole_bytes": 3 * whole_bytes}
