@@ -118,16 +118,28 @@ def recipe_for(model: str, kl_coef: float, steps: int, overrides: list[str]):
     return recipe_from_dict(apply_overrides(data, overrides))
 
 
+def record_estimates() -> list:
+    """From now on, every ``rlhf_pg.run.memory`` estimate made by ``train``'s memory check (``check_run_memory`` calls
+    ``check_fits``) is appended to the returned list: what ``rlhf-pg doctor`` prints for the run."""
+    import rlhf_pg.run.memory as memory
+
+    estimates, check_fits = [], memory.check_fits
+
+    def recording(shape, *rest, **options):
+        estimates.append(memory.memory_estimate(shape))
+        return check_fits(shape, *rest, **options)
+
+    memory.check_fits = recording
+    return estimates
+
+
 def worker(args) -> dict:
     """One variant in this process: setup, ``--warmup-steps`` unmeasured steps, ``--steps`` measured ones."""
     meter = PhaseMeter(args.interval_ms / 1000)
-    import rlhf_pg.lm_run as lm_run
     import rlhf_pg.policy.update as update
     import rlhf_pg.trainer as trainer
-    from rlhf_pg.run.memory import memory_estimate
 
-    shapes, check_fits = [], lm_run.check_fits
-    lm_run.check_fits = lambda shape, *rest, **options: (shapes.append(shape), check_fits(shape, *rest, **options))[1]
+    estimates = record_estimates()
 
     recipe = recipe_for(args.model, args.kl_coef, args.warmup_steps + args.steps, args.overrides)
     trainer.sample_step = meter.wrap("sampling", trainer.sample_step)
@@ -146,7 +158,7 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - started)
     meter.stopped.set()
     measured = times[args.warmup_steps:]
-    estimate = memory_estimate(shapes[0]) if shapes else None
+    estimate = estimates[0] if estimates else None
     return {"peak": meter.peak, "start": meter.start, "step_s": statistics.median(measured), "times": times,
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "estimate": estimate.peak if estimate else None,

@@ -125,11 +125,15 @@ def run_sizes(args, spawn, threads: int) -> dict:
                 flops = counted_flops(info["parameters"], info["prompt_tokens"], 0.0, info["new_tokens"])
                 info["flop_bound_seconds"] = sum(flops.values()) / combined_rate(flops, rate)
                 info["flop_bound_fraction"] = info["flop_bound_seconds"] / entries["ours"]["s_per_step"]
+                info["onednn_vs_mkl"] = rate["update"]["onednn_vs_mkl"]
+            if entries["ours"].get("estimate_mb"):  # rlhf-pg doctor's estimate against the measured peak
+                info["estimate_vs_peak"] = entries["ours"]["estimate_mb"] / entries["ours"]["peak_rss_mb"]
             if "trl" in entries:
                 info["ratio_vs_trl"] = entries["ours"]["tokens_per_s"] / entries["trl"]["tokens_per_s"]
                 info["peak_rss_ratio_vs_trl"] = entries["ours"]["peak_rss_mb"] / entries["trl"]["peak_rss_mb"]
             print(f"size={info['label']} " + " ".join(f"{key}={info[key]:.2f}" for key in (
-                "ratio_vs_trl", "peak_rss_ratio_vs_trl", "flop_bound_fraction") if key in info), flush=True)
+                "ratio_vs_trl", "peak_rss_ratio_vs_trl", "flop_bound_fraction", "onednn_vs_mkl", "estimate_vs_peak")
+                if key in info), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.plot:

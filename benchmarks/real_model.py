@@ -124,8 +124,9 @@ def _render(tokenizer, prompt) -> str:
 # --- workers (each in its own subprocess) ---------------------------------------------------------
 
 
-def real_ours(args) -> tuple[list[float], list[float]]:
-    """Step times, and per step the fraction of groups with equal rewards (rows rlhf-pg skips at beta 0)."""
+def real_ours(args) -> tuple[list[float], list[float], float | None]:
+    """Step times, per step the fraction of groups with equal rewards (rows rlhf-pg skips at beta 0), and the peak
+    MB ``rlhf_pg.run.memory`` estimated for the run before its first step (what ``rlhf-pg doctor`` prints)."""
     from reward_models import register_reward
 
     from rlhf_pg.recipe import recipe_from_dict
@@ -143,6 +144,9 @@ def real_ours(args) -> tuple[list[float], list[float]]:
         return scores
 
     register_reward(args.reward)(counted)
+    from memory_profile import record_estimates
+
+    estimates = record_estimates()
     recipe = recipe_from_dict({
         "model": args.model_path,
         "data": {"task": "arithmetic", "prompt_format": args.prompt_format, "min_operand": 10, "max_operand": 99,
@@ -163,7 +167,7 @@ def real_ours(args) -> tuple[list[float], list[float]]:
         started = time.perf_counter()
         train_step(run, step)
         times.append(time.perf_counter() - started)
-    return times, equal
+    return times, equal, estimates[0].peak / 2**20 if estimates else None
 
 
 def real_trl(args) -> list[float]:
@@ -271,7 +275,7 @@ def matmul_rate(args) -> dict:
     shapes = linear_shapes(AutoConfig.from_pretrained(args.model_path))
     result = {}
     for kind, rows in (("update", args.rows_update), ("decode", args.rows_decode)):
-        flops, best_s, torch_s, per_shape = 0.0, 0.0, 0.0, {}
+        flops, best_s, torch_s, onednn_s, per_shape = 0.0, 0.0, 0.0, 0.0, {}
         for name, fan_in, fan_out, count in shapes:
             x, weight = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in)
             seconds_torch = _best_seconds(lambda x=x, weight=weight: linear(x, weight))
@@ -286,13 +290,15 @@ def matmul_rate(args) -> dict:
             flops += count * shape_flops
             best_s += count * min(seconds_torch, seconds_onednn)
             torch_s += count * seconds_torch
+            onednn_s += count * seconds_onednn
         result[kind] = {"rows": rows, "flops": flops, "gflops": flops / best_s / 1e9,
-                        "gflops_torch": flops / torch_s / 1e9, "shapes": per_shape}
+                        "gflops_torch": flops / torch_s / 1e9, "gflops_onednn": flops / onednn_s / 1e9,
+                        "onednn_vs_mkl": torch_s / onednn_s, "shapes": per_shape}
     return result
 
 
 WORKERS = {
-    "real-ours": lambda a: dict(zip(("times", "equal_reward_groups"), real_ours(a))),
+    "real-ours": lambda a: dict(zip(("times", "equal_reward_groups", "estimate_mb"), real_ours(a))),
     "real-trl": lambda a: {"times": real_trl(a)},
     "real-naive": lambda a: {"times": real_naive(a)},
     "matmul-rate": matmul_rate,
@@ -344,6 +350,8 @@ def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: i
                 entry = figures[setting][name]
                 entry["per_round"].append(per_step)
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"], result["peak_rss_mb"])
+                if result.get("estimate_mb"):  # rlhf-pg's own estimate of its peak (rlhf-pg doctor's figure)
+                    entry["estimate_mb"] = result["estimate_mb"]
                 note = ""
                 if "equal_reward_groups" in result:  # rlhf-pg skips rows of equal-reward groups (at beta 0)
                     equal = statistics.mean(result["equal_reward_groups"][warmup:])
@@ -357,8 +365,10 @@ def _summarize(label: str, entries: dict, tokens_per_step: int) -> None:
     for name, entry in entries.items():
         entry["s_per_step"] = statistics.median(entry["per_round"])
         entry["tokens_per_s"] = tokens_per_step / entry["s_per_step"]
+        estimate = (f" (estimated {entry['estimate_mb']:.0f} MB: {entry['estimate_mb'] / entry['peak_rss_mb']:.2f}x)"
+                    if entry.get("estimate_mb") else "")
         print(f"{name:5s}  {label}  {entry['s_per_step']:.2f} s/step  {entry['tokens_per_s']:.1f} tokens/s  "
-              f"peak RSS {entry['peak_rss_mb']:.0f} MB")
+              f"peak RSS {entry['peak_rss_mb']:.0f} MB{estimate}")
 
 
 def _ours(args) -> dict:
@@ -389,6 +399,10 @@ def run_model(args, spawn, threads: int) -> dict:
     print(f"  matmul rate: update-like (rows {BATCH * NEW_TOKENS}) {rate['update']['gflops']:.1f} GFLOPS "
           f"(torch {rate['update']['gflops_torch']:.1f}), decode-like (rows {BATCH}) {rate['decode']['gflops']:.1f} "
           f"GFLOPS (torch {rate['decode']['gflops_torch']:.1f})", flush=True)
+    # the host's kernel margin: oneDNN's fp32 matmul over torch's default (MKL) at this model's shapes, which moves
+    # ratio_vs_trl from host to host (TRL runs on MKL); figures from different days compare at equal margins
+    print(f"kernel_margin onednn_vs_mkl_update={rate['update']['onednn_vs_mkl']:.2f} "
+          f"onednn_vs_mkl_decode={rate['decode']['onednn_vs_mkl']:.2f}", flush=True)
     results = {"model": name, "path": path, **facts, "threads": threads, "rounds": rounds, "warmup_steps": warmup,
                "measured_steps": measured, "matmul": rate, "settings": {}}
     for (setting, options), entries in zip(jobs.items(), figures.values()):
