@@ -76,6 +76,9 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+YAML_TRUE, YAML_FALSE = ("yes", "on", "true", "y"), ("no", "off", "false", "n")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """``value`` converted to type ``tp`` or a ``RecipeError`` naming ``where``."""
     origin = typing.get_origin(tp)
@@ -96,7 +99,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if isinstance(value, bool):  # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision: no`
+            spelled = [c for c in choices if str(c).lower() in (YAML_TRUE if value else YAML_FALSE)]
+            if len(spelled) == 1:
+                return spelled[0]
+        if value in choices and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

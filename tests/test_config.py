@@ -65,6 +65,17 @@ def test_overrides_set_nested_keys_and_list_items(tmp_path):
     assert recipe.model.dtype == "bfloat16" and recipe.peft.r == 4
 
 
+def test_yaml_booleans_spell_the_choice_they_read_as(tmp_path):
+    # YAML 1.1 reads `no` as false: the documented default `train.mixed_precision: no` must still be accepted,
+    # in a file and as an override; `yes` names no choice and stays an error
+    recipe = load_recipe(write(tmp_path, "train: {mixed_precision: no}\n"))
+    assert recipe.train.mixed_precision == "no"
+    recipe = load_recipe(write(tmp_path, "train: {mixed_precision: bf16}\n"), ["train.mixed_precision=no"])
+    assert recipe.train.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="train.mixed_precision: True is not allowed"):
+        load_recipe(write(tmp_path, "train: {steps: 3}\n"), ["train.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lrate=1", r"unknown recipe key 'optim.lrate'; did you mean 'optim.lr'"),
     ("train.steps", r"must look like key=value"),
