@@ -19,6 +19,7 @@ The workers, the rounds and the figures are ``real_model.py``'s (the --model par
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,7 +96,9 @@ def run_sizes(args, spawn, threads: int) -> dict:
             elif size == "real":
                 models[size] = (real, "chat")
             else:
-                models[size] = (build_random_llama(scratch / size, real, **RANDOM_LLAMAS[size]), "chat")
+                built = spawn("build-llama", directory=scratch / size, model_path=real,
+                              shape=json.dumps(RANDOM_LLAMAS[size]))
+                models[size] = (built["path"], "chat")
         sizes = {}
         for size, (path, prompt_format) in models.items():
             facts = model_facts(path, prompt_format)

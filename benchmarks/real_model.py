@@ -19,7 +19,7 @@ beta = 0.04 (a frozen reference model and a k3 KL term in the loss, as TRL's GRP
   no_grad and beta x k3 KL) + clipping + AdamW.
 
 The model is resolved to a plain HF directory once, before any timing (``resolve_model_path``). Each
-contender runs in its own subprocess (``vs_trl.spawn``; peak RSS from ``ru_maxrss``); rounds are
+contender runs in its own subprocess (``vs_trl.spawn``; peak RSS from ``VmHWM``); rounds are
 interleaved (ours, trl, naive, ours, ... over both settings), warm-up steps are excluded, and the
 median over rounds of the per-round medians is reported.
 
@@ -74,7 +74,8 @@ def add_arguments(parser) -> None:
     for flag, kind, default in (("--model-path", str, None), ("--beta", float, 0.0), ("--prompt-format", str, "chat"),
                                 ("--new-tokens", int, NEW_TOKENS), ("--reward", str, "digit_fraction"),
                                 ("--rows-update", int, 0), ("--rows-decode", int, 0), ("--precision", str, "no"),
-                                ("--micro-batch-size", int, 0), ("--lora", int, 0), ("--checkpointing", int, 0)):
+                                ("--micro-batch-size", int, 0), ("--lora", int, 0), ("--checkpointing", int, 0),
+                                ("--directory", str, None), ("--shape", str, "{}")):
         parser.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
 
 
@@ -302,7 +303,16 @@ WORKERS = {
     "real-trl": lambda a: {"times": real_trl(a)},
     "real-naive": lambda a: {"times": real_naive(a)},
     "matmul-rate": matmul_rate,
+    "build-llama": lambda a: {"path": _build_llama(a)},
 }
+
+
+def _build_llama(args) -> str:
+    """--sizes' random-init Llama, built in its own process: a parent that built a 1.7B model would keep ~7 GB
+    resident (glibc keeps what it freed), which every worker forked from it would also report as its peak."""
+    import model_sizes
+
+    return model_sizes.build_random_llama(Path(args.directory), args.model_path, **json.loads(args.shape))
 
 
 # --- the parent: model facts, rounds, figures -------------------------------------------------------

@@ -66,6 +66,14 @@ def _arithmetic_data(num_eval: int = 500):
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` (its own address space). ``ru_maxrss`` is not that on Linux: a child
+    started by fork + exec begins with the parent's RSS at the fork as its maximum."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

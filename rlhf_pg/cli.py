@@ -317,6 +317,8 @@ def _run(args) -> int:
         return 0
     output_dir = _output_dir(args, recipe, command.default_dir(args, recipe)) if command.default_dir else None
     result = command.run(args, recipe, output_dir)
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under accelerate launch: the summary once, from the main process
+        return 0
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if command.show_examples or k != "examples"}, indent=2))
     else:

@@ -92,6 +92,8 @@ def test_fsdp_run_from_the_launch_config_or_the_recipe_key_resumes_exactly_and_f
     train = ["-m", "rlhf_pg", "--no-progress", "train", str(recipe)]
     whole = accelerate([*fsdp_config, *train, "--output-dir", str(tmp_path / "a")], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    # the run's summary JSON is printed once (by the main process), not once per process
+    assert whole.stdout.count('"world_size": 2') == 1, whole.stdout[-3000:]
     first = accelerate([*key_config, *train, "--output-dir", str(tmp_path / "b"), "--max-steps", "2",
                         "train.fsdp=true"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
