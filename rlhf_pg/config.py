@@ -72,11 +72,7 @@ def _type_name(tp: Any) -> str:
 
 def _short(value: Any, limit: int = 80) -> str:
     """``repr(value)`` on one line, cut to ``limit`` characters (messages stay one readable line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-YAML_TRUE, YAML_FALSE = ("yes", "on", "true", "y"), ("no", "off", "false", "n")
+    return repr(value) if len(repr(value)) <= limit else repr(value)[: limit - 3] + "..."
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -99,10 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool):  # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision: no`
-            spelled = [c for c in choices if str(c).lower() in (YAML_TRUE if value else YAML_FALSE)]
-            if len(spelled) == 1:
-                return spelled[0]
+        spelled = (("yes", "on", "true") if value else ("no", "off", "false")) if isinstance(value, bool) else ()
+        value = next((c for c in choices if str(c).lower() in spelled), value)  # YAML 1.1: `no` is false
         if value in choices and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -381,11 +375,9 @@ def to_dict(recipe: Any) -> dict[str, Any]:
         if extra_field is not None:
             data.update(getattr(recipe, extra_field))
         return data
-    if isinstance(recipe, list):
-        return [to_dict(item) for item in recipe]
     if isinstance(recipe, dict):
         return {key: to_dict(value) for key, value in recipe.items()}
-    return recipe
+    return [to_dict(item) for item in recipe] if isinstance(recipe, list) else recipe
 
 
 def recipe_keys(root: type) -> list[tuple[str, str, str]]:
