@@ -61,7 +61,7 @@ def contender(name: str, recipe: str, steps: int, work: Path) -> dict:
     threads = 2 if name == "single" else 1
     train = ["--no-progress", "train", recipe, "--output-dir", str(out / "run"), "--max-steps", str(steps),
              "data.num_eval=8", "train.eval_every=0", "train.save_every=0", "train.log_completions_every=0",
-             "train.tensorboard=false", f"train.num_threads={threads}"]
+             "train.tensorboard=false", f"train.num_threads={threads}", "train.mixed_precision=no"]
     script = [str(Path(__file__).resolve()), "--child", str(out), "--", *train]
     if name == "single":
         command = [sys.executable, *script]

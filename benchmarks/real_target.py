@@ -43,7 +43,7 @@ def _recipe(threads: int):
     from rlhf_pg.recipe import load_recipe
 
     return load_recipe(RECIPE, [f"train.num_threads={threads}", "train.tensorboard=false",
-                                "train.log_completions_every=0"])
+                                "train.log_completions_every=0", "train.mixed_precision=no"])  # fp32, as TRL here
 
 
 def _accuracy(model, tokenizer, recipe, prompts, columns) -> float:

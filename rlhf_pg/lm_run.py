@@ -224,8 +224,8 @@ class LMRun(Job):
             **{f"eval_{k.replace('/', '_')}_after": v for k, v in scalars.items() if k != "reward"},
             "tokens_per_s": round(counters["tokens_total"] / counters["train_time_s"], 1) if counters["train_time_s"] else None,
             "completion_tokens": counters["tokens_total"],
-            "world_size": self.accelerator.num_processes,
-            "fsdp": self.sharded,
+            "world_size": self.accelerator.num_processes, "fsdp": self.sharded,
+            "mixed_precision": self.accelerator.mixed_precision,  # train.mixed_precision: auto resolved on this machine
             "model": self.recipe.model.name_or_path,
             "cpu_matmul": "onednn" if uses_onednn(self.unwrapped) else "torch",  # the kernel in use at the end
             "cpu_matmul_switches": counters.get("cpu_matmul_switches", 0),  # auto's switches during the run
@@ -296,10 +296,10 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
                          max_context, "eval.max_new_tokens" if recipe.eval.max_new_tokens else "rollout.max_new_tokens",
                          chat_template_kwargs=chat)
     if sharding:  # the optimizer is built on the shards: each process keeps the AdamW states of its shards only
-        policy = fsdp.shard(policy.to(accelerator.device), accelerator.device.type, recipe.train.mixed_precision)
+        policy = fsdp.shard(policy.to(accelerator.device), accelerator.device.type, accelerator.mixed_precision)
         if isinstance(reference, torch.nn.Module):
             reference = fsdp.shard(reference.to(accelerator.device), accelerator.device.type,
-                                   recipe.train.mixed_precision, name="the reference model")
+                                   accelerator.mixed_precision, name="the reference model")
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], recipe.optim,
                                 fused=accelerator.device.type == "cpu" and accelerator.distributed_type.value in ("NO", "MULTI_CPU"))
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.steps)

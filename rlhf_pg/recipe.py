@@ -233,7 +233,9 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, help="recompute each layer's activations in the backward pass "
                                           "instead of keeping them: the same gradient, ~1/3 more update compute")
     check_memory: bool = option(True, help="refuse to start when the estimated peak memory exceeds the free memory")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="accelerate mixed precision")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = option(
+        "no", help="accelerate mixed precision; auto = bf16 where this machine runs bf16 faster (a GPU with bf16, a CPU "
+        "with AVX-512 BF16 or AMX), else no")
     eval_every: int = option(25, min=0, help="held-out evaluation every N steps (0 = only before and after)")
     save_every: int = option(50, min=0, help="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, min=1, help="how many recent checkpoints to keep")

@@ -257,3 +257,24 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
     measured = json.loads(lines[-1][len("RESULT "):])
     assert measured["estimate"] == pytest.approx(measured["peak"], rel=0.25)
     assert measured["estimate"] - measured["runtime"] == pytest.approx(measured["peak"] - measured["runtime"], rel=0.25)
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2", "avx512_bf16"}, "bf16"), ({"avx2", "amx_bf16"}, "bf16"),
+                                            ({"avx2", "avx512f"}, "no")])
+def test_mixed_precision_auto_is_bf16_only_on_a_cpu_with_bf16_units(tiny_model_dir, tmp_path, monkeypatch, flags,
+                                                                     expected):
+    from rlhf_pg.run import accel
+
+    monkeypatch.setattr(accel, "cpu_flags", lambda: flags)
+    assert accel.resolve_mixed_precision("auto") == expected
+    assert accel.resolve_mixed_precision("no") == "no" and accel.resolve_mixed_precision("bf16") == "bf16"
+    recipe = tiny_recipe(tiny_model_dir, train={"mixed_precision": "auto", "steps": 1})
+    assert recipe.train.mixed_precision == "auto"  # the recipe keeps what was asked; the run records what ran
+    summary = train(recipe, tmp_path / "run", show_progress=False)
+    assert summary["mixed_precision"] == expected
+    shape_bytes = {"bf16": 2, "no": 4}[expected]  # the memory estimate counts the activations the run will keep
+    from rlhf_pg.run.memory import step_shape
+    from rlhf_pg.models import load_policy
+
+    policy = load_policy(recipe.model)[0]
+    assert step_shape(recipe, policy, 8).activation_bytes == shape_bytes

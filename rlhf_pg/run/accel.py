@@ -23,6 +23,34 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
+def fast_bf16() -> bool:
+    """Does this machine run bfloat16 matmuls faster than float32? A CUDA GPU that supports bf16; a CPU with
+    bf16 instructions (x86 ``avx512_bf16`` or ``amx_bf16``, read from /proc/cpuinfo; oneDNN uses them). Elsewhere
+    (AVX2-only x86, ARM, MPS) bf16 autocast is emulated and slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if not cpu_only():
+        return False
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return set(next((line for line in info if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """``train.mixed_precision``: ``auto`` is ``bf16`` where this machine runs bf16 faster (``fast_bf16``), else ``no``."""
+    if mixed_precision == "auto":
+        return "bf16" if fast_bf16() else "no"
+    return mixed_precision
+
+
 def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None, shards_itself: bool = False):
     """An ``Accelerator`` for this run. Several runs in one process (``compare``, tests) may each pick
     their own precision: accelerate keeps one global state, so it is reset between runs (the process
@@ -37,7 +65,7 @@ def new_accelerator(mixed_precision: str = "no", timeout_s: float | None = None,
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_DISTRIBUTED_TIMEOUT_S)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=cpu_only(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def refuse_cpu_sharding(shards_itself: bool = False) -> None:

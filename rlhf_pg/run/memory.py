@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
+from .accel import resolve_mixed_precision
 
 GIB = 1 << 30
 HEAD_CHUNK_ELEMENTS = 1 << 25  # policy.kernels.linear_logprobs: logits held at once by the chunked head
@@ -144,7 +145,8 @@ def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_h
         kv_width=shape["kv_heads"] * shape["head_dim"], vocab=shape["vocab"],
         sequences=sequences, prompts=prompts, micro_batch=min(train.micro_batch_size or sequences, sequences),
         prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
-        activation_bytes=2 if train.mixed_precision in ("bf16", "fp16") else weight_bytes, reference=reference,
+        activation_bytes=2 if resolve_mixed_precision(train.mixed_precision) in ("bf16", "fp16") else weight_bytes,
+        reference=reference,
         checkpointing=bool(train.gradient_checkpointing or recipe.model.gradient_checkpointing),
         fused_head=fused_head, runtime=runtime)
 
