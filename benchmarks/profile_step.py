@@ -38,12 +38,27 @@ def timed(phases, name, function):
     return wrapper
 
 
+class TimedScorer:
+    """The run's scorer, its calls timed as the "reward" phase (its other attributes passed through)."""
+
+    def __init__(self, phases, scorer):
+        self._call, self._scorer = timed(phases, "reward", scorer), scorer
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._scorer, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quickstart", action="store_true", help="profile recipes/quickstart.yaml's step")
     parser.add_argument("--hf-decoder", action="store_true", help="decode with transformers' forward + DynamicCache")
     parser.add_argument("--model", help="profile this model at vs_trl.py --model's settings (chat prompts, 8 x 4, 64 tokens)")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="with --model: beta (> 0 loads a reference model)")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="with --model: train.micro_batch_size "
+                        "(vs_trl.py --model uses 4)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler after the timed ones")
     parser.add_argument("--threads", type=int, default=2)
@@ -59,7 +74,8 @@ def main() -> None:
             "rewards": [{"name": "digit_fraction"}],
             "rollout": {"prompts_per_step": 8, "completions_per_prompt": 4, "max_new_tokens": 64, "min_new_tokens": 64},
             "algorithm": {"baseline": "group_mean", "kl_coef": args.kl_coef}, "optim": {"lr": 1e-6},
-            "train": {"tensorboard": False, "log_completions_every": 0},
+            "train": {"tensorboard": False, "log_completions_every": 0, "mixed_precision": "no",
+                      "micro_batch_size": args.micro_batch_size},
         })
     elif args.quickstart:
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["train.tensorboard=false"])
@@ -79,7 +95,7 @@ def main() -> None:
     if args.hf_decoder:
         run.sampler.lean = False  # the built-in engine with transformers' own forward
     run.sampler.sample = timed(phases, "rollout", run.sampler.sample)
-    run.scorer = timed(phases, "reward", run.scorer)
+    run.scorer = TimedScorer(phases, run.scorer)
     totals = []
     for step in range(args.steps):
         started = time.perf_counter()

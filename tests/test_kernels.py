@@ -95,9 +95,10 @@ def test_use_torch_linears_undoes_only_the_onednn_routing():
     assert kernels.use_torch_linears(model) == 0
 
 
+@pytest.mark.parametrize("rows,keep_last", [(9, False), (9, True), (64, True)])
 @pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
-def test_chunked_linear_logprobs_equal_log_softmax_with_gradients(temperature, bias, onednn):
+def test_chunked_linear_logprobs_equal_log_softmax_with_gradients(temperature, bias, onednn, rows, keep_last):
     if onednn and not kernels.onednn_available():
         pytest.skip("no oneDNN")
     kernels.MIN_ONEDNN_ELEMENTS  # noqa: B018  (37 x 500 outputs: above it, oneDNN's path when asked)
@@ -107,14 +108,17 @@ def test_chunked_linear_logprobs_equal_log_softmax_with_gradients(temperature, b
     tokens = torch.randint(0, 500, (37,), generator=g)
     upstream = torch.randn(37, generator=g)
     params = [x, w] + ([b] if bias else [])
-    # 9 rows per chunk: 5 chunks, the last one short
-    ours = kernels.LinearLogprobs.apply(x, w, b, tokens, temperature, 9, onednn)
-    grads = torch.autograd.grad((ours * upstream).sum(), params)
+    # 9 rows per chunk: 5 chunks, the last one short; 64: one chunk. keep_last: the last chunk's softmax is kept
+    # from the forward (not recomputed); a second backward (retain_graph) must recompute it, and agree
+    ours = kernels.LinearLogprobs.apply(x, w, b, tokens, temperature, rows, onednn, keep_last)
+    first = torch.autograd.grad((ours * upstream).sum(), params, retain_graph=True)
+    again = torch.autograd.grad((ours * upstream).sum(), params)
     plain = torch.log_softmax(F.linear(x, w, b) / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
     expected = torch.autograd.grad((plain * upstream).sum(), params)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for grads in (first, again):
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_logprobs_bounds_the_chunk_and_keeps_the_shape():
@@ -166,5 +170,8 @@ def test_completion_logprobs_fused_head_equals_the_plain_forward(family, onednn,
     plain, plain_grads = run(False)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert fused_grads.keys() == plain_grads.keys()
+    # tied embeddings took sparse lookup gradients inside (kernels.sparse_tied_embeddings): .grad is dense, the
+    # module is as it was
+    assert not any(grad.is_sparse for grad in fused_grads.values()) and not model.get_input_embeddings().sparse
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4, msg=name)

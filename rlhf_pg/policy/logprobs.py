@@ -13,7 +13,8 @@ import torch
 from transformers import DynamicCache
 
 from .decoder import cache_argument, positions_from_mask
-from .kernels import head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs, token_logprobs
+from .kernels import (head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs,
+                      sparse_tied_embeddings, token_logprobs)
 from .prompts import distinct_rows
 
 Tensor = torch.Tensor
@@ -48,7 +49,7 @@ def completion_logprobs(
             hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
         return gathered_head[1](hidden, completion_ids, temperature) * completion_mask
     if head is not None:
-        with hidden_states(head):
+        with hidden_states(head), sparse_tied_embeddings(model, head):
             hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
         return linear_logprobs(hidden, head, completion_ids, temperature) * completion_mask
     logits = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
