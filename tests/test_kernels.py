@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from rlhf_pg.policy import kernels
 from rlhf_pg.policy.cpu_matmul import MatmulChoice
-from rlhf_pg.policy.logprobs import completion_logprobs
+from rlhf_pg.policy.logprobs import PromptPass, completion_logprobs
 from tests.test_decoder_families import FAMILIES, tiny_model
 
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN linear op")
@@ -175,3 +175,53 @@ def test_completion_logprobs_fused_head_equals_the_plain_forward(family, onednn,
     assert not any(grad.is_sparse for grad in fused_grads.values()) and not model.get_input_embeddings().sparse
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_prompt_pass_for_all_micro_batches_gives_the_full_batch_gradient(family, fused):
+    """logprobs.PromptPass: the distinct prompts run once, micro-batches (in any order, of a subset of rows) read
+    their cache through detached leaves, one backward through the prompt pass at the end: the same log-probs and
+    gradient as one full-batch forward and backward (which shares prompts its own way), for every family."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(3, 97, (4, 5), generator=g).repeat_interleave(2, 0)  # groups of 2 share a prompt
+    prompt_mask = torch.ones(8, 5)
+    prompt_mask[4:6, :2] = 0  # a left-padded group
+    completions = torch.randint(3, 97, (8, 4), generator=g)
+    completion_mask = torch.ones(8, 4)
+    completion_mask[7, 2:] = 0
+    weights = torch.randn(8, 4, generator=g)
+    rows = [0, 1, 2, 4, 5, 6, 7]  # row 3 left out (a zero-advantage row the update skips)
+    chunks = [[4, 0], [7, 2, 1], [6, 5]]  # rows of different prompts mixed, a group split across chunks
+    if not PromptPass.usable(model, len(chunks)):
+        assert family in ("mistral-sliding", "gemma2")  # sliding-window caches: the per-chunk prompt pass instead
+        return
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    model.zero_grad(set_to_none=True)
+    index = torch.tensor(rows)
+    full = completion_logprobs(model, prompts[index], prompt_mask[index], completions[index], completion_mask[index],
+                               0.9, fused_head=fused)
+    (full * weights[index]).sum().backward()
+    expected = grads()
+    prompt_pass = PromptPass(model, prompts, prompt_mask, rows, fused_head=fused)
+    got = torch.zeros(8, 4)
+    for chunk in chunks:
+        part = torch.tensor(chunk)
+        logprobs = completion_logprobs(model, prompts[part], prompt_mask[part], completions[part],
+                                       completion_mask[part], 0.9, fused_head=fused, prompt_pass=(prompt_pass, part))
+        (logprobs * weights[part]).sum().backward()
+        got[part] = logprobs.detach()
+    prompt_pass.backward()
+    torch.testing.assert_close(got[index], full.detach(), rtol=1e-4, atol=1e-4)
+    ours = grads()
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="outside the rows"):
+        PromptPass(model, prompts, prompt_mask, rows, fused_head=fused).chunk(torch.tensor([3]))

@@ -9,8 +9,11 @@ This is the update's side of the policy (with gradients); sampling is the engine
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .decoder import cache_argument, positions_from_mask
 from .kernels import (head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs,
@@ -23,6 +26,7 @@ Tensor = torch.Tensor
 def completion_logprobs(
     model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
     temperature: float = 1.0, share_prompts: bool = True, fused_head: bool = True,
+    prompt_pass: "tuple[PromptPass, Tensor] | None" = None,
 ) -> Tensor:
     """``log pi_theta(a_t | s_t)`` ``[B, T]`` for given completions, with gradients; 0 where the mask is 0.
 
@@ -33,6 +37,8 @@ def completion_logprobs(
     gradients as one forward over ``[prompt | completion]`` per row (``share_prompts=False``), with 1/K of the
     prompt compute. With ``fused_head`` (where ``kernels.head_for_logprobs`` allows it) the model stops at its
     final hidden states and ``kernels.linear_logprobs`` applies the output layer in chunks: no ``[B, T, V]`` logits.
+    ``prompt_pass=(PromptPass, rows)``: these are rows ``rows`` of the batch whose prompts that pass ran (a
+    micro-batch): their prompts are not run again (see ``PromptPass``).
     """
     if not temperature > 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature} "
@@ -48,21 +54,100 @@ def completion_logprobs(
         with hidden_states(gathered_head[0]):
             hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
         return gathered_head[1](hidden, completion_ids, temperature) * completion_mask
+    if prompt_pass is not None and (head is not None) != prompt_pass[0].fused:
+        raise ValueError("completion_logprobs: the prompt pass and this call disagree on fused_head")
     if head is not None:
         with hidden_states(head), sparse_tied_embeddings(model, head):
-            hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+            hidden = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts,
+                                         prompt_pass)
         return linear_logprobs(hidden, head, completion_ids, temperature) * completion_mask
-    logits = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+    logits = _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts,
+                                 prompt_pass)
     return token_logprobs(logits, completion_ids, temperature) * completion_mask
 
 
-def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts) -> Tensor:
+class PromptPass:
+    """The distinct prompts of a batch's ``rows``, run once with gradients for all of its micro-batches.
+
+    A micro-batched update (``train.micro_batch_size``) otherwise runs each chunk's prompts in a forward of their
+    own: one group's prompt per chunk at 4 rows a chunk, a 46-row forward at SmolLM2's chat prompts, at about half
+    the matmul rate of one 368-row forward over all 8 (measured). Here every distinct prompt runs once; each
+    micro-batch reads its keys/values (and the prompt's last hidden state, which predicts a_0) through detached
+    leaves, whose gradients add up over the micro-batches, and ``backward()`` then sends the sum through the prompt
+    pass once. The same gradient (the chain rule, cut at the cache); the prompt pass's activations stay alive until
+    ``backward()``. For one process whose parameters are whole (under DDP the last micro-batch's backward is the
+    synchronizing one; sharded forwards are collectives) and a model whose cache is on (no checkpointing).
+    """
+
+    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int], fused_head: bool = True):
+        body = getattr(model, "module", model)
+        head = head_for_logprobs(model) if fused_head else None
+        self.fused = head is not None
+        index = torch.as_tensor(rows, dtype=torch.long, device=prompt_ids.device)
+        ids, mask = prompt_ids[index], prompt_mask[index]
+        groups = distinct_rows(ids, mask)
+        unique_rows, row_of = groups if groups is not None else (torch.arange(len(rows), device=ids.device),) * 2
+        self.unique_of_row = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=ids.device)
+        self.unique_of_row[index] = row_of
+        cache = DynamicCache(config=body.config)
+        positions = positions_from_mask(mask[unique_rows])
+        context = (hidden_states(head), sparse_tied_embeddings(model, head)) if head is not None else ()
+        with contextlib.ExitStack() as stack:
+            for manager in context:
+                stack.enter_context(manager)
+            first = body(  # [U, 1, *]: the logits (or hidden states) that predict a_0
+                input_ids=ids[unique_rows], attention_mask=mask[unique_rows].long(), position_ids=positions,
+                **cache_argument(body, cache), use_cache=True, logits_to_keep=1,
+            ).logits
+        self.config = body.config
+        self.outputs = [first] + [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self.leaves = [t.detach().requires_grad_() for t in self.outputs]
+
+    @staticmethod
+    def usable(model, chunks: int) -> bool:
+        """Whether a ``PromptPass`` may serve ``chunks`` micro-batches of ``model`` (see the class doc)."""
+        body = getattr(model, "module", model)
+        if not (chunks > 1 and body is model and not _collective(model) and _shared_prompts_allowed(model)):
+            return False
+        base = body.get_base_model() if hasattr(body, "get_base_model") else body
+        # plain growing layers only: a sliding-window layer keeps its own count of the tokens it has seen
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=base.config).layers)
+
+    def chunk(self, rows: Tensor) -> tuple[Tensor, DynamicCache]:
+        """Batch rows ``rows``: the outputs that predict their a_0 ``[b, 1, *]``, and a cache of their prompts."""
+        unique = self.unique_of_row[rows]
+        if bool((unique < 0).any()):
+            raise ValueError("PromptPass.chunk: rows outside the rows this prompt pass ran")
+        cache = DynamicCache(config=self.config)
+        for layer in range(len(self.leaves) // 2):
+            cache.update(self.leaves[1 + 2 * layer][unique], self.leaves[2 + 2 * layer][unique], layer)
+        return self.leaves[0][unique], cache
+
+    def backward(self) -> None:
+        """The micro-batches' gradients at the cut, sent through the prompt pass (once, after the last of them)."""
+        pairs = [(output, leaf.grad) for output, leaf in zip(self.outputs, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+        self.outputs, self.leaves = [], []
+
+
+def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts,
+                        prompt_pass=None) -> Tensor:
     """The model's outputs ``[B, T, *]`` at the T positions that predict completion tokens (logits, or
     the hidden states when the head is cut off)."""
-    prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     positions = positions_from_mask(attention_mask)
     num_actions = completion_ids.shape[1]
+    if prompt_pass is not None:
+        logits, cache = prompt_pass[0].chunk(prompt_pass[1])
+        if num_actions > 1:
+            rest = model(  # [B, T-1, *]: completion position t predicts a_{t+1}
+                input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                position_ids=positions[:, prompt_ids.shape[1]:-1], **cache_argument(model, cache), use_cache=True,
+            ).logits
+            logits = torch.cat([logits, rest], dim=1)
+        return logits
+    prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
     if prompts is None:
         return model(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
@@ -93,11 +178,7 @@ def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Ten
     (all prompts distinct) or cannot work (gradient checkpointing turns the model's cache off). With sharded
     parameters (FSDP, ZeRO-3: every forward a collective) distinct prompts still take the shared path, each its own
     group, so that every process runs the same two forwards."""
-    body = getattr(model, "module", model)
-    checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
-    if checkpointing is None:
-        checkpointing = getattr(body, "is_gradient_checkpointing", False)
-    if checkpointing:
+    if not _shared_prompts_allowed(model):
         return None
     groups = distinct_rows(prompt_ids, prompt_mask)
     if groups is None and _collective(model):
@@ -106,9 +187,18 @@ def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Ten
     return groups
 
 
+def _shared_prompts_allowed(model) -> bool:
+    """False when gradient checkpointing turns the model's cache off."""
+    body = getattr(model, "module", model)
+    checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(body, "is_gradient_checkpointing", False)
+    return not checkpointing
+
+
 def _collective(model) -> bool:
     """Are the model's forwards collectives (parameters sharded between forwards: FSDP2, ZeRO-3)?"""
     return sharded(next(getattr(model, "module", model).parameters()))
 
 
-__all__ = ["completion_logprobs"]
+__all__ = ["PromptPass", "completion_logprobs"]

@@ -17,7 +17,7 @@ from ..core.correction import GapStats, sampler_correction
 from ..core.losses import aggregate, kl_estimate, off_policy_loss, policy_gradient_loss
 from ..core.mdp import Rollout, action_tokens
 from .kernels import sharded
-from .logprobs import completion_logprobs
+from .logprobs import PromptPass, completion_logprobs
 
 
 @dataclass
@@ -67,12 +67,18 @@ def policy_update(
         # the extra ones (a row again, its loss times 0) add nothing to the gradient
         most = int(accelerator.reduce(torch.tensor(len(chunks), device=batch.completion_mask.device), "max"))
         chunks += [rows[:1]] * (most - len(chunks))
+    # one prompt pass for all micro-batches (logprobs.PromptPass): one process, whole parameters, cache on
+    shared_prompts = accelerator.num_processes == 1 and PromptPass.usable(model, len(chunks))
     old_logprobs = torch.zeros_like(batch.completion_mask)
     is_weights = torch.ones_like(batch.completion_mask)
     gap = GapStats()
     results = []
     for epoch in range(updates_per_batch):
         total_loss, ratio_stats = 0.0, []
+        prompt_pass = None
+        if shared_prompts:  # per pass over the batch: theta changed since the last one
+            with accelerator.autocast():
+                prompt_pass = PromptPass(model, batch.prompt_ids, batch.prompt_mask, rows)
         for index, chunk in enumerate(chunks):
             part = batch.select(chunk)
             part_adv = advantages[chunk]
@@ -81,8 +87,10 @@ def policy_update(
             accelerator.gradient_state._set_sync_gradients(last_chunk)
             sync = contextlib.nullcontext() if last_chunk else accelerator.no_sync(model)
             with sync, accelerator.autocast():
+                rows_of_part = torch.as_tensor(chunk, device=batch.completion_mask.device)
                 logprobs = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                               part.completion_mask, batch.temperature)
+                                               part.completion_mask, batch.temperature,
+                                               prompt_pass=(prompt_pass, rows_of_part) if prompt_pass else None)
                 mask = action_tokens(part)  # completion_mask, without an episode's observation tokens
                 if epoch == 0 and not padding:  # pi_theta before any step, against the sampler's log-probs (core/correction.py)
                     old_logprobs[chunk] = logprobs.detach()
@@ -106,6 +114,8 @@ def policy_update(
                     loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens, norm_length)
                 accelerator.backward(loss * 0.0 if padding else loss)
             total_loss += 0.0 if padding else float(loss.detach())
+        if prompt_pass is not None:
+            prompt_pass.backward()  # the micro-batches' gradients at the prompts' cache, through the prompt pass
         accelerator.gradient_state._set_sync_gradients(True)
         result = _optimizer_step(model, optimizer, accelerator, total_loss, max_grad_norm)
         result.gap = gap if epoch == 0 else None
