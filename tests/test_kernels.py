@@ -177,12 +177,13 @@ def test_completion_logprobs_fused_head_equals_the_plain_forward(family, onednn,
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused,recompute", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_one_prompt_pass_for_all_micro_batches_gives_the_full_batch_gradient(family, fused):
+def test_one_prompt_pass_for_all_micro_batches_gives_the_full_batch_gradient(family, fused, recompute):
     """logprobs.PromptPass: the distinct prompts run once, micro-batches (in any order, of a subset of rows) read
     their cache through detached leaves, one backward through the prompt pass at the end: the same log-probs and
-    gradient as one full-batch forward and backward (which shares prompts its own way), for every family."""
+    gradient as one full-batch forward and backward (which shares prompts its own way), for every family; also when
+    the prompt pass keeps no activations and runs again in its backward (``recompute``)."""
     model = tiny_model(family)
     g = torch.Generator().manual_seed(4)
     prompts = torch.randint(3, 97, (4, 5), generator=g).repeat_interleave(2, 0)  # groups of 2 share a prompt
@@ -209,7 +210,7 @@ def test_one_prompt_pass_for_all_micro_batches_gives_the_full_batch_gradient(fam
                                0.9, fused_head=fused)
     (full * weights[index]).sum().backward()
     expected = grads()
-    prompt_pass = PromptPass(model, prompts, prompt_mask, rows, fused_head=fused)
+    prompt_pass = PromptPass(model, prompts, prompt_mask, rows, fused_head=fused, recompute=recompute)
     got = torch.zeros(8, 4)
     for chunk in chunks:
         part = torch.tensor(chunk)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -79,7 +80,8 @@ class PromptPass:
     synchronizing one; sharded forwards are collectives) and a model whose cache is on (no checkpointing).
     """
 
-    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int], fused_head: bool = True):
+    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int], fused_head: bool = True,
+                 recompute: bool = False):
         body = getattr(model, "module", model)
         head = head_for_logprobs(model) if fused_head else None
         self.fused = head is not None
@@ -89,19 +91,33 @@ class PromptPass:
         unique_rows, row_of = groups if groups is not None else (torch.arange(len(rows), device=ids.device),) * 2
         self.unique_of_row = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=ids.device)
         self.unique_of_row[index] = row_of
-        cache = DynamicCache(config=body.config)
-        positions = positions_from_mask(mask[unique_rows])
-        context = (hidden_states(head), sparse_tied_embeddings(model, head)) if head is not None else ()
-        with contextlib.ExitStack() as stack:
-            for manager in context:
-                stack.enter_context(manager)
-            first = body(  # [U, 1, *]: the logits (or hidden states) that predict a_0
-                input_ids=ids[unique_rows], attention_mask=mask[unique_rows].long(), position_ids=positions,
-                **cache_argument(body, cache), use_cache=True, logits_to_keep=1,
-            ).logits
+        ids, mask = ids[unique_rows], mask[unique_rows].long()
+
+        def prompt_forward(ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+            cache = DynamicCache(config=body.config)
+            with contextlib.ExitStack() as stack:
+                for manager in (hidden_states(head), sparse_tied_embeddings(model, head)) if head is not None else ():
+                    stack.enter_context(manager)
+                first = body(  # [U, 1, *]: the logits (or hidden states) that predict a_0
+                    input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                    **cache_argument(body, cache), use_cache=True, logits_to_keep=1,
+                ).logits
+            return (first, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
         self.config = body.config
-        self.outputs = [first] + [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        if recompute:  # keep no activations: the backward runs the prompt pass again (torch's checkpointing, RNG kept)
+            self.outputs = list(torch.utils.checkpoint.checkpoint(prompt_forward, ids, mask, use_reentrant=False))
+        else:
+            self.outputs = list(prompt_forward(ids, mask))
         self.leaves = [t.detach().requires_grad_() for t in self.outputs]
+
+    @staticmethod
+    def prompt_tokens(prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int]) -> int:
+        """The real (unpadded) tokens of the distinct prompts of ``rows``: what the prompt pass runs."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=prompt_ids.device)
+        groups = distinct_rows(prompt_ids[index], prompt_mask[index])
+        unique = index[groups[0]] if groups is not None else index
+        return int(prompt_mask[unique].sum())
 
     @staticmethod
     def usable(model, chunks: int) -> bool:

@@ -41,6 +41,7 @@ class StepShape:
     reference: bool = False  # a frozen copy of the weights (KL term without LoRA)
     checkpointing: bool = False
     fused_head: bool = True  # policy.kernels.linear_logprobs: no [M, T, V] logits
+    prompt_pass: bool = False  # policy.logprobs.PromptPass: all G prompts run once for the micro-batches
     runtime: int = 0  # the process before the model: interpreter, torch, transformers
 
 
@@ -65,7 +66,9 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
                        or 3 M T V a (a head it cannot chunk: the logits, their log-softmax and its gradient)
         vocab grads    3 V d b                    (when the embeddings train: the head's d/dW, the embedding's
                                                    dense gradient, their sum, beside the gradients)
-        activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M S when
+        activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M T + G P
+                                                   with one prompt pass for all micro-batches (max of the two
+                                                   when G P > M T: then it is recomputed), M S when
                                                    checkpointing, each layer's kept tensors per token; with
                                                    checkpointing: X d L a + one layer's (14 d + 4 w + 4 I) X a)
         peak = runtime + weights + gradients + AdamW + max(sampling, logits + vocab grads + activations)
@@ -75,6 +78,10 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
     group = max(1, s.sequences // max(1, s.prompts))
     if s.checkpointing:  # transformers turns the cache off under checkpointing: no shared prompt in the update
         tokens = s.micro_batch * length
+    elif s.prompt_pass and s.micro_batch < s.sequences:  # its activations kept while G P <= M T, else recomputed
+        kept = s.prompts * s.prompt_tokens
+        tokens = s.micro_batch * s.new_tokens + kept if kept <= s.micro_batch * s.new_tokens else \
+            max(s.micro_batch * s.new_tokens, kept)
     else:
         tokens = s.micro_batch * s.new_tokens + -(-s.micro_batch // group) * s.prompt_tokens
     per_token_layer = 14 * s.hidden + 4 * s.kv_width + 4 * s.intermediate
@@ -148,7 +155,7 @@ def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_h
         activation_bytes=2 if resolve_mixed_precision(train.mixed_precision) in ("bf16", "fp16") else weight_bytes,
         reference=reference,
         checkpointing=bool(train.gradient_checkpointing or recipe.model.gradient_checkpointing),
-        fused_head=fused_head, runtime=runtime)
+        fused_head=fused_head, runtime=runtime, prompt_pass=processes == 1)
 
 
 def what_fits(shape: StepShape, free: int) -> list[str]:
