@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .core.losses import kl_estimate, kl_penalized_rewards
 from .core.mdp import Rollout, action_tokens, mask_truncated, terminal_rewards, truncated
 from .evaluation import completion_records
 from .lm_run import LMRun, setup_run
-from .policy.logprobs import completion_logprobs
+from .policy.logprobs import PromptPass, completion_logprobs
 from .policy.update import UpdateResult, policy_update
 from .recipe import Recipe
 from .run.metrics import completions_table
@@ -82,18 +83,20 @@ def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
     """log pi_ref(a_t | s_t) ``[B, T]``: the frozen initial policy (for LoRA: the policy with its adapter off), in
     chunks of ``train.micro_batch_size`` rows (as the update: rows are independent, so the same numbers)."""
     micro = run.recipe.train.micro_batch_size or len(batch)
+    model = run.unwrapped if run.reference == "adapter" else run.reference
+    starts = range(0, len(batch), micro)
     chunks = []
     # inference mode: no autograd bookkeeping at all; the result is cloned out so the loss may use it
-    with torch.inference_mode():
-        for start in range(0, len(batch), micro):
+    with torch.inference_mode(), run.unwrapped.disable_adapter() if run.reference == "adapter" else nullcontext():
+        # the batch's distinct prompts in one forward for all chunks (policy.logprobs.PromptPass)
+        prompt_pass = PromptPass(model, batch.prompt_ids, batch.prompt_mask, list(range(len(batch)))) \
+            if PromptPass.usable(model, len(starts)) else None
+        for start in starts:
             rows = slice(start, start + micro)
-            args = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
-                    batch.completion_mask[rows], batch.temperature)
-            if run.reference == "adapter":
-                with run.unwrapped.disable_adapter():
-                    chunks.append(completion_logprobs(run.unwrapped, *args))
-            else:
-                chunks.append(completion_logprobs(run.reference, *args))
+            shared = (prompt_pass, torch.arange(len(batch), device=batch.prompt_ids.device)[rows]) if prompt_pass else None
+            chunks.append(completion_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
+                                              batch.completion_ids[rows], batch.completion_mask[rows],
+                                              batch.temperature, prompt_pass=shared))
     return torch.cat(chunks).clone()
 
 

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -82,3 +83,26 @@ def test_lora_run_resumes_from_an_adapter_checkpoint(tiny_model_dir, tmp_path):
     strip = lambda path: [{k: v for k, v in r.items() if not k.startswith("perf/") and not k.endswith("/latency_s")} for r in read_metrics(path)]
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
     assert fresh["eval_reward_after"] == resumed["eval_reward_after"]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_log_probs_in_micro_batches_share_one_prompt_pass(tiny_model_dir, tmp_path, lora):
+    """trainer.reference_logprobs in chunks of 3 rows (uneven; groups of 4 split across chunks), its prompts run once
+    (policy.logprobs.PromptPass), equals the frozen policy's log-probs from one plain full-batch forward."""
+    recipe = lora_recipe(tiny_model_dir, micro_batch_size=3)
+    if not lora:
+        recipe = recipe_from_dict({**recipe.to_dict(), "peft": None})
+    run, _ = setup(recipe, tmp_path)
+    assert (run.reference == "adapter") == lora and run.reference is not None
+    from rlhf_pg.policy.builtin import BuiltinSampler
+    from rlhf_pg.policy.logprobs import PromptPass
+    from rlhf_pg.policy.sampler import SamplingParams
+
+    batch = BuiltinSampler(run.unwrapped, run.tokenizer).sample(["1+2=", "3+4=", "15+6="], 4, SamplingParams(max_new_tokens=4),
+                                                               generator=torch.Generator().manual_seed(1))
+    model = run.unwrapped if lora else run.reference
+    assert PromptPass.usable(model, 4)
+    with torch.no_grad():
+        plain = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                    batch.completion_mask, share_prompts=False)
+    torch.testing.assert_close(reference_logprobs(run, batch), plain, rtol=1e-5, atol=1e-5)

@@ -105,11 +105,12 @@ class PromptPass:
             return (first, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
         self.config = body.config
-        if recompute:  # keep no activations: the backward runs the prompt pass again (torch's checkpointing, RNG kept)
+        if recompute and torch.is_grad_enabled():  # keep no activations: the backward runs the prompt pass again (torch's checkpointing, RNG kept)
             self.outputs = list(torch.utils.checkpoint.checkpoint(prompt_forward, ids, mask, use_reentrant=False))
         else:
             self.outputs = list(prompt_forward(ids, mask))
-        self.leaves = [t.detach().requires_grad_() for t in self.outputs]
+        grad = torch.is_grad_enabled()  # (without gradients, e.g. the reference model's pass: the outputs themselves)
+        self.leaves = [t.detach().requires_grad_() for t in self.outputs] if grad else self.outputs
 
     @staticmethod
     def prompt_tokens(prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int]) -> int:
