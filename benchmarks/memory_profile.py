@@ -14,8 +14,9 @@ subprocess, so that RSS is per variant. A thread reads ``VmRSS`` from ``/proc/se
     setup      loading the model, the optimizer, the kernel choice        (before the first step)
     sampling   the rollout and the rewards                               (trainer.sample_step)
     reference  log pi_ref of the batch                                   (trainer.reference_logprobs)
-    forward    the update's teacher-forced log-probs                     (policy.update.completion_logprobs)
-    backward   the loss's backward                                       (accelerator.backward)
+    forward    the update's teacher-forced log-probs                     (policy.update.completion_logprobs,
+                                                                          and the micro-batches' PromptPass)
+    backward   the loss's backward                                       (accelerator.backward, PromptPass.backward)
     optimizer  clipping and the AdamW step                               (policy.update._optimizer_step)
     other      advantages, metrics, the sampler's weight sync
 
@@ -145,6 +146,17 @@ def worker(args) -> dict:
     trainer.sample_step = meter.wrap("sampling", trainer.sample_step)
     trainer.reference_logprobs = meter.wrap("reference", trainer.reference_logprobs)
     update.completion_logprobs = meter.wrap("forward", update.completion_logprobs)
+
+    class MeteredPromptPass(update.PromptPass):  # the shared prompt pass of the micro-batches: forward and backward
+        def __init__(self, *args, **kwargs):
+            with meter.inside("forward"):
+                super().__init__(*args, **kwargs)
+
+        def backward(self):
+            with meter.inside("backward"):
+                super().backward()
+
+    update.PromptPass = MeteredPromptPass
     update._optimizer_step = meter.wrap("optimizer", update._optimizer_step)
     run, _ = trainer.setup(recipe, tempfile.mkdtemp())
     run.accelerator.backward = meter.wrap("backward", run.accelerator.backward)
