@@ -136,9 +136,11 @@ class PromptPass:
         if bool((unique < 0).any()):
             raise ValueError("PromptPass.chunk: rows outside the rows this prompt pass ran")
         cache = DynamicCache(config=self.config)
+        # index_select, whose backward is an index_add (advanced indexing's is a slower accumulating index_put)
         for layer in range(len(self.leaves) // 2):
-            cache.update(self.leaves[1 + 2 * layer][unique], self.leaves[2 + 2 * layer][unique], layer)
-        return self.leaves[0][unique], cache
+            cache.update(self.leaves[1 + 2 * layer].index_select(0, unique),
+                         self.leaves[2 + 2 * layer].index_select(0, unique), layer)
+        return self.leaves[0].index_select(0, unique), cache
 
     def backward(self) -> None:
         """The micro-batches' gradients at the cut, sent through the prompt pass (once, after the last of them)."""
