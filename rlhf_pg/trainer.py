@@ -93,7 +93,8 @@ def reference_logprobs(run: LMRun, batch: Rollout) -> torch.Tensor:
             if PromptPass.usable(model, len(starts)) else None
         for start in starts:
             rows = slice(start, start + micro)
-            shared = (prompt_pass, torch.arange(len(batch), device=batch.prompt_ids.device)[rows]) if prompt_pass else None
+            shared = (prompt_pass, torch.arange(start, min(start + micro, len(batch)), device=batch.prompt_ids.device)) \
+                if prompt_pass else None
             chunks.append(completion_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
                                               batch.completion_ids[rows], batch.completion_mask[rows],
                                               batch.temperature, prompt_pass=shared))

@@ -98,8 +98,9 @@ def test_reference_log_probs_in_micro_batches_share_one_prompt_pass(tiny_model_d
     from rlhf_pg.policy.logprobs import PromptPass
     from rlhf_pg.policy.sampler import SamplingParams
 
-    batch = BuiltinSampler(run.unwrapped, run.tokenizer).sample(["1+2=", "3+4=", "15+6="], 4, SamplingParams(max_new_tokens=4),
-                                                               generator=torch.Generator().manual_seed(1))
+    sampler = BuiltinSampler(run.unwrapped, run.tokenizer)
+    batch = sampler.sample(["1+2=", "3+4=", "15+6="], 4, SamplingParams(max_new_tokens=4),
+                           generator=torch.Generator().manual_seed(1))
     model = run.unwrapped if lora else run.reference
     assert PromptPass.usable(model, 4)
     with torch.no_grad():

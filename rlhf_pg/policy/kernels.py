@@ -212,7 +212,7 @@ def sparse_tied_embeddings(model, head: torch.nn.Module) -> Iterator[None]:
     """Inside, a model whose input embedding shares its weight with ``head`` (tied embeddings, e.g. SmolLM2, GPT-2)
     records a sparse gradient for the embedding lookups: only the looked-up rows, added into the head's dense
     ``[V, H]`` gradient of the same backward, instead of a zero-filled ``[V, H]`` tensor per lookup (two per
-    micro-batch with a shared prompt pass: ~30 ms each at SmolLM2's size, measured). The same gradient; the
+    micro-batch: ~40 ms each at SmolLM2's size, against 0.4 ms sparse, measured). The same gradient; the
     parameter's ``.grad`` stays dense, since the head's part of it always is. Untied, frozen or sharded
     embeddings are left alone."""
     body = _body(model)
@@ -304,6 +304,7 @@ def linear_logprobs(hidden: Tensor, head: torch.nn.Linear, tokens: Tensor, tempe
     flat, ids = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     rows = max(1, min(flat.shape[0], max_chunk_elements // head.weight.shape[0]))
     onednn = uses_onednn(head) or False
-    keep_last = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (flat, head.weight, head.bias))
+    keep_last = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (flat, head.weight, head.bias))
     out = LinearLogprobs.apply(flat, head.weight, head.bias, ids, float(temperature), rows, onednn, keep_last)
     return out.view(tokens.shape)

@@ -75,13 +75,16 @@ class PromptPass:
     the matmul rate of one 368-row forward over all 8 (measured). Here every distinct prompt runs once; each
     micro-batch reads its keys/values (and the prompt's last hidden state, which predicts a_0) through detached
     leaves, whose gradients add up over the micro-batches, and ``backward()`` then sends the sum through the prompt
-    pass once. The same gradient (the chain rule, cut at the cache); the prompt pass's activations stay alive until
-    ``backward()``. For one process whose parameters are whole (under DDP the last micro-batch's backward is the
-    synchronizing one; sharded forwards are collectives) and a model whose cache is on (no checkpointing).
+    pass once. The same gradient (the chain rule, cut at the cache). Its activations stay alive until ``backward()``,
+    unless its prompts hold more than ``max_kept_tokens`` tokens: then it keeps none and runs again in
+    ``backward()`` (torch's checkpointing, RNG state kept). Without gradients (a reference model) it is a plain
+    forward whose cache the chunks read. For one process whose parameters are whole (under DDP the last
+    micro-batch's backward is the synchronizing one; sharded forwards are collectives) and a model whose cache is on
+    (no checkpointing) and grows (no sliding window).
     """
 
     def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int], fused_head: bool = True,
-                 recompute: bool = False):
+                 max_kept_tokens: int | None = None):
         body = getattr(model, "module", model)
         head = head_for_logprobs(model) if fused_head else None
         self.fused = head is not None
@@ -92,6 +95,8 @@ class PromptPass:
         self.unique_of_row = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=ids.device)
         self.unique_of_row[index] = row_of
         ids, mask = ids[unique_rows], mask[unique_rows].long()
+        grad = torch.is_grad_enabled()
+        recompute = grad and max_kept_tokens is not None and int(mask.sum()) > max_kept_tokens
 
         def prompt_forward(ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
             cache = DynamicCache(config=body.config)
@@ -105,20 +110,11 @@ class PromptPass:
             return (first, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
         self.config = body.config
-        if recompute and torch.is_grad_enabled():  # keep no activations: the backward runs the prompt pass again (torch's checkpointing, RNG kept)
+        if recompute:
             self.outputs = list(torch.utils.checkpoint.checkpoint(prompt_forward, ids, mask, use_reentrant=False))
         else:
             self.outputs = list(prompt_forward(ids, mask))
-        grad = torch.is_grad_enabled()  # (without gradients, e.g. the reference model's pass: the outputs themselves)
         self.leaves = [t.detach().requires_grad_() for t in self.outputs] if grad else self.outputs
-
-    @staticmethod
-    def prompt_tokens(prompt_ids: Tensor, prompt_mask: Tensor, rows: list[int]) -> int:
-        """The real (unpadded) tokens of the distinct prompts of ``rows``: what the prompt pass runs."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=prompt_ids.device)
-        groups = distinct_rows(prompt_ids[index], prompt_mask[index])
-        unique = index[groups[0]] if groups is not None else index
-        return int(prompt_mask[unique].sum())
 
     @staticmethod
     def usable(model, chunks: int) -> bool:

@@ -77,9 +77,11 @@ def policy_update(
         total_loss, ratio_stats = 0.0, []
         prompt_pass = None
         if shared_prompts:  # per pass over the batch: theta changed since the last one
+            # it keeps its activations only while they are no more than a micro-batch's (micro-batching is asked
+            # for to bound them); else it runs again in its backward
             with accelerator.autocast():
                 prompt_pass = PromptPass(model, batch.prompt_ids, batch.prompt_mask, rows,
-                                         recompute=_recompute_prompts(batch, rows, micro))
+                                         max_kept_tokens=micro * batch.completion_ids.shape[1])
         for index, chunk in enumerate(chunks):
             part = batch.select(chunk)
             part_adv = advantages[chunk]
@@ -134,13 +136,6 @@ def policy_update(
         if max_approx_kl is not None and approx_kl > max_approx_kl:
             break
     return results
-
-
-def _recompute_prompts(batch: Rollout, rows: list[int], micro: int) -> bool:
-    """Whether the shared prompt pass should keep no activations (and run again in its backward): when its distinct
-    prompts hold more tokens than a micro-batch's completions, so that it never holds more activations than the
-    micro-batches it serves (micro-batching is asked for to bound them)."""
-    return PromptPass.prompt_tokens(batch.prompt_ids, batch.prompt_mask, rows) > micro * batch.completion_ids.shape[1]
 
 
 def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: float | None) -> UpdateResult:
