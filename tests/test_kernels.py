@@ -227,3 +227,12 @@ def test_one_prompt_pass_for_all_micro_batches_gives_the_full_batch_gradient(fam
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
     with pytest.raises(ValueError, match="outside the rows"):
         PromptPass(model, prompts, prompt_mask, rows, fused_head=fused).chunk(torch.tensor([3]))
+
+
+def test_linear_logprobs_of_no_rows_is_empty_with_zero_gradients():
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(0, 3, 8, requires_grad=True)
+    out = kernels.linear_logprobs(hidden, head, torch.zeros(0, 3, dtype=torch.long))
+    out.sum().backward()
+    assert out.shape == (0, 3) and hidden.grad.shape == (0, 3, 8)
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))

@@ -246,7 +246,7 @@ class LinearLogprobs(torch.autograd.Function):
         # batch when it is one chunk, e.g. a micro-batch). No higher peak: the backward starts here, and its
         # recomputed chunk would be as large
         ctx.last_probs = None
-        if keep_last:  # (grad mode is off inside forward: the caller says whether a backward will follow)
+        if keep_last and x.shape[0] > 0:  # (grad mode is off inside forward: the caller says if a backward follows)
             ctx.last_probs = logits.sub_(lse[start : start + rows, None]).exp_()
         return picked - lse
 
@@ -280,6 +280,8 @@ class LinearLogprobs(torch.autograd.Function):
                 grad_w.addmm_(probs.t(), part)  # accumulated in place (oneDNN here would need two transposed copies)
             if grad_b is not None:
                 grad_b += probs.sum(0)
+        if want_w and grad_w is None:  # no rows
+            grad_w = torch.zeros_like(weight)
         return (grad_x, grad_w.to(weight.dtype) if want_w else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
 
