@@ -99,14 +99,10 @@ class PromptPass:
         recompute = grad and max_kept_tokens is not None and int(mask.sum()) > max_kept_tokens
 
         def prompt_forward(ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
-            cache = DynamicCache(config=body.config)
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack:  # (entered here: a recompute runs outside the caller's)
                 for manager in (hidden_states(head), sparse_tied_embeddings(model, head)) if head is not None else ():
                     stack.enter_context(manager)
-                first = body(  # [U, 1, *]: the logits (or hidden states) that predict a_0
-                    input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                    **cache_argument(body, cache), use_cache=True, logits_to_keep=1,
-                ).logits
+                first, cache = _prompt_outputs(body, ids, mask)
             return (first, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
         self.config = body.config
@@ -153,39 +149,36 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     positions = positions_from_mask(attention_mask)
     num_actions = completion_ids.shape[1]
-    if prompt_pass is not None:
+    if prompt_pass is not None:  # the prompts ran already, for all micro-batches
         logits, cache = prompt_pass[0].chunk(prompt_pass[1])
+    else:
+        prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
+        if prompts is None:
+            return model(
+                input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
+                position_ids=positions, logits_to_keep=num_actions + 1, use_cache=False,
+            ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
+        unique_rows, row_of = prompts
+        body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
+        first, cache = _prompt_outputs(body, prompt_ids[unique_rows], prompt_mask[unique_rows].long())
+        logits = first[row_of]
         if num_actions > 1:
-            rest = model(  # [B, T-1, *]: completion position t predicts a_{t+1}
-                input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                position_ids=positions[:, prompt_ids.shape[1]:-1], **cache_argument(model, cache), use_cache=True,
-            ).logits
-            logits = torch.cat([logits, rest], dim=1)
-        return logits
-    prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
-    if prompts is None:
-        return model(
-            input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
-            position_ids=positions, logits_to_keep=num_actions + 1, use_cache=False,
-        ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
-    unique_rows, row_of = prompts
-    body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
-    cache = DynamicCache(config=body.config)
-    prompt_length = prompt_ids.shape[1]
-    first = body(  # [U, 1, V]: the logits that predict a_0, one row per distinct prompt
-        input_ids=prompt_ids[unique_rows], attention_mask=attention_mask[unique_rows, :prompt_length],
-        position_ids=positions[unique_rows, :prompt_length], **cache_argument(body, cache), use_cache=True,
-        logits_to_keep=1,
-    ).logits
-    logits = first[row_of]
+            cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
     if num_actions > 1:
-        cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
         rest = model(  # [B, T-1, V]: completion position t predicts a_{t+1}
             input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, prompt_length:-1], **cache_argument(model, cache), use_cache=True,
+            position_ids=positions[:, prompt_ids.shape[1]:-1], **cache_argument(model, cache), use_cache=True,
         ).logits
         logits = torch.cat([logits, rest], dim=1)
     return logits
+
+
+def _prompt_outputs(body, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, DynamicCache]:
+    """One forward over (distinct) prompts: the outputs that predict a_0 ``[U, 1, *]`` and their key/value cache."""
+    cache = DynamicCache(config=body.config)
+    first = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                 **cache_argument(body, cache), use_cache=True, logits_to_keep=1).logits
+    return first, cache
 
 
 def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
