@@ -236,3 +236,74 @@ def test_linear_logprobs_of_no_rows_is_empty_with_zero_gradients():
     out.sum().backward()
     assert out.shape == (0, 3) and hidden.grad.shape == (0, 3, 8)
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["llama-smollm2-shape", "gpt2"])
+def test_direct_weight_grads_add_into_grad_what_autograd_would(family, monkeypatch):
+    """kernels.direct_weight_grads: oneDNN linears and the fused head add d/dW into ``.grad`` themselves (in place,
+    the same tensor from one micro-batch to the next); the gradients equal autograd's accumulation over the same
+    micro-batches and prompt pass, tied embeddings included. A parameter with a hook, or a ``.grad`` that is not a
+    plain dense tensor, goes through autograd (its hook sees its gradient)."""
+    monkeypatch.setattr(kernels, "MIN_ONEDNN_ELEMENTS", 0)  # the tiny model's linears through oneDNN too
+    model = tiny_model(family)
+    kernels.use_onednn_linears(model)
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(3, 97, (3, 5), generator=g).repeat_interleave(2, 0)
+    prompt_mask, completions = torch.ones(6, 5), torch.randint(3, 97, (6, 4), generator=g)
+    completion_mask, weights = torch.ones(6, 4), torch.randn(6, 4, generator=g)
+    chunks = [[0, 3], [1, 2], [4, 5]]
+    named = dict(model.named_parameters())
+    hooked = "lm_head.weight" if family == "gpt2" and "lm_head.weight" in named else next(
+        n for n in named if n.endswith("mlp.down_proj.weight") or n.endswith("mlp.c_proj.weight"))
+    seen, added = [], []
+    add_grad = kernels._add_grad
+    monkeypatch.setattr(kernels, "_add_grad", lambda weight, *a: (added.append(weight), add_grad(weight, *a)))
+
+    def run(direct: bool, hook: bool):
+        model.zero_grad(set_to_none=True)
+        added.clear()
+        handle = named[hooked].register_hook(lambda grad: seen.append(grad.shape)) if hook else None
+        prompt_pass = PromptPass(model, prompts, prompt_mask, list(range(6)), fused_head=True)
+        for chunk in chunks:
+            part = torch.tensor(chunk)
+            logprobs = completion_logprobs(model, prompts[part], prompt_mask[part], completions[part],
+                                           completion_mask[part], 1.0, fused_head=True, prompt_pass=(prompt_pass, part))
+            with kernels.direct_weight_grads(direct):
+                (logprobs * weights[part]).sum().backward()
+        with kernels.direct_weight_grads(direct):
+            prompt_pass.backward()
+        if handle is not None:
+            handle.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, {id(w) for w in added}
+
+    expected, none = run(direct=False, hook=False)
+    got, direct = run(direct=True, hook=False)
+    linear_weights = {id(m.weight) for m in model.modules() if type(m) is torch.nn.Linear}
+    assert not none and direct == linear_weights | {id(model.get_output_embeddings().weight)}  # every weight, head too
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    hooked_grads, direct = run(direct=True, hook=True)
+    assert id(named[hooked]) not in direct and len(seen) >= len(chunks)  # through autograd: its hook saw it
+    for name in expected:
+        torch.testing.assert_close(hooked_grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(p.grad.is_sparse for p in model.parameters())
+
+
+def test_direct_weight_grads_stay_out_of_double_backward_and_sparse_grads():
+    """Under ``create_graph`` (the gradient itself differentiable) or with a sparse ``.grad`` the backward returns
+    d/dW to autograd as usual."""
+    head = torch.nn.Linear(8, 30, bias=False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    tokens = torch.randint(0, 30, (5,))
+    with kernels.direct_weight_grads():
+        (grad,) = torch.autograd.grad(kernels.linear_logprobs(hidden, head, tokens).sum(), [head.weight],
+                                      create_graph=True)
+    expected = torch.autograd.grad(torch.log_softmax(hidden @ head.weight.T, -1).gather(-1, tokens[:, None]).sum(),
+                                   [head.weight])[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+    assert grad.requires_grad and head.weight.grad is None
+    head.weight.grad = torch.zeros_like(head.weight).to_sparse()
+    with kernels.direct_weight_grads():
+        kernels.linear_logprobs(hidden, head, tokens).sum().backward()
+    torch.testing.assert_close(head.weight.grad.to_dense(), expected, rtol=1e-5, atol=1e-6)

@@ -126,3 +126,46 @@ def test_the_sampler_draws_from_softmax_of_logits_over_temperature_within_the_nu
     assert counts[3] == 0
     assert ((counts - expected.double()).abs() <= 5 * standard_error + 1e-12).all(), (counts, expected)
     torch.testing.assert_close(logprobs, probs.log()[actions])  # the policy's log-probs, not the nucleus's
+
+
+def test_the_two_level_inverse_cdf_draws_from_the_policy_without_banned_tokens():
+    """A vocabulary large enough for the two-level search (blocks of ``INVERSE_CDF_BLOCK`` tokens and a partial last
+    block), EOS-like tokens banned (min_new_tokens): frequencies of heavy tokens at block edges, and of each block,
+    within 5 standard errors of the policy renormalized without the banned ids; a banned or -inf token is never
+    drawn; the log-probs are the policy's own (not renormalized)."""
+    from rlhf_pg.policy.builtin import INVERSE_CDF_BLOCK, choose_tokens
+
+    vocab, rows, block = 4 * INVERSE_CDF_BLOCK + 176, 20_000, INVERSE_CDF_BLOCK
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
+    heavy = [block - 1, block, 2 * block + 7, vocab - 1]
+    logits[heavy] += 4.0
+    banned = torch.tensor([0, 3 * block])
+    logits[banned] += 5.0  # the banned ids would be likely
+    logits[17] = float("-inf")
+    actions, logprobs = choose_tokens(logits.repeat(rows, 1), SamplingParams(temperature=0.8),
+                                      torch.Generator().manual_seed(1), banned=banned)
+    policy = torch.softmax(logits / 0.8, -1)
+    expected = policy.index_fill(0, banned, 0.0)
+    expected = (expected / expected.sum()).double()
+    counts = torch.bincount(actions, minlength=vocab).double() / rows
+    assert counts[banned].sum() == 0 and counts[17] == 0
+    per_block = torch.stack([expected[i : i + block].sum() for i in range(0, vocab, block)])
+    got_block = torch.stack([counts[i : i + block].sum() for i in range(0, vocab, block)])
+    for got, want in ((counts[heavy], expected[heavy]), (got_block, per_block)):
+        standard_error = (want * (1 - want) / rows).sqrt()
+        assert ((got - want).abs() <= 5 * standard_error).all(), (got, want)
+    torch.testing.assert_close(logprobs, policy.log()[actions])
+
+
+def test_banned_tokens_holding_all_the_mass_still_leave_a_valid_draw():
+    """When every unbanned token's probability underflows to 0 in float32, the draw renormalizes over the allowed
+    logits (no NaN, no banned token) and the log-prob stays the policy's, finite."""
+    from rlhf_pg.policy.builtin import choose_tokens
+    from rlhf_pg.policy.kernels import token_logprobs
+
+    logits = torch.zeros(4, 2000)
+    logits[:, 5] = 300.0  # the banned token
+    actions, logprobs = choose_tokens(logits, SamplingParams(), torch.Generator().manual_seed(0),
+                                      banned=torch.tensor([5]))
+    assert (actions != 5).all() and torch.isfinite(logprobs).all()
+    torch.testing.assert_close(logprobs, token_logprobs(logits, actions))

@@ -28,33 +28,81 @@ from .sampler import SamplingParams
 Tensor = torch.Tensor
 
 
-def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+                  banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next tokens ``[B]`` from last-position logits ``[B, V]`` and their log-probabilities under the policy.
 
     Greedy when ``temperature == 0`` (log-probs then at ``params.policy_temperature`` = 1), else sampled from
     ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1`` (the log-probs stay
-    those of the unrestricted policy).
+    those of the unrestricted policy). ``banned``: token ids never drawn (EOS before ``min_new_tokens``): the
+    draw is from the policy renormalized without them, the log-probs stay the policy's.
     """
-    probs = torch.softmax(logits.float() / params.policy_temperature, dim=-1)
+    inverse_cdf = params.temperature > 0.0 and params.top_p >= 1.0 and logits.device.type == "cpu"
+    temperature = params.policy_temperature
+    probs = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), dim=-1)
+    if inverse_cdf:  # one uniform per row, the first token whose cumulative mass exceeds it (~2x cheaper than a race)
+        # banned tokens get weight 0 in place: a drawn token is never one of them, so its probability read back
+        # below is still the policy's (no second softmax over the vocabulary for the log-probs)
+        weights = probs if banned is None else probs.index_fill_(-1, banned, 0.0)
+        action = _inverse_cdf(weights, generator)
+        if action is not None:
+            return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
+        # (None: some row's unbanned mass underflowed to 0; the draw below renormalizes over the allowed logits)
+    if banned is not None:
+        action, _ = choose_tokens(logits.index_fill(-1, banned, float("-inf")), params, generator)
+        return action, token_logprobs(logits, action, params.policy_temperature)
     if params.temperature == 0.0:
         action = logits.argmax(-1)
     else:
         sampling = probs
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
             sampling = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        if params.top_p < 1.0 or probs.device.type != "cpu":
-            # Exponential race: argmax_v p_v / E_v with E_v = -log U_v ~ Exp(1) is a draw from p
-            # (uniforms are several times cheaper to draw than exponential_ or multinomial on CPU)
-            race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
-            action = (sampling / race).argmax(-1)
-        else:  # inverse CDF: one uniform per row, the first token whose cumulative mass exceeds it (~2x cheaper)
-            cumulative = probs.cumsum(-1)
-            threshold = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
-            action = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+        race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        action = (sampling / race).argmax(-1)
     return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
+
+
+INVERSE_CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search
+
+
+def _inverse_cdf(weights: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    """Per row of non-negative ``weights`` ``[B, V]`` (not necessarily normalized), the token i with
+    ``c_{i-1} <= u c_V < c_i`` (c the cumulative sum, u one uniform per row): a draw from ``weights / c_V``. The
+    cumulative sums are taken in two levels (blocks of ``INVERSE_CDF_BLOCK`` tokens, then within the one block that
+    holds the threshold): the same draw as one cumulative sum over the vocabulary (1.8 ms for 32 x 49,152, the
+    largest part of the draw), with less rounding. A drawn token always has positive weight. None when a row's
+    weights sum to 0."""
+    rows, vocab = weights.shape
+    threshold = torch.rand(rows, 1, generator=generator, device=weights.device)
+    block = INVERSE_CDF_BLOCK
+    if vocab < 4 * block:
+        cumulative = weights.cumsum(-1)
+        block_start = torch.zeros(rows, 1, dtype=torch.long, device=weights.device)
+        local, before = cumulative, torch.zeros_like(threshold)
+        threshold = threshold * cumulative[:, -1:]
+        if not bool((cumulative[:, -1] > 0).all()):
+            return None
+    else:
+        full = vocab // block
+        sums = weights[:, : full * block].view(rows, full, block).sum(-1)
+        if full * block < vocab:
+            sums = torch.cat([sums, weights[:, full * block :].sum(-1, keepdim=True)], dim=-1)
+        cumulative = sums.cumsum(-1)
+        if not bool((cumulative[:, -1] > 0).all()):
+            return None
+        threshold = threshold * cumulative[:, -1:]
+        chosen = torch.searchsorted(cumulative, threshold, right=True).clamp_(max=sums.shape[1] - 1)  # [B, 1]
+        before = torch.where(chosen > 0, cumulative.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
+        block_start = chosen * block
+        index = block_start + torch.arange(block, device=weights.device)
+        inside = index < vocab
+        local = weights.gather(-1, index.clamp(max=vocab - 1)).masked_fill_(~inside, 0.0).cumsum(-1)
+    # within the block: below the block's own total, so the token found has positive weight despite rounding
+    target = (threshold - before).clamp_(min=0.0)
+    target = torch.minimum(target, torch.nextafter(local[:, -1:], torch.zeros_like(target)))
+    return (block_start + torch.searchsorted(local, target, right=True)).squeeze(-1).clamp_(max=vocab - 1)
 
 
 def sample_completions(
@@ -109,10 +157,9 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):
         # min_new_tokens constrains the *sampler*; the recorded log-probs stay those of the policy
-        allowed = logits.index_fill(-1, eos, float("-inf")) if step < params.min_new_tokens else logits
-        action, action_logprob = choose_tokens(allowed, params, generator)
-        if allowed is not logits:  # the policy's log-prob, not the EOS-masked sampler's
-            action_logprob = token_logprobs(logits, action, params.policy_temperature)
+        # before min_new_tokens no EOS is drawn; the log-prob stays the policy's, not the EOS-masked sampler's
+        action, action_logprob = choose_tokens(logits, params, generator,
+                                               banned=eos if step < params.min_new_tokens else None)
         action = action.masked_fill(finished, pad_token_id)
         logprobs.append(action_logprob)
         masks.append(~finished)

@@ -16,7 +16,7 @@ import torch
 from ..core.correction import GapStats, sampler_correction
 from ..core.losses import aggregate, kl_estimate, off_policy_loss, policy_gradient_loss
 from ..core.mdp import Rollout, action_tokens
-from .kernels import sharded
+from .kernels import direct_weight_grads, sharded
 from .logprobs import PromptPass, completion_logprobs
 
 
@@ -73,6 +73,9 @@ def policy_update(
     is_weights = torch.ones_like(batch.completion_mask)
     gap = GapStats()
     results = []
+    # backward passes add d/dW straight into .grad (kernels.direct_weight_grads) where no wrapper watches gradients
+    direct = accelerator.num_processes == 1 and getattr(model, "module", model) is model and not sharded(
+        next(model.parameters()))
     for epoch in range(updates_per_batch):
         total_loss, ratio_stats = 0.0, []
         prompt_pass = None
@@ -115,10 +118,12 @@ def policy_update(
                 if kl_coef > 0:
                     kl = kl_estimate(logprobs, part.ref_logprobs, kl_estimator)
                     loss = loss + kl_coef * aggregate(kl, mask, aggregation, num_sequences, num_tokens, norm_length)
-                accelerator.backward(loss * 0.0 if padding else loss)
+                with direct_weight_grads(direct):
+                    accelerator.backward(loss * 0.0 if padding else loss)
             total_loss += 0.0 if padding else float(loss.detach())
         if prompt_pass is not None:
-            prompt_pass.backward()  # the micro-batches' gradients at the prompts' cache, through the prompt pass
+            with direct_weight_grads(direct):
+                prompt_pass.backward()  # the micro-batches' gradients at the prompts' cache, through the prompt pass
         accelerator.gradient_state._set_sync_gradients(True)
         result = _optimizer_step(model, optimizer, accelerator, total_loss, max_grad_norm)
         result.gap = gap if epoch == 0 else None
