@@ -19,6 +19,10 @@ its backward recomputes each chunk's logits (one extra ``lm_head`` matmul) and f
 ``d/dh = g (onehot(a) - softmax) W / tau`` and ``d/dW`` chunk by chunk. ``head_for_logprobs(model)``
 says whether a model's forward may be cut before its ``lm_head`` (families whose logits are exactly
 ``lm_head(hidden)``: no soft-capping or logit scaling after it), ``hidden_states(model)`` does the cut.
+
+**Weight gradients in place.** Inside ``direct_weight_grads()`` (the update turns it on for one process and an
+unwrapped model) both backward passes add ``d/dW`` into the parameter's ``.grad`` with ``addmm_`` instead of handing
+autograd a new ``[out, in]`` tensor per micro-batch to add there (benchmarks/README.md, "Gradients added in place").
 """
 
 from __future__ import annotations
