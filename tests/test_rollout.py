@@ -169,3 +169,20 @@ def test_banned_tokens_holding_all_the_mass_still_leave_a_valid_draw():
                                       banned=torch.tensor([5]))
     assert (actions != 5).all() and torch.isfinite(logprobs).all()
     torch.testing.assert_close(logprobs, token_logprobs(logits, actions))
+
+
+@pytest.mark.parametrize("vocab", [300, 3000])
+def test_the_largest_uniform_never_draws_a_token_of_zero_weight(vocab, monkeypatch):
+    """u c_V can round up to c_V: with the largest float32 uniform below 1 and zero weight on every token after the
+    last positive one (a banned tail, a whole empty last block), both inverse-CDF paths still draw that last token
+    of positive weight."""
+    from rlhf_pg.policy import builtin
+
+    weights = torch.rand(6, vocab, generator=torch.Generator().manual_seed(0)) * 3.0
+    last = [vocab - 1, vocab - 2, vocab // 2, 0, vocab - 300, 5]
+    for row, end in enumerate(last):
+        weights[row, end + 1 :] = 0.0
+    largest = 1.0 - 2.0**-24
+    monkeypatch.setattr(builtin.torch, "rand", lambda *shape, **kwargs: torch.full(shape, largest))
+    drawn = builtin._inverse_cdf(weights, None)
+    assert drawn.tolist() == last

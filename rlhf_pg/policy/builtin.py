@@ -57,8 +57,11 @@ def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
         sampling = probs
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
             sampling = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        # Exponential race: argmax_v p_v / E_v with E_v = -log U_v ~ Exp(1) is a draw from p
+        # (uniforms are several times cheaper to draw than exponential_ or multinomial on CPU)
         race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
         action = (sampling / race).argmax(-1)
     return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
@@ -92,7 +95,8 @@ def _inverse_cdf(weights: Tensor, generator: torch.Generator | None) -> Tensor |
         cumulative = sums.cumsum(-1)
         if not bool((cumulative[:, -1] > 0).all()):
             return None
-        threshold = threshold * cumulative[:, -1:]
+        total = cumulative[:, -1:]  # u c_V below c_V even where the product rounds up: a block of positive mass
+        threshold = torch.minimum(threshold * total, torch.nextafter(total, torch.zeros_like(total)))
         chosen = torch.searchsorted(cumulative, threshold, right=True).clamp_(max=sums.shape[1] - 1)  # [B, 1]
         before = torch.where(chosen > 0, cumulative.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
         block_start = chosen * block
