@@ -307,3 +307,16 @@ def test_direct_weight_grads_stay_out_of_double_backward_and_sparse_grads():
     with kernels.direct_weight_grads():
         kernels.linear_logprobs(hidden, head, tokens).sum().backward()
     torch.testing.assert_close(head.weight.grad.to_dense(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_backward_through_the_head_gives_the_same_gradient_to_the_last_bit():
+    """The kept softmax (first backward) is computed as the recomputed one (a second backward, ``retain_graph``) is:
+    the variance lab differentiates one graph several times and compares estimators exactly."""
+    g = torch.Generator().manual_seed(7)
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 300, (2, 9), generator=g)
+    loss = (kernels.linear_logprobs(hidden, head, tokens) * torch.randn(2, 9, generator=g)).sum()
+    first = torch.autograd.grad(loss, [hidden, head.weight], retain_graph=True)
+    second = torch.autograd.grad(loss, [hidden, head.weight])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -290,22 +290,19 @@ class LinearLogprobs(torch.autograd.Function):
         scale = 1.0 / temperature
         picked = torch.empty(x.shape[0], dtype=_exact(weight.dtype), device=x.device)
         lse = torch.empty_like(picked)
-        # the last chunk's softmax is kept for the backward, which then need not recompute its logits (the whole
-        # batch when it is one chunk, e.g. a micro-batch). No higher peak: the backward starts here, and its
-        # recomputed chunk would be as large. (Grad mode is off inside forward: the caller says if a backward follows.)
-        ctx.last_probs = None
         for start in range(0, x.shape[0], rows):
             logits = _chunk_logits(x[start : start + rows], weight, bias, scale, onednn)
+            lse[start : start + rows] = torch.logsumexp(logits, dim=-1)
             picked[start : start + rows] = logits.gather(-1, tokens[start : start + rows, None]).squeeze(-1)
-            if keep_last and start + rows >= x.shape[0]:  # softmax in place: exp(z - max) / sum, lse = max + log sum
-                top = logits.amax(-1, keepdim=True)
-                total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-                lse[start : start + rows] = (top + total.log()).squeeze(-1)
-                ctx.last_probs = logits.div_(total)
-            else:
-                lse[start : start + rows] = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(x, weight, bias, tokens, lse)
         ctx.scale, ctx.rows, ctx.onednn = scale, rows, onednn
+        # the last chunk's softmax is kept for the backward, which then need not recompute its logits (the whole
+        # batch when it is one chunk, e.g. a micro-batch). No higher peak: the backward starts here, and its
+        # recomputed chunk would be as large; computed as the backward's recompute is (exp(z - lse)), so a second
+        # backward (retain_graph) gives the same gradient to the last bit
+        ctx.last_probs = None
+        if keep_last and x.shape[0] > 0:  # (grad mode is off inside forward: the caller says if a backward follows)
+            ctx.last_probs = logits.sub_(lse[start : start + rows, None]).exp_()
         return picked - lse
 
     @staticmethod
