@@ -79,30 +79,23 @@ def _inverse_cdf(weights: Tensor, generator: torch.Generator | None) -> Tensor |
     weights sum to 0."""
     rows, vocab = weights.shape
     threshold = torch.rand(rows, 1, generator=generator, device=weights.device)
-    block = INVERSE_CDF_BLOCK
-    if vocab < 4 * block:
-        cumulative = weights.cumsum(-1)
-        block_start = torch.zeros(rows, 1, dtype=torch.long, device=weights.device)
-        local, before = cumulative, torch.zeros_like(threshold)
-        threshold = threshold * cumulative[:, -1:]
-        if not bool((cumulative[:, -1] > 0).all()):
-            return None
-    else:
-        full = vocab // block
-        sums = weights[:, : full * block].view(rows, full, block).sum(-1)
-        if full * block < vocab:
-            sums = torch.cat([sums, weights[:, full * block :].sum(-1, keepdim=True)], dim=-1)
-        cumulative = sums.cumsum(-1)
-        if not bool((cumulative[:, -1] > 0).all()):
-            return None
-        total = cumulative[:, -1:]  # u c_V below c_V even where the product rounds up: a block of positive mass
-        threshold = torch.minimum(threshold * total, torch.nextafter(total, torch.zeros_like(total)))
-        chosen = torch.searchsorted(cumulative, threshold, right=True).clamp_(max=sums.shape[1] - 1)  # [B, 1]
-        before = torch.where(chosen > 0, cumulative.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
-        block_start = chosen * block
-        index = block_start + torch.arange(block, device=weights.device)
-        inside = index < vocab
-        local = weights.gather(-1, index.clamp(max=vocab - 1)).masked_fill_(~inside, 0.0).cumsum(-1)
+    block = INVERSE_CDF_BLOCK if vocab >= 4 * INVERSE_CDF_BLOCK else vocab  # a small vocabulary: one block
+    full = vocab // block
+    sums = weights[:, : full * block].view(rows, full, block).sum(-1)
+    if full * block < vocab:
+        sums = torch.cat([sums, weights[:, full * block :].sum(-1, keepdim=True)], dim=-1)
+    cumulative = sums.cumsum(-1)
+    total = cumulative[:, -1:]
+    if not bool((total > 0).all()):
+        return None
+    # u c_V stays below c_V even where the product rounds up: the block found has positive mass
+    threshold = torch.minimum(threshold * total, torch.nextafter(total, torch.zeros_like(total)))
+    chosen = torch.searchsorted(cumulative, threshold, right=True).clamp_(max=sums.shape[1] - 1)  # [B, 1]
+    before = torch.where(chosen > 0, cumulative.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
+    block_start = chosen * block
+    index = block_start + torch.arange(block, device=weights.device)
+    inside = index < vocab
+    local = weights.gather(-1, index.clamp(max=vocab - 1)).masked_fill_(~inside, 0.0).cumsum(-1)
     # within the block: below the block's own total, so the token found has positive weight despite rounding
     target = (threshold - before).clamp_(min=0.0)
     target = torch.minimum(target, torch.nextafter(local[:, -1:], torch.zeros_like(target)))
