@@ -254,8 +254,9 @@ def test_direct_weight_grads_add_into_grad_what_autograd_would(family, monkeypat
     completion_mask, weights = torch.ones(6, 4), torch.randn(6, 4, generator=g)
     chunks = [[0, 3], [1, 2], [4, 5]]
     named = dict(model.named_parameters())
-    hooked = "lm_head.weight" if family == "gpt2" and "lm_head.weight" in named else next(
-        n for n in named if n.endswith("mlp.down_proj.weight") or n.endswith("mlp.c_proj.weight"))
+    head_weight = model.get_output_embeddings().weight  # gpt2's linears are Conv1D: hook its (tied) head there
+    hooked = next(n for n, p in named.items() if p is head_weight) if family == "gpt2" else next(
+        n for n in named if n.endswith("mlp.down_proj.weight"))
     seen, added = [], []
     add_grad = kernels._add_grad
     monkeypatch.setattr(kernels, "_add_grad", lambda weight, *a: (added.append(weight), add_grad(weight, *a)))
