@@ -37,20 +37,21 @@ def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
     those of the unrestricted policy). ``banned``: token ids never drawn (EOS before ``min_new_tokens``): the
     draw is from the policy renormalized without them, the log-probs stay the policy's.
     """
-    inverse_cdf = params.temperature > 0.0 and params.top_p >= 1.0 and logits.device.type == "cpu"
     temperature = params.policy_temperature
-    probs = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), dim=-1)
-    if inverse_cdf:  # one uniform per row, the first token whose cumulative mass exceeds it (~2x cheaper than a race)
-        # banned tokens get weight 0 in place: a drawn token is never one of them, so its probability read back
-        # below is still the policy's (no second softmax over the vocabulary for the log-probs)
-        weights = probs if banned is None else probs.index_fill_(-1, banned, 0.0)
-        action = _inverse_cdf(weights, generator)
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if params.temperature > 0.0 and params.top_p >= 1.0 and logits.device.type == "cpu":
+        # inverse CDF: one uniform per row, the first token whose cumulative mass exceeds it (~2x cheaper than a
+        # race). Banned tokens get weight 0 in place: a drawn token is never one of them, so its probability read
+        # back is still the policy's (no second softmax over the vocabulary for the log-probs)
+        probs = torch.softmax(scaled, dim=-1)
+        action = _inverse_cdf(probs if banned is None else probs.index_fill_(-1, banned, 0.0), generator)
         if action is not None:
             return action, probs.gather(-1, action[:, None]).squeeze(-1).log()
         # (None: some row's unbanned mass underflowed to 0; the draw below renormalizes over the allowed logits)
     if banned is not None:
         action, _ = choose_tokens(logits.index_fill(-1, banned, float("-inf")), params, generator)
-        return action, token_logprobs(logits, action, params.policy_temperature)
+        return action, token_logprobs(logits, action, temperature)
+    probs = torch.softmax(scaled, dim=-1)
     if params.temperature == 0.0:
         action = logits.argmax(-1)
     else:
@@ -153,8 +154,7 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):
-        # min_new_tokens constrains the *sampler*; the recorded log-probs stay those of the policy
-        # before min_new_tokens no EOS is drawn; the log-prob stays the policy's, not the EOS-masked sampler's
+        # min_new_tokens constrains the *sampler* (no EOS drawn before it); the recorded log-probs stay the policy's
         action, action_logprob = choose_tokens(logits, params, generator,
                                                banned=eos if step < params.min_new_tokens else None)
         action = action.masked_fill(finished, pad_token_id)
