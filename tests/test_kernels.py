@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf_pg.models import enable_gradient_checkpointing
 from rlhf_pg.policy import kernels
 from rlhf_pg.policy.cpu_matmul import MatmulChoice
 from rlhf_pg.policy.logprobs import PromptPass, completion_logprobs
@@ -261,19 +262,21 @@ def test_direct_weight_grads_add_into_grad_what_autograd_would(family, monkeypat
     add_grad = kernels._add_grad
     monkeypatch.setattr(kernels, "_add_grad", lambda weight, *a: (added.append(weight), add_grad(weight, *a)))
 
-    def run(direct: bool, hook: bool):
+    def run(direct: bool, hook: bool, shared: bool = True):
         model.zero_grad(set_to_none=True)
         added.clear()
         handle = named[hooked].register_hook(lambda grad: seen.append(grad.shape)) if hook else None
-        prompt_pass = PromptPass(model, prompts, prompt_mask, list(range(6)), fused_head=True)
+        prompt_pass = PromptPass(model, prompts, prompt_mask, list(range(6)), fused_head=True) if shared else None
         for chunk in chunks:
             part = torch.tensor(chunk)
             logprobs = completion_logprobs(model, prompts[part], prompt_mask[part], completions[part],
-                                           completion_mask[part], 1.0, fused_head=True, prompt_pass=(prompt_pass, part))
+                                           completion_mask[part], 1.0, fused_head=True,
+                                           prompt_pass=(prompt_pass, part) if shared else None)
             with kernels.direct_weight_grads(direct):
                 (logprobs * weights[part]).sum().backward()
-        with kernels.direct_weight_grads(direct):
-            prompt_pass.backward()
+        if shared:
+            with kernels.direct_weight_grads(direct):
+                prompt_pass.backward()
         if handle is not None:
             handle.remove()
         return {n: p.grad.clone() for n, p in model.named_parameters()}, {id(w) for w in added}
@@ -289,6 +292,23 @@ def test_direct_weight_grads_add_into_grad_what_autograd_would(family, monkeypat
     for name in expected:
         torch.testing.assert_close(hooked_grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not any(p.grad.is_sparse for p in model.parameters())
+    # under saved-tensor hooks (activations offloaded: every saved tensor, the weights too, comes back as a copy) the
+    # gradient still lands in the parameter's own .grad (it was added to the copy's, and lost, before)
+    with torch.autograd.graph.save_on_cpu():
+        offloaded, direct = run(direct=True, hook=False)
+    assert direct == linear_weights | {id(model.get_output_embeddings().weight)}
+    for name in expected:
+        torch.testing.assert_close(offloaded[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    enable_gradient_checkpointing(model)  # train.gradient_checkpointing: non-reentrant, saved-tensor hooks too
+    model.train()  # (and no shared prompt pass: policy_update runs none with checkpointing)
+    for module in model.modules():  # gpt2's dropout off: the same function in train mode
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    checkpointed_autograd, _ = run(direct=False, hook=False, shared=False)
+    checkpointed, direct = run(direct=True, hook=False, shared=False)
+    assert direct == linear_weights | {id(model.get_output_embeddings().weight)}
+    for name in expected:
+        torch.testing.assert_close(checkpointed[name], checkpointed_autograd[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_direct_weight_grads_stay_out_of_double_backward_and_sparse_grads():

@@ -77,10 +77,13 @@ def direct_weight_grads(enabled: bool = True) -> Iterator[None]:
         _DIRECT_GRADS = saved
 
 
-def _direct_grad(weight: Tensor, *operands: Tensor) -> bool:
+def _direct_grad(weight: Tensor | None, *operands: Tensor) -> bool:
     """May this backward add ``d/dW`` (a product of ``operands``) into ``weight.grad`` itself
-    (``direct_weight_grads``)? Not under autocast (the backward of a mixed-precision forward runs inside it)."""
-    if not (_DIRECT_GRADS and weight.is_leaf and weight.requires_grad
+    (``direct_weight_grads``)? Not under autocast (the backward of a mixed-precision forward runs inside it).
+    ``weight`` is the tensor the forward was given (kept on ``ctx``), not the one ``ctx.saved_tensors`` unpacks: under
+    saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, non-reentrant checkpointing) that is another tensor
+    object with its own ``.grad``, and a gradient added there would be lost (None: the weight is no leaf)."""
+    if not (_DIRECT_GRADS and weight is not None and weight.is_leaf and weight.requires_grad
             and all(operand.dtype == weight.dtype for operand in operands)
             and not torch.is_autocast_enabled(weight.device.type)
             and not torch.is_grad_enabled() and not weight._backward_hooks
@@ -113,7 +116,7 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         ctx.save_for_backward(flat, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.parameter = bias is not None, weight if weight.is_leaf else None  # (see _direct_grad)
         return _onednn(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -123,8 +126,8 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = matmul_nt(g, weight.t(), True).view(*grad.shape[:-1], weight.shape[1])  # g W
-        if ctx.needs_input_grad[1] and _direct_grad(weight, g, flat):
-            _add_grad(weight, g.t(), flat)  # g^T x, added into .grad (MKL: transposed operands without copies)
+        if ctx.needs_input_grad[1] and _direct_grad(ctx.parameter, g, flat):
+            _add_grad(ctx.parameter, g.t(), flat)  # g^T x, added into .grad (MKL: transposed operands without copies)
         elif ctx.needs_input_grad[1]:
             grad_w = matmul_nt(g.t(), flat.t(), True)  # g^T x  [out, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -296,6 +299,7 @@ class LinearLogprobs(torch.autograd.Function):
             picked[start : start + rows] = logits.gather(-1, tokens[start : start + rows, None]).squeeze(-1)
         ctx.save_for_backward(x, weight, bias, tokens, lse)
         ctx.scale, ctx.rows, ctx.onednn = scale, rows, onednn
+        ctx.parameter = weight if weight.is_leaf else None  # (see _direct_grad)
         # the last chunk's softmax is kept for the backward, which then need not recompute its logits (the whole
         # batch when it is one chunk, e.g. a micro-batch). No higher peak: the backward starts here, and its
         # recomputed chunk would be as large; computed as the backward's recompute is (exp(z - lse)), so a second
@@ -314,7 +318,7 @@ class LinearLogprobs(torch.autograd.Function):
         grad_w = None
         grad_b = torch.zeros(weight.shape[0], dtype=_exact(weight.dtype), device=x.device) if want_b and bias is not None else None
         # d/dW straight into .grad (the softmax is computed in weight's dtype only when that is float32 or float64)
-        direct = want_w and weight.dtype == _exact(weight.dtype) and _direct_grad(weight, x)
+        direct = want_w and weight.dtype == _exact(weight.dtype) and _direct_grad(ctx.parameter, x)
         weight_t = weight.t()  # [H, V]
         last, ctx.last_probs = ctx.last_probs, None  # (a second backward, retain_graph=True, recomputes it)
         for start in range(0, x.shape[0], rows):
@@ -330,7 +334,7 @@ class LinearLogprobs(torch.autograd.Function):
             if want_x:
                 grad_x[start : start + rows] = matmul_nt(probs, weight_t, onednn)
             if direct:
-                _add_grad(weight, probs.t(), part)
+                _add_grad(ctx.parameter, probs.t(), part)
             elif want_w and grad_w is None and probs.dtype == _exact(weight.dtype):
                 grad_w = torch.mm(probs.t(), part)  # the first chunk starts the sum (no zero-filled [V, H] first)
             elif want_w:
