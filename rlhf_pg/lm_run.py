@@ -26,6 +26,7 @@ from .errors import UserError
 from .evaluation import evaluate
 from .models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora_checkpoint, load_policy
 from .policy.cpu_matmul import MatmulChoice
+from .policy.kernels import gqa_attention_on_cpu
 from .policy.kernels import head_for_logprobs, sharded, uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
 from .policy.sampler import Sampler, SamplingParams, check_engine, make_sampler
@@ -310,6 +311,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     # train.cpu_matmul: the linear layers' CPU kernel, chosen now and (auto) re-checked between steps
     decode_rows = recipe.rollout.prompts_per_step // world * recipe.rollout.completions_per_prompt
     matmul = MatmulChoice(recipe.train.cpu_matmul, [accelerator.unwrap_model(policy), reference], decode_rows)
+    if accelerator.device.type == "cpu":
+        gqa_attention_on_cpu()  # grouped-query attention without copying keys and values to every head
     kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
     if from_shards:
         fsdp.resume(resume_from, accelerator.unwrap_model(policy), optimizer, saved.get("world_size"), world,

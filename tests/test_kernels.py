@@ -341,3 +341,36 @@ def test_a_second_backward_through_the_head_gives_the_same_gradient_to_the_last_
     first = torch.autograd.grad(loss, [hidden, head.weight], retain_graph=True)
     second = torch.autograd.grad(loss, [hidden, head.weight])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_grouped_query_attention_on_cpu_equals_the_expanded_keys_and_values(monkeypatch):
+    """kernels.gqa_attention_on_cpu: transformers' sdpa attention hands a grouped-query model's 3 key/value heads to
+    the kernel as they are (enable_gqa) instead of copying them out to the 9 query heads; on a left-padded batch
+    (a mask, where transformers would copy) the logits are the same and the gradients agree to float rounding."""
+    from transformers.integrations import sdpa_attention
+
+    assert kernels.gqa_attention_on_cpu() and kernels.gqa_attention_on_cpu()  # idempotent
+    patched = sdpa_attention.use_gqa_in_sdpa
+    model = tiny_model("llama-smollm2-shape")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(3, 97, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = mask[1, :1] = 0  # left padding
+    copies = []
+    repeat = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: (copies.append(n), repeat(x, n))[1])
+
+    def run(rule):
+        monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", rule)
+        model.zero_grad(set_to_none=True)
+        copies.clear()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * mask[..., None]).square().sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(copies)
+
+    expected_logits, expected_grads, expanded = run(patched.original)
+    logits, grads, grouped = run(patched)
+    assert expanded == 2 * model.config.num_hidden_layers and grouped == 0  # keys and values, per layer: now none
+    assert torch.equal(logits, expected_logits)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)

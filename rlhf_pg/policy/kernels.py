@@ -177,6 +177,38 @@ def uses_onednn(model: torch.nn.Module) -> bool:
     return any(getattr(m.__dict__.get("forward"), "__func__", None) is _linear_forward for m in model.modules())
 
 
+def gqa_attention_on_cpu() -> bool:
+    """transformers' ``sdpa`` attention copies a grouped-query model's keys and values out to every query head
+    (``repeat_kv``) whenever a mask is given, except where ``use_gqa_in_sdpa`` says the kernel takes the groups itself.
+    torch's CPU flash-attention kernel does (``enable_gqa``, torch >= 2.5), masks included: the same outputs to the bit
+    and gradients to float rounding (checked), without the copies, their backward's sums, and their saved activations
+    (SmolLM2-135M's update: 38 MB of a 4-row micro-batch's 373 MB, and 3.7 % of its time, measured). Patched once, for
+    CPU tensors only (other devices keep transformers' rule). Returns whether it is on."""
+    global _GQA_PATCHED
+    if _GQA_PATCHED:
+        return True
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        return False
+    rule = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if rule is None or tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
+        return False
+
+    def use_gqa_in_sdpa(attention_mask, key, value):
+        if key.device.type == "cpu" and key.shape[-1] == value.shape[-1]:
+            return True
+        return rule(attention_mask, key, value)
+
+    use_gqa_in_sdpa.original = rule
+    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+    _GQA_PATCHED = True
+    return True
+
+
+_GQA_PATCHED = False
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """``log softmax(logits / temperature)[tokens]`` without materializing the full log-softmax.
 
