@@ -31,7 +31,7 @@ from ..core.mdp import Rollout, padded_completions
 from ..errors import UserError
 from ..policy.builtin import choose_tokens
 from ..policy.decoder import make_decoder
-from ..policy.kernels import token_logprobs
+from ..policy.kernels import packed_linears, token_logprobs
 from ..policy.prompts import cut_at_stop, encode_prompts, stop_token_ids
 from ..policy.sampler import SamplingParams
 from .spec import ENVIRONMENT, MODEL, TOOL, Episode, EpisodeSpec, Turn, checked_step, new_environment
@@ -144,7 +144,7 @@ def sample_episodes(spec: EpisodeSpec, model, tokenizer, prompt_ids: torch.Tenso
                     params: SamplingParams, environments: list[Any], generator: torch.Generator | None = None,
                     all_finished=None, lean: bool = True) -> list[_Row]:
     """One episode per prompt row (``environments[b]``: row b's instance, or None); the rows, all done."""
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_linears(model, prompt_ids.shape[0]):  # weights packed while decoding
         return _sample(spec, model, tokenizer, prompt_ids, prompt_mask, params, environments, generator,
                        all_finished or (lambda done: bool(done.all())), lean)
 

@@ -21,7 +21,7 @@ import torch
 
 from ..core.mdp import Rollout
 from .decoder import make_decoder
-from .kernels import token_logprobs
+from .kernels import packed_linears, token_logprobs
 from .prompts import StopStrings, decode_completions, distinct_rows, encode_prompts, stop_token_ids
 from .sampler import SamplingParams
 
@@ -129,7 +129,8 @@ def sample_completions(
     """
     # inference mode (cheaper per op than no_grad); the results are copied out of it so that the
     # update's autograd graph may use them (an inference tensor cannot be saved for backward)
-    with torch.inference_mode():
+    # the linear layers' weights packed once for oneDNN (kernels.packed_linears): they do not change while decoding
+    with torch.inference_mode(), packed_linears(model, prompt_ids.shape[0]):
         sampled = _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator,
                           all_finished, lean, stop_strings)
     return tuple(tensor.clone() for tensor in sampled)

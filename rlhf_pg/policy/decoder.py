@@ -22,13 +22,14 @@ All return the same logits as ``model(...)`` (tested to float tolerance against 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .kernels import onednn_linear, sharded, uses_onednn
+from .kernels import PackedLinear, onednn_linear, packable, sharded, uses_onednn
 
 Tensor = torch.Tensor
 
@@ -209,7 +210,7 @@ class LlamaDecoder(_KVCacheDecoder):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.apply_rotary = apply_rotary_pos_emb
-        self.qkv = [_fused_projection(layer.self_attn) for layer in self.body.layers]
+        self.qkv = [_fused_projection(layer.self_attn, batch_size) for layer in self.body.layers]
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         body = self.body
@@ -220,7 +221,7 @@ class LlamaDecoder(_KVCacheDecoder):
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)
             fused = self.qkv[index]
-            projected = (fused[0](normed, fused[1], fused[2]).split(fused[3], dim=-1) if fused is not None
+            projected = (fused[0](normed).split(fused[1], dim=-1) if fused is not None
                          else (p(normed) for p in (attention.q_proj, attention.k_proj, attention.v_proj)))
             query, key, value = (part.view(batch, length, -1, self.head_dim).transpose(1, 2) for part in projected)
             query, key = self.apply_rotary(query, key, cos, sin)
@@ -229,11 +230,11 @@ class LlamaDecoder(_KVCacheDecoder):
         return self.model.lm_head(body.norm(hidden[:, -1]))
 
 
-def _fused_projection(attention):
-    """``(linear, weight, bias, sizes)``: q, k and v as one matmul (one weight ``[q + k + v, hidden]``, copied
-    when the decoder is built: sampling never changes the weights), when all three are plain linear layers
-    (not LoRA-wrapped) routed alike; else None. One call instead of three: ~0.15 ms less per layer and
-    decode step at SmolLM2's shape (measured)."""
+def _fused_projection(attention, rows: int):
+    """``(project, sizes)``: q, k and v as one matmul ``project(x)`` (one weight ``[q + k + v, hidden]``, copied
+    when the decoder is built: sampling never changes the weights; packed for oneDNN, ``kernels.PackedLinear``, when
+    the layers are routed there), when all three are plain linear layers (not LoRA-wrapped) routed alike; else None.
+    One call instead of three: ~0.15 ms less per layer and decode step at SmolLM2's shape (measured)."""
     parts = (attention.q_proj, attention.k_proj, attention.v_proj)
     if any(type(p) is not torch.nn.Linear for p in parts) or len({uses_onednn(p) for p in parts}) > 1:
         return None
@@ -242,8 +243,12 @@ def _fused_projection(attention):
     with torch.no_grad():
         weight = torch.cat([p.weight for p in parts])
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
-    linear = onednn_linear if uses_onednn(parts[0]) else F.linear
-    return linear, weight, bias, [p.out_features for p in parts]
+    sizes = [p.out_features for p in parts]
+    if not uses_onednn(parts[0]):
+        return functools.partial(F.linear, weight=weight, bias=bias), sizes
+    if packable(weight):
+        return PackedLinear(weight, bias, rows), sizes
+    return functools.partial(onednn_linear, weight=weight, bias=bias), sizes
 
 
 def _lean_decoder_class(model):
