@@ -35,7 +35,7 @@ from .run import checkpoint as ckpt
 from .run import fsdp
 from .run.accel import new_accelerator, set_threads
 from .run.loop import Job
-from .run.memory import check_run_memory, rss_bytes
+from .run.memory import check_run_memory, keep_freed_memory, rss_bytes
 from .run.optim import build_optimizer, build_scheduler
 from .run.rundir import RunDir
 
@@ -250,6 +250,8 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         fsdp.check(recipe, accelerator.num_processes)
         fsdp.load_whole_models()
         fsdp.return_freed_memory()
+    elif accelerator.device.type == "cpu":
+        keep_freed_memory()  # freed activations reused, not page-faulted back in every micro-batch
     # reward functions first: a bad name or a missing reward model fails before the output dir is touched
     scorer = RewardScorer(recipe.rewards)
     eval_scorer = RewardScorer(recipe.eval.rewards, "eval.rewards") if recipe.eval.rewards else scorer
