@@ -26,7 +26,6 @@ from .errors import UserError
 from .evaluation import evaluate
 from .models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_lora_checkpoint, load_policy
 from .policy.cpu_matmul import MatmulChoice
-from .policy.kernels import gqa_attention_on_cpu
 from .policy.kernels import head_for_logprobs, sharded, uses_onednn
 from .policy.prompts import check_prompt_lengths, context_length
 from .policy.sampler import Sampler, SamplingParams, check_engine, make_sampler
@@ -268,8 +267,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     saved = _checked_counters(ckpt.read_trainer_state(resume_from), resume_from) if resume_from is not None else None
     from_shards = resume_from is not None and ckpt.has_shards(resume_from)
     if sharding and resume_from is not None and not from_shards:
-        raise ckpt.unusable(resume_from, "was written by a run without FSDP (a full model and optimizer.pt)",
-                            mismatch=True)
+        raise ckpt.unusable(resume_from, "was written by a run without FSDP (a full model and optimizer.pt)", mismatch=True)
     runtime = rss_bytes()  # the process before the model: the memory estimate's R (and after it, less the weights:
     policy, tokenizer, model_path = load_policy(recipe.model)  # loading the model imports its code too)
     runtime = max(runtime, rss_bytes() - sum(p.numel() * p.element_size() for p in policy.parameters()))
@@ -313,8 +311,6 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
     # train.cpu_matmul: the linear layers' CPU kernel, chosen now and (auto) re-checked between steps
     decode_rows = recipe.rollout.prompts_per_step // world * recipe.rollout.completions_per_prompt
     matmul = MatmulChoice(recipe.train.cpu_matmul, [accelerator.unwrap_model(policy), reference], decode_rows)
-    if accelerator.device.type == "cpu":
-        gqa_attention_on_cpu()  # grouped-query attention without copying keys and values to every head
     kl = KLController(recipe.algorithm.kl_coef, recipe.algorithm.kl_target, recipe.algorithm.kl_horizon)
     if from_shards:
         fsdp.resume(resume_from, accelerator.unwrap_model(policy), optimizer, saved.get("world_size"), world,
@@ -324,8 +320,7 @@ def setup_run(run_class: type[LMRun], recipe: Recipe, output_dir: str | Path, re
         kl.load_state_dict(saved.get("kl_controller", kl.state_dict()))
     run = run_class(
         recipe=recipe, accelerator=accelerator, run_dir=run_dir, policy=policy, tokenizer=tokenizer,
-        optimizer=optimizer, scheduler=scheduler, sharded=sharding,
-        prompts=prompts,
+        optimizer=optimizer, scheduler=scheduler, sharded=sharding, prompts=prompts,
         scorer=scorer, eval_scorer=eval_scorer, eval_prompts=eval_prompts, eval_columns=eval_columns, kl=kl,
         reference=reference, max_context=max_context, episodes=episodes, matmul=matmul,
     )

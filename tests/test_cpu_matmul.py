@@ -17,6 +17,7 @@ import torch
 from rlhf_pg.policy import cpu_matmul, kernels
 from rlhf_pg.policy.builtin import sample_completions
 from rlhf_pg.policy.cpu_matmul import MARGIN, MAX_INTERVAL, MatmulChoice
+from rlhf_pg.policy.packed import PackedLinear
 from rlhf_pg.policy.decoder import make_decoder
 from rlhf_pg.policy.logprobs import completion_logprobs
 from rlhf_pg.policy.sampler import SamplingParams
@@ -236,7 +237,7 @@ def test_a_run_whose_setup_probe_was_disturbed_ends_on_the_faster_kernel(faster,
     update_calls = calls[0]
     decoder = make_decoder(policy, 3, 12)
     project = decoder.qkv[0][0]  # q/k/v fused: packed for oneDNN, or F.linear's partial
-    assert (isinstance(project, kernels.PackedLinear) if faster == "onednn"
+    assert (isinstance(project, PackedLinear) if faster == "onednn"
             else project.func is torch.nn.functional.linear)
     sample_completions(policy.eval(), prompt_ids, prompt_mask, SamplingParams(4), 2, 0, torch.Generator().manual_seed(0))
     if faster == "onednn":

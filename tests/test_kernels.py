@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_pg.models import enable_gradient_checkpointing
-from rlhf_pg.policy import kernels
+from rlhf_pg.models import enable_gradient_checkpointing, gqa_attention_on_cpu
+from rlhf_pg.policy import kernels, packed
 from rlhf_pg.policy.cpu_matmul import MatmulChoice
+from rlhf_pg.policy.decoder import make_decoder
 from rlhf_pg.policy.logprobs import PromptPass, completion_logprobs
 from tests.test_decoder_families import FAMILIES, tiny_model
 
@@ -349,7 +350,7 @@ def test_grouped_query_attention_on_cpu_equals_the_expanded_keys_and_values(monk
     (a mask, where transformers would copy) the logits are the same and the gradients agree to float rounding."""
     from transformers.integrations import sdpa_attention
 
-    assert kernels.gqa_attention_on_cpu() and kernels.gqa_attention_on_cpu()  # idempotent
+    assert gqa_attention_on_cpu() and gqa_attention_on_cpu()  # idempotent
     patched = sdpa_attention.use_gqa_in_sdpa
     model = tiny_model("llama-smollm2-shape")
     assert model.config.num_key_value_heads < model.config.num_attention_heads
@@ -378,18 +379,18 @@ def test_grouped_query_attention_on_cpu_equals_the_expanded_keys_and_values(monk
 
 @needs_onednn
 def test_packed_linear_equals_f_linear_and_falls_back_where_onednn_would_not_run(monkeypatch):
-    """kernels.PackedLinear: the weight reordered once for oneDNN gives F.linear's product (float32 rounding) at
+    """packed.PackedLinear: the weight reordered once for oneDNN gives F.linear's product (float32 rounding) at
     decoding's, a prefill's and one row's shapes, 2-D and 3-D inputs, with and without bias; where oneDNN would not
     run (autocast; something to differentiate) it computes on the plain weight."""
     g = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
     for b in (None, bias):
-        layer = kernels.PackedLinear(weight, b, rows=32)
+        layer = packed.PackedLinear(weight, b, rows=32)
         assert layer.packed.layout != torch.strided  # a blocked oneDNN tensor, not a view of the weight
         for shape in ((32, 64), (368, 64), (1, 64), (4, 7, 64)):
             x = torch.randn(*shape, generator=g)
             torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    layer = kernels.PackedLinear(weight, bias, rows=32)
+    layer = packed.PackedLinear(weight, bias, rows=32)
     x = torch.randn(32, 64, generator=g, requires_grad=True)
     layer(x).square().sum().backward()  # differentiated: onednn_linear on the plain weight, with its backward
     expected = torch.autograd.grad(F.linear(x, weight, bias).square().sum(), [x])[0]
@@ -403,17 +404,18 @@ def test_packed_linear_equals_f_linear_and_falls_back_where_onednn_would_not_run
 @needs_onednn
 @pytest.mark.parametrize("family", ["llama-smollm2-shape", "gpt2"])
 def test_sampling_with_packed_weights_matches_the_plain_forward_and_restores_the_routing(family, monkeypatch):
-    """kernels.packed_linears around the sampler: every oneDNN-routed linear (and the decoder's fused q/k/v)
+    """packed.packed_linears around the sampler: every oneDNN-routed linear (and the decoder's fused q/k/v)
     computes with packed weights while sampling; the sampled log-probs equal one plain forward pass over each
-    prompt + completion; afterwards (also after an error) the layers are routed as before, nothing packed kept."""
+    prompt + completion; afterwards (also after an error) the layers are routed as before, nothing packed kept.
+    Frozen weights are left unpacked."""
     from tests.test_decoder_families import EOS, PROMPTS, assert_sampler_matches_plain_forward
 
     monkeypatch.setattr(kernels, "MIN_ONEDNN_ELEMENTS", 0)
     model = tiny_model(family)
     routed = kernels.use_onednn_linears(model)
     calls = []
-    call = kernels.PackedLinear.__call__
-    monkeypatch.setattr(kernels.PackedLinear, "__call__", lambda self, x: (calls.append(id(self)), call(self, x))[1])
+    call = packed.PackedLinear.__call__
+    monkeypatch.setattr(packed.PackedLinear, "__call__", lambda self, x: (calls.append(id(self)), call(self, x))[1])
     assert_sampler_matches_plain_forward(model, [p for p in PROMPTS for _ in range(2)], EOS)
     # every routed layer decoded packed (llama: q/k/v as one fused packed matmul, the rest packed in place)
     fused = model.config.num_hidden_layers if family != "gpt2" else 0
@@ -421,7 +423,12 @@ def test_sampling_with_packed_weights_matches_the_plain_forward_and_restores_the
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert all(m.forward.__func__ is kernels._linear_forward for m in linears)
     with pytest.raises(RuntimeError, match="boom"):
-        with kernels.packed_linears(model, 4) as packed:
-            assert packed == routed and all(isinstance(m.forward, kernels.PackedLinear) for m in linears)
+        with packed.packed_linears(model, 4) as count:
+            assert count == routed and all(isinstance(m.forward, packed.PackedLinear) for m in linears)
             raise RuntimeError("boom")
     assert all(m.forward.__func__ is kernels._linear_forward for m in linears) and kernels.uses_onednn(model)
+    model.requires_grad_(False)  # frozen weights (a LoRA run's base) are not packed: no gradients to make room
+    with packed.packed_linears(model, 4) as count:
+        assert count == 0
+    if family != "gpt2":
+        assert not isinstance(make_decoder(model, 4, 16).qkv[0][0], packed.PackedLinear)

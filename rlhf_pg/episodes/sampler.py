@@ -31,7 +31,8 @@ from ..core.mdp import Rollout, padded_completions
 from ..errors import UserError
 from ..policy.builtin import choose_tokens
 from ..policy.decoder import make_decoder
-from ..policy.kernels import packed_linears, token_logprobs
+from ..policy.kernels import token_logprobs
+from ..policy.packed import packed_linears
 from ..policy.prompts import cut_at_stop, encode_prompts, stop_token_ids
 from ..policy.sampler import SamplingParams
 from .spec import ENVIRONMENT, MODEL, TOOL, Episode, EpisodeSpec, Turn, checked_step, new_environment

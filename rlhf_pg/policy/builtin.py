@@ -21,7 +21,8 @@ import torch
 
 from ..core.mdp import Rollout
 from .decoder import make_decoder
-from .kernels import packed_linears, token_logprobs
+from .kernels import token_logprobs
+from .packed import packed_linears
 from .prompts import StopStrings, decode_completions, distinct_rows, encode_prompts, stop_token_ids
 from .sampler import SamplingParams
 

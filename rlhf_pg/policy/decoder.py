@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .kernels import PackedLinear, onednn_linear, packable, sharded, uses_onednn
+from .kernels import onednn_linear, sharded, uses_onednn
+from .packed import PackedLinear, packable
 
 Tensor = torch.Tensor
 
@@ -246,7 +247,7 @@ def _fused_projection(attention, rows: int):
     sizes = [p.out_features for p in parts]
     if not uses_onednn(parts[0]):
         return functools.partial(F.linear, weight=weight, bias=bias), sizes
-    if packable(weight):
+    if all(packable(p.weight) for p in parts):  # (the concatenated copy is no parameter: asked of the parts)
         return PackedLinear(weight, bias, rows), sizes
     return functools.partial(onednn_linear, weight=weight, bias=bias), sizes
 

@@ -161,53 +161,6 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
     return count
 
 
-class PackedLinear:
-    """``x W^T + b`` through oneDNN with ``W`` reordered once into oneDNN's blocked layout (``_reorder_linear_weight``)
-    instead of on every call: for sampling, whose weights do not change while it decodes. At SmolLM2-135M's shapes
-    on 2 threads: 32 rows (decoding) 18 % faster, 368 (a prefill) 6 %, 4 rows 46 % (measured); the packing costs
-    ~0.45 ms per MB of weight. Falls back to ``onednn_linear`` on the plain weight where that would not take oneDNN
-    (autocast, few elements) or something is differentiated. The same float32 product to rounding."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int):
-        self.weight, self.bias = weight, bias
-        self.packed = _REORDER(weight.detach(), max(int(rows), 1))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if not _eligible(x, self.weight) or torch.is_grad_enabled() and (
-                x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return onednn_linear(x, self.weight, self.bias)
-        return _onednn(x.reshape(-1, x.shape[-1]).contiguous(), self.packed, self.bias).view(
-            *x.shape[:-1], self.weight.shape[0])
-
-
-_REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-
-
-def packable(weight: Tensor) -> bool:
-    """Can ``PackedLinear`` pack this weight (a float32 CPU tensor, not sharded, and this torch has the reorder)?"""
-    return (_REORDER is not None and onednn_available() and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.dim() == 2 and not sharded(weight))
-
-
-@contextlib.contextmanager
-def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
-    """Inside, every ``nn.Linear`` of ``model`` that ``use_onednn_linears`` routed through oneDNN computes with its
-    weight packed once (``PackedLinear``, ``rows`` the expected rows per call): for sampling, where the weights do
-    not change. The packed copies (as large as the weights) are dropped on exit, and the routing restored. Yields
-    how many layers were packed."""
-    packed = []
-    try:
-        for module in model.modules():
-            if (type(module) is torch.nn.Linear and getattr(module.__dict__.get("forward"), "__func__", None)
-                    is _linear_forward and packable(module.weight)):
-                module.forward = PackedLinear(module.weight, module.bias, rows)
-                packed.append(module)
-        yield len(packed)
-    finally:
-        for module in packed:
-            module.forward = types.MethodType(_linear_forward, module)
-
-
 def use_torch_linears(model: torch.nn.Module) -> int:
     """Undo ``use_onednn_linears``: every ``nn.Linear`` of ``model`` routed through oneDNN goes back to its class's
     ``forward`` (``F.linear``). Other instance-level forwards are left alone. Returns how many layers."""
@@ -222,39 +175,7 @@ def use_torch_linears(model: torch.nn.Module) -> int:
 def uses_onednn(model: torch.nn.Module) -> bool:
     """Whether any linear layer of ``model`` is routed through oneDNN (``use_onednn_linears``; packed or not)."""
     return any(getattr(m.__dict__.get("forward"), "__func__", None) is _linear_forward
-               or isinstance(m.__dict__.get("forward"), PackedLinear) for m in model.modules())
-
-
-def gqa_attention_on_cpu() -> bool:
-    """transformers' ``sdpa`` attention copies a grouped-query model's keys and values out to every query head
-    (``repeat_kv``) whenever a mask is given, except where ``use_gqa_in_sdpa`` says the kernel takes the groups itself.
-    torch's CPU flash-attention kernel does (``enable_gqa``, torch >= 2.5), masks included: the same outputs to the bit
-    and gradients to float rounding (checked), without the copies, their backward's sums, and their saved activations
-    (SmolLM2-135M's update: 38 MB of a 4-row micro-batch's 373 MB, and 3.7 % of its time, measured). Patched once, for
-    CPU tensors only (other devices keep transformers' rule). Returns whether it is on."""
-    global _GQA_PATCHED
-    if _GQA_PATCHED:
-        return True
-    try:
-        from transformers.integrations import sdpa_attention
-    except ImportError:
-        return False
-    rule = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
-    if rule is None or tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5):
-        return False
-
-    def use_gqa_in_sdpa(attention_mask, key, value):
-        if key.device.type == "cpu" and key.shape[-1] == value.shape[-1]:
-            return True
-        return rule(attention_mask, key, value)
-
-    use_gqa_in_sdpa.original = rule
-    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
-    _GQA_PATCHED = True
-    return True
-
-
-_GQA_PATCHED = False
+               or getattr(m.__dict__.get("forward"), "routes_onednn", False) for m in model.modules())
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
