@@ -5,5 +5,6 @@ chosen), ``builtin.py`` (the built-in KV-cached engine), ``logprobs.py`` (``comp
 and the reference), ``prompts.py`` (encoding, the one context-length check, decoding, stop strings),
 ``decoder.py`` (lean decode steps per model family), ``kernels.py`` (oneDNN linears, the chunked log-prob
 head), ``packed.py`` (weights packed once for oneDNN while sampling) and ``cpu_matmul.py``
-(``train.cpu_matmul``: which CPU kernel the linear layers use, re-checked between steps). Nothing is imported here: an engine's dependencies load only when it is chosen.
+(``train.cpu_matmul``: which CPU kernel the linear layers use, re-checked between steps). Nothing is imported
+here: an engine's dependencies load only when it is chosen.
 """

@@ -130,7 +130,7 @@ def sample_completions(
     """
     # inference mode (cheaper per op than no_grad); the results are copied out of it so that the
     # update's autograd graph may use them (an inference tensor cannot be saved for backward)
-    # the linear layers' weights packed once for oneDNN (kernels.packed_linears): they do not change while decoding
+    # the linear layers' weights packed once for oneDNN (packed.packed_linears): they do not change while decoding
     with torch.inference_mode(), packed_linears(model, prompt_ids.shape[0]):
         sampled = _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, generator,
                           all_finished, lean, stop_strings)

@@ -233,7 +233,7 @@ class LlamaDecoder(_KVCacheDecoder):
 
 def _fused_projection(attention, rows: int):
     """``(project, sizes)``: q, k and v as one matmul ``project(x)`` (one weight ``[q + k + v, hidden]``, copied
-    when the decoder is built: sampling never changes the weights; packed for oneDNN, ``kernels.PackedLinear``, when
+    when the decoder is built: sampling never changes the weights; packed for oneDNN, ``packed.PackedLinear``, when
     the layers are routed there), when all three are plain linear layers (not LoRA-wrapped) routed alike; else None.
     One call instead of three: ~0.15 ms less per layer and decode step at SmolLM2's shape (measured)."""
     parts = (attention.q_proj, attention.k_proj, attention.v_proj)

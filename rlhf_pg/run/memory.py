@@ -255,10 +255,6 @@ def check_run_memory(recipe, policy, prompt_tokens: int, accelerator, runtime: i
     check_fits(shape, free, where, resident=rss_bytes() if device.type == "cpu" else 0)
 
 
-__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "memory_estimate",
-           "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
-
-
 def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 << 20) -> bool:
     """glibc: keep the memory freed at the top of the heap for the next allocations instead of handing it back to the
     OS (``M_TRIM_THRESHOLD``), with blocks under ``mmap_threshold`` served from the heap (``M_MMAP_THRESHOLD``:
@@ -266,9 +262,9 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     step allocates and frees its activations once per micro-batch; with glibc's default the freed top of the heap
     went back to the OS after each and came back as page faults in the next: ~350,000 a step (1.3 GiB) in
     SmolLM2-135M's update at the ``vs_trl.py --model`` settings, none with this, at the same peak RSS
-    (benchmarks/README.md, "Page faults"). A ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` the user set
-    wins. Not with FSDP (``fsdp.return_freed_memory`` wants the opposite). Returns whether it was set (False off
-    glibc)."""
+    (benchmarks/README.md, "Packed weights for sampling, grouped attention, no page faults"). ``MALLOC_*`` settings
+    the user made win. Not with FSDP (``fsdp.return_freed_memory`` wants the opposite). Returns whether it was set
+    (False off glibc)."""
     if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
                                              "MALLOC_MMAP_MAX_")):
         return False
@@ -280,3 +276,7 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
         return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
     except (OSError, AttributeError):
         return False
+
+
+__all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "keep_freed_memory",
+           "memory_estimate", "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
