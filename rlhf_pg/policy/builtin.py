@@ -1,6 +1,7 @@
 """The built-in engine (``rollout.engine: builtin``): a KV-cached decode loop over the policy's own parameters.
 
-    one prefill over the left-padded distinct prompts (a group's K rows share one, its cache copied to each)
+    one prefill over the left-padded distinct prompts (a group's K rows share one, its cache copied to each; a prefix
+        all prompts start with, e.g. a system prompt, prefilled once and copied to each prompt)
     for t in 0 .. max_new_tokens-1:
         a_t ~ pi_theta(. | s_t) = softmax(logits(s_t) / T)    (greedy at T = 0; top-p nucleus when top_p < 1)
         stop the row at an EOS id or a completed stop string; stop the loop once every row has stopped
@@ -20,10 +21,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..core.mdp import Rollout
-from .decoder import make_decoder
+from .decoder import growing_cache, make_decoder
 from .kernels import token_logprobs
 from .packed import packed_linears
-from .prompts import StopStrings, decode_completions, distinct_rows, encode_prompts, stop_token_ids
+from .prompts import (StopStrings, decode_completions, distinct_rows, encode_prompts, prefix_layout, shared_prefix,
+                      stop_token_ids)
 from .sampler import SamplingParams
 
 Tensor = torch.Tensor
@@ -144,15 +146,22 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
     eos = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
     batch_size = prompt_ids.shape[0]
     max_length = prompt_ids.shape[1] + params.max_new_tokens
+    # the K completions of a prompt share its prefill: run it once, then copy its cache to each row
     groups = distinct_rows(prompt_ids, prompt_mask)
-    if groups is None:
-        decoder = make_decoder(model, batch_size, max_length, lean=lean)
-        logits = decoder.prefill(prompt_ids, prompt_mask)
-    else:  # the K completions of a prompt share its prefill: run it once, then copy its cache to each row
-        unique_rows, row_of = groups
-        decoder = make_decoder(model, len(unique_rows), max_length, lean=lean)
-        logits = decoder.prefill(prompt_ids[unique_rows], prompt_mask[unique_rows])[row_of]
-        decoder.expand(row_of)
+    ids, mask = (prompt_ids, prompt_mask) if groups is None else (prompt_ids[groups[0]], prompt_mask[groups[0]])
+    prefix = shared_prefix(ids, mask) if growing_cache(model) else 0
+    if prefix:  # and a prefix every prompt starts with (a system prompt) runs once for all of them
+        prefix_ids, suffix_ids, suffix_mask = prefix_layout(ids, mask, prefix)
+        decoder = make_decoder(model, 1, max_length, lean=lean, rows=batch_size)
+        decoder.prefill(prefix_ids, torch.ones_like(prefix_ids))
+        decoder.expand(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
+        logits = decoder.extend(suffix_ids, suffix_mask.bool())
+    else:
+        decoder = make_decoder(model, ids.shape[0], max_length, lean=lean, rows=batch_size)
+        logits = decoder.prefill(ids, mask)
+    if groups is not None:
+        logits = logits[groups[1]]
+        decoder.expand(groups[1])
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):

@@ -28,6 +28,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .kernels import onednn_linear, sharded, uses_onednn
 from .packed import PackedLinear, packable
@@ -48,6 +49,15 @@ def cache_argument(model, cache) -> dict:
 
 
 _CACHE_NAMES: dict[type, str] = {}
+
+
+def growing_cache(model) -> bool:
+    """Whether every layer of the model's key/value cache is a plain growing one: no sliding window, which keeps its own
+    count of the slots it has seen and so attends differently when padding moves between them (as in the layout of a
+    prefix shared by all prompts, ``prompts.prefix_layout``, or in a prompt pass read by several micro-batches)."""
+    body = getattr(model, "module", model)
+    base = body.get_base_model() if hasattr(body, "get_base_model") else body
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=base.config).layers)
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -180,7 +190,7 @@ class _KVCacheDecoder:
 class GPT2Decoder(_KVCacheDecoder):
     """GPT-2: h = wte + wpe; per block h += attn(ln_1(h)); h += mlp(ln_2(h)); logits = lm_head(ln_f(h))."""
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    def __init__(self, model, batch_size: int, max_length: int, rows: int | None = None):
         config = model.config
         super().__init__(model, config.n_layer, config.n_head, config.n_embd // config.n_head, batch_size, max_length)
         self.body = model.transformer
@@ -201,7 +211,7 @@ class GPT2Decoder(_KVCacheDecoder):
 class LlamaDecoder(_KVCacheDecoder):
     """Llama-family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, grouped-query attention, gated MLP."""
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    def __init__(self, model, batch_size: int, max_length: int, rows: int | None = None):
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -211,7 +221,7 @@ class LlamaDecoder(_KVCacheDecoder):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.apply_rotary = apply_rotary_pos_emb
-        self.qkv = [_fused_projection(layer.self_attn, batch_size) for layer in self.body.layers]
+        self.qkv = [_fused_projection(layer.self_attn, rows or batch_size) for layer in self.body.layers]
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         body = self.body
@@ -268,10 +278,12 @@ def _lean_decoder_class(model):
     return None
 
 
-def make_decoder(model, batch_size: int, max_length: int, lean: bool = True):
-    """A decoder for ``model`` (a PEFT-wrapped model decodes through its base model's modules, adapters included)."""
+def make_decoder(model, batch_size: int, max_length: int, lean: bool = True, rows: int | None = None):
+    """A decoder for ``model`` (a PEFT-wrapped model decodes through its base model's modules, adapters included).
+    ``batch_size``: rows of the cache until ``expand``; ``rows``: the rows a decode step will have (packed weights are
+    laid out for it; default ``batch_size``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder_class = _lean_decoder_class(base) if lean else None
     if decoder_class is None:
         return HFDecoder(model)
-    return decoder_class(base, batch_size, max_length)
+    return decoder_class(base, batch_size, max_length, rows=rows)

@@ -14,12 +14,11 @@ import contextlib
 import torch
 import torch.utils.checkpoint
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from .decoder import cache_argument, positions_from_mask
+from .decoder import cache_argument, growing_cache, positions_from_mask
 from .kernels import (head_for_logprobs, hidden_states, linear_logprobs, sharded, sharded_head_logprobs,
                       sparse_tied_embeddings, token_logprobs)
-from .prompts import distinct_rows
+from .prompts import distinct_rows, prefix_layout, shared_prefix
 
 Tensor = torch.Tensor
 
@@ -72,7 +71,8 @@ class PromptPass:
 
     A micro-batched update (``train.micro_batch_size``) otherwise runs each chunk's prompts in a forward of their
     own: one group's prompt per chunk at 4 rows a chunk, a 46-row forward at SmolLM2's chat prompts, at about half
-    the matmul rate of one 368-row forward over all 8 (measured). Here every distinct prompt runs once; each
+    the matmul rate of one 368-row forward over all 8 (measured). Here every distinct prompt runs once (a prefix they
+    all start with, once for all: ``_prompt_outputs``); each
     micro-batch reads its keys/values (and the prompt's last hidden state, which predicts a_0) through detached
     leaves, whose gradients add up over the micro-batches, and ``backward()`` then sends the sum through the prompt
     pass once. The same gradient (the chain rule, cut at the cache). Its activations stay alive until ``backward()``,
@@ -96,13 +96,17 @@ class PromptPass:
         self.unique_of_row[index] = row_of
         ids, mask = ids[unique_rows], mask[unique_rows].long()
         grad = torch.is_grad_enabled()
+        # (counted without a shared prefix, as run.memory's estimate does: kept, the pass would add its activations to
+        # every micro-batch's; recomputed, a shared prefix makes it cheaper)
         recompute = grad and max_kept_tokens is not None and int(mask.sum()) > max_kept_tokens
+        cache_masks = []
 
         def prompt_forward(ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
             with contextlib.ExitStack() as stack:  # (entered here: a recompute runs outside the caller's)
                 for manager in (hidden_states(head), sparse_tied_embeddings(model, head)) if head is not None else ():
                     stack.enter_context(manager)
-                first, cache = _prompt_outputs(body, ids, mask)
+                first, cache, cache_mask = _prompt_outputs(body, ids, mask)
+            cache_masks[:] = [cache_mask]  # (the same on a recompute)
             return (first, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
         self.config = body.config
@@ -111,6 +115,7 @@ class PromptPass:
         else:
             self.outputs = list(prompt_forward(ids, mask))
         self.leaves = [t.detach().requires_grad_() for t in self.outputs] if grad else self.outputs
+        self.cache_mask = cache_masks[0]  # [U, P]: which cache slots hold tokens (a shared prefix first)
 
     @staticmethod
     def usable(model, chunks: int) -> bool:
@@ -118,12 +123,11 @@ class PromptPass:
         body = getattr(model, "module", model)
         if not (chunks > 1 and body is model and not _collective(model) and _shared_prompts_allowed(model)):
             return False
-        base = body.get_base_model() if hasattr(body, "get_base_model") else body
-        # plain growing layers only: a sliding-window layer keeps its own count of the tokens it has seen
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=base.config).layers)
+        return growing_cache(body)  # plain growing layers only: a sliding-window layer counts the slots it has seen
 
-    def chunk(self, rows: Tensor) -> tuple[Tensor, DynamicCache]:
-        """Batch rows ``rows``: the outputs that predict their a_0 ``[b, 1, *]``, and a cache of their prompts."""
+    def chunk(self, rows: Tensor) -> tuple[Tensor, DynamicCache, Tensor]:
+        """Batch rows ``rows``: the outputs that predict their a_0 ``[b, 1, *]``, a cache of their prompts and the
+        attention mask of its slots ``[b, P]`` (``_prompt_outputs``)."""
         unique = self.unique_of_row[rows]
         if bool((unique < 0).any()):
             raise ValueError("PromptPass.chunk: rows outside the rows this prompt pass ran")
@@ -132,7 +136,7 @@ class PromptPass:
         for layer in range(len(self.leaves) // 2):
             cache.update(self.leaves[1 + 2 * layer].index_select(0, unique),
                          self.leaves[2 + 2 * layer].index_select(0, unique), layer)
-        return self.leaves[0].index_select(0, unique), cache
+        return self.leaves[0].index_select(0, unique), cache, self.cache_mask.index_select(0, unique)
 
     def backward(self) -> None:
         """The micro-batches' gradients at the cut, sent through the prompt pass (once, after the last of them)."""
@@ -146,24 +150,28 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
                         prompt_pass=None) -> Tensor:
     """The model's outputs ``[B, T, *]`` at the T positions that predict completion tokens (logits, or
     the hidden states when the head is cut off)."""
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
-    positions = positions_from_mask(attention_mask)
     num_actions = completion_ids.shape[1]
     if prompt_pass is not None:  # the prompts ran already, for all micro-batches
-        logits, cache = prompt_pass[0].chunk(prompt_pass[1])
+        logits, cache, cache_mask = prompt_pass[0].chunk(prompt_pass[1])
     else:
         prompts = _shared_prompts(model, prompt_ids, prompt_mask) if share_prompts else None
         if prompts is None:
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+            positions = positions_from_mask(attention_mask)
             return model(
                 input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
                 position_ids=positions, logits_to_keep=num_actions + 1, use_cache=False,
             ).logits[:, :-1]  # [B, T, V]: position P-1+t predicts a_t
         unique_rows, row_of = prompts
         body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
-        first, cache = _prompt_outputs(body, prompt_ids[unique_rows], prompt_mask[unique_rows].long())
-        logits = first[row_of]
+        first, cache, cache_mask = _prompt_outputs(body, prompt_ids[unique_rows], prompt_mask[unique_rows].long(),
+                                                   share_prefix=not _collective(model))
+        logits, cache_mask = first[row_of], cache_mask[row_of]
         if num_actions > 1:
             cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
+    # the cache's slots (a shared prefix first, ``_prompt_outputs``), then the completion: each token's own position
+    attention_mask = torch.cat([cache_mask.to(completion_mask.dtype), completion_mask], dim=1).long()
+    positions = positions_from_mask(attention_mask)
     if num_actions > 1:
         rest = model(  # [B, T-1, V]: completion position t predicts a_{t+1}
             input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
@@ -173,12 +181,28 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
     return logits
 
 
-def _prompt_outputs(body, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, DynamicCache]:
-    """One forward over (distinct) prompts: the outputs that predict a_0 ``[U, 1, *]`` and their key/value cache."""
+def _prompt_outputs(body, prompt_ids: Tensor, prompt_mask: Tensor,
+                    share_prefix: bool = True) -> tuple[Tensor, DynamicCache, Tensor]:
+    """One forward over (distinct) prompts: the outputs that predict a_0 ``[U, 1, *]``, their key/value cache and the
+    attention mask of its slots ``[U, P]``. A prefix every prompt starts with (``prompts.shared_prefix``: a system
+    prompt) runs once, its cache copied to every row, and only each row's own tokens after it run per row: the cache
+    then holds the prefix first (``prompts.prefix_layout``), which the returned mask says. The same keys, values and
+    outputs to rounding, the gradient flowing back through the copies (their sum) into the one prefix pass.
+    ``share_prefix=False``: one forward whatever the prompts (sharded forwards are collectives: every process must run
+    as many)."""
+    prefix = shared_prefix(prompt_ids, prompt_mask) if share_prefix and growing_cache(body) else 0
     cache = DynamicCache(config=body.config)
-    first = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+    if prefix:
+        prefix_ids, prompt_ids, suffix_mask = prefix_layout(prompt_ids, prompt_mask, prefix)
+        body(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
+             position_ids=torch.arange(prefix, device=prefix_ids.device)[None], **cache_argument(body, cache),
+             use_cache=True, logits_to_keep=1)
+        cache.reorder_cache(torch.zeros(prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device))
+        prompt_mask = torch.cat([torch.ones_like(suffix_mask[:, :1]).expand(-1, prefix), suffix_mask], dim=1)
+    positions = positions_from_mask(prompt_mask)[:, prefix:]
+    first = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                  **cache_argument(body, cache), use_cache=True, logits_to_keep=1).logits
-    return first, cache
+    return first, cache, prompt_mask
 
 
 def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -189,7 +213,8 @@ def _shared_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Ten
     if not _shared_prompts_allowed(model):
         return None
     groups = distinct_rows(prompt_ids, prompt_mask)
-    if groups is None and _collective(model):
+    if groups is None and (_collective(model) or shared_prefix(prompt_ids, prompt_mask) and growing_cache(model)):
+        # distinct prompts: each its own group (a prefix they share still runs once, ``_prompt_outputs``)
         rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
         return rows, rows
     return groups

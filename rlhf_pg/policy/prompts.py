@@ -216,5 +216,49 @@ def distinct_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tens
     return first_row, row_of
 
 
+# a prefix shared by every distinct prompt (a system prompt) runs once when it saves at least this many token rows
+MIN_SHARED_PREFIX_ROWS = 16
+
+
+def shared_prefix(prompt_ids: Tensor, prompt_mask: Tensor) -> int:
+    """The number p of leading tokens that every row's prompt starts with (a system prompt, the chat template's
+    opening), when running them once instead of per row saves at least ``MIN_SHARED_PREFIX_ROWS`` token rows; else 0.
+
+    Rows are left-padded (``encode_prompts``): a row of n real tokens holds them in its last n columns. p stays below
+    the shortest prompt, so every row keeps at least one token of its own after the prefix (the one that predicts its
+    first action). 0 for one row, or for a mask that is not left padding. Keys and values of the prefix depend only on
+    its tokens and positions 0..p-1, not on what follows, so one run serves every row (``prefix_layout``)."""
+    rows, width = prompt_ids.shape
+    if rows < 2 or width < 2:
+        return 0
+    mask = prompt_mask.long()
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    # left padding: each row's mask is 0 ... 0 1 ... 1
+    if shortest < 2 or not bool((mask == (torch.arange(width, device=mask.device) >= width - lengths[:, None])).all()):
+        return 0
+    start = (width - lengths)[:, None] + torch.arange(shortest, device=prompt_ids.device)
+    aligned = prompt_ids.gather(1, start)  # [B, shortest]: each row's first tokens
+    same = (aligned == aligned[:1]).all(0).long()
+    prefix = min(int(same.cumprod(0).sum()), shortest - 1)
+    return prefix if (rows - 1) * prefix >= MIN_SHARED_PREFIX_ROWS else 0
+
+
+def prefix_layout(prompt_ids: Tensor, prompt_mask: Tensor, prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(prefix_ids [1, p], suffix_ids [B, P - p], suffix_mask [B, P - p])`` for ``shared_prefix``'s p: the prefix once,
+    and each row's own tokens after it, left-padded to the width ``P - p``. The prompts' cache then holds the prefix in
+    its first p slots for every row and the rest after it: ``cat([ones(B, p), suffix_mask])`` is the attention mask of
+    that layout (positions from it, ``decoder.positions_from_mask``, are each token's own; only the padding moved)."""
+    width = prompt_ids.shape[1]
+    lengths = prompt_mask.long().sum(-1)
+    first = width - int(lengths[0])
+    prefix_ids = prompt_ids[:1, first : first + prefix]
+    rest = width - prefix
+    # a row's own tokens are its last (n - p) columns, in the original layout and in the suffix block alike
+    suffix_mask = (torch.arange(rest, device=prompt_ids.device) >= rest - (lengths[:, None] - prefix)).to(prompt_mask.dtype)
+    return prefix_ids, prompt_ids[:, prefix:], suffix_mask
+
+
 __all__ = ["context_length", "stop_token_ids", "check_context", "check_prompt_lengths", "encode_texts", "encode_prompts",
-           "encode_demonstrations", "cut_at_stop", "decode_completions", "StopStrings", "distinct_rows"]
+           "encode_demonstrations", "cut_at_stop", "decode_completions", "StopStrings", "distinct_rows",
+           "shared_prefix", "prefix_layout"]
