@@ -268,15 +268,24 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
                                              "MALLOC_MMAP_MAX_")):
         return False
+    return mallopt((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt(parameter, value)`` for each pair, in order (``keep_freed_memory``,
+    ``fsdp.return_freed_memory``). True when every one was set; False off glibc."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+        return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])
     except (OSError, AttributeError):
         return False
 
 
 __all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "keep_freed_memory",
-           "memory_estimate", "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
+           "mallopt", "memory_estimate", "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
