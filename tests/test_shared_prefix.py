@@ -133,11 +133,18 @@ def test_distinct_prompts_with_a_shared_prefix_take_the_prompt_path():
     model = tiny_model("llama")
     ids, mask, g = batch_with_a_system_prompt(8, group=1)
     completions, completion_mask = torch.randint(3, 97, (4, 3), generator=g), torch.ones(4, 3)
+    weights = torch.randn(4, 3, generator=g)
     plain = completion_logprobs(model, ids, mask, completions, completion_mask, share_prompts=False)
+    (plain * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     counter = RowCounter(model)
     shared = completion_logprobs(model, ids, mask, completions, completion_mask)
     assert counter.rows == 8 + 4 * 6 + 4 * 2
     torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
+    (shared * weights).sum().backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("family", ["llama-smollm2-shape", "gpt2", "gpt_neox", "gemma2"])

@@ -166,9 +166,12 @@ def _completion_outputs(model, prompt_ids, prompt_mask, completion_ids, completi
         body = getattr(model, "module", model)  # under DDP the prompt pass bypasses the wrapper: one wrapped forward
         first, cache, cache_mask = _prompt_outputs(body, prompt_ids[unique_rows], prompt_mask[unique_rows].long(),
                                                    share_prefix=not _collective(model))
-        logits, cache_mask = first[row_of], cache_mask[row_of]
-        if num_actions > 1:
-            cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
+        if len(unique_rows) < len(row_of):  # (else each row is its own prompt: nothing to copy)
+            logits, cache_mask = first[row_of], cache_mask[row_of]
+            if num_actions > 1:
+                cache.reorder_cache(row_of)  # every completion gets its prompt's keys and values: [U, ...] -> [B, ...]
+        else:
+            logits = first
     # the cache's slots (a shared prefix first, ``_prompt_outputs``), then the completion: each token's own position
     attention_mask = torch.cat([cache_mask.to(completion_mask.dtype), completion_mask], dim=1).long()
     positions = positions_from_mask(attention_mask)
