@@ -236,18 +236,34 @@ def biased_model(tiny_model_dir):
     return model
 
 
+@pytest.mark.parametrize("prefix", [False, True])
 @pytest.mark.parametrize("lean", [True, False])
-def test_sampled_logprobs_equal_a_plain_forward_over_the_whole_episode(biased_model, lean, monkeypatch):
-    import rlhf_pg.episodes.sampler as multiturn
+def test_sampled_logprobs_equal_a_plain_forward_over_the_whole_episode(biased_model, lean, prefix, monkeypatch):
+    """Also with prompts that share a prefix (prefilled once for all: ``builtin.prefill_prompts``)."""
+    import rlhf_pg.policy.builtin as builtin
 
-    original = multiturn.make_decoder
-    monkeypatch.setattr(multiturn, "make_decoder", lambda model, b, n, lean=True: original(model, b, n, lean=lean_))
+    original = builtin.make_decoder
+    monkeypatch.setattr(builtin, "make_decoder",
+                        lambda model, b, n, lean=True, rows=None: original(model, b, n, lean=lean_, rows=rows))
     lean_ = lean
     spec = tool_spec(helpers.echo)
     spec.tools = {"q": helpers.echo}  # a name the biased head writes often
-    batch = EpisodeSampler(spec, biased_model, TOKENIZER, max_context=64).sample(["12*3=", "7*8=", "1*1="], 4, SamplingParams(max_new_tokens=40), columns=None, generator=torch.Generator().manual_seed(1))
-    observations = batch.completion_mask * (1 - batch.action_mask)
-    assert observations.sum() > 20 and len({int(n) for n in observations.sum(-1)}) > 1  # blocks of several sizes
+    prompts = ["12*3=", "7*8=", "1*1="]
+    if prefix:
+        prompts = ["Compute this: " + p for p in prompts]
+        embedded = []
+        hook = biased_model.get_input_embeddings().register_forward_pre_hook(lambda m, a: embedded.append(a[0].shape))
+    try:
+        batch = EpisodeSampler(spec, biased_model, TOKENIZER, max_context=64).sample(
+            prompts, 4, SamplingParams(max_new_tokens=40), columns=None, generator=torch.Generator().manual_seed(1))
+    finally:
+        if prefix:
+            hook.remove()
+    if prefix:  # the first forward is the prefix (its 14 characters, after the tokenizer's own start), once
+        assert embedded[0] == (1, len(TOKENIZER("Compute this: ")["input_ids"])) and embedded[0][1] >= 14
+    else:
+        observations = batch.completion_mask * (1 - batch.action_mask)
+        assert observations.sum() > 20 and len({int(n) for n in observations.sum(-1)}) > 1  # blocks of several sizes
     recomputed = completion_logprobs(biased_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                      batch.completion_mask)
     assert torch.allclose(recomputed * action_tokens(batch), batch.logprobs, atol=1e-5)

@@ -29,8 +29,7 @@ import torch
 from ..chat import is_conversation
 from ..core.mdp import Rollout, padded_completions
 from ..errors import UserError
-from ..policy.builtin import choose_tokens
-from ..policy.decoder import make_decoder
+from ..policy.builtin import choose_tokens, prefill_prompts
 from ..policy.kernels import token_logprobs
 from ..policy.packed import packed_linears
 from ..policy.prompts import cut_at_stop, encode_prompts, stop_token_ids
@@ -156,8 +155,9 @@ def _sample(spec, model, tokenizer, prompt_ids, prompt_mask, params, environment
     eos, eos_set = torch.tensor(eos_ids, device=device), set(eos_ids)
     stop = params.stop
     rows = [_Row(spec, tokenizer, params.max_new_tokens, env) for env in environments]
-    decoder = make_decoder(model, len(rows), prompt_ids.shape[1] + params.max_new_tokens + 8, lean=lean)
-    logits = decoder.prefill(prompt_ids, prompt_mask)  # [B, V]: row b's next-token logits (valid while generating)
+    # a group's prompt prefilled once, and a prefix all prompts share (a system prompt, tool instructions) once for all
+    decoder, logits = prefill_prompts(model, prompt_ids, prompt_mask, prompt_ids.shape[1] + params.max_new_tokens + 8,
+                                      lean)  # [B, V]: row b's next-token logits (valid while generating)
     while True:
         generating = [b for b, row in enumerate(rows) if row.state == GENERATING]
         if generating:

@@ -146,22 +146,7 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
     eos = torch.tensor(eos_ids, dtype=torch.long, device=prompt_ids.device)
     batch_size = prompt_ids.shape[0]
     max_length = prompt_ids.shape[1] + params.max_new_tokens
-    # the K completions of a prompt share its prefill: run it once, then copy its cache to each row
-    groups = distinct_rows(prompt_ids, prompt_mask)
-    ids, mask = (prompt_ids, prompt_mask) if groups is None else (prompt_ids[groups[0]], prompt_mask[groups[0]])
-    prefix = shared_prefix(ids, mask) if growing_cache(model) else 0
-    if prefix:  # and a prefix every prompt starts with (a system prompt) runs once for all of them
-        prefix_ids, suffix_ids, suffix_mask = prefix_layout(ids, mask, prefix)
-        decoder = make_decoder(model, 1, max_length, lean=lean, rows=batch_size)
-        decoder.prefill(prefix_ids, torch.ones_like(prefix_ids))
-        decoder.expand(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
-        logits = decoder.extend(suffix_ids, suffix_mask.bool())
-    else:
-        decoder = make_decoder(model, ids.shape[0], max_length, lean=lean, rows=batch_size)
-        logits = decoder.prefill(ids, mask)
-    if groups is not None:
-        logits = logits[groups[1]]
-        decoder.expand(groups[1])
+    decoder, logits = prefill_prompts(model, prompt_ids, prompt_mask, max_length, lean)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs, masks = [], [], []
     for step in range(params.max_new_tokens):
@@ -181,6 +166,31 @@ def _sample(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, 
         logits = decoder.step(action)
     completion_mask = torch.stack(masks, 1).float()
     return torch.stack(tokens, 1), completion_mask, torch.stack(logprobs, 1) * completion_mask, finished
+
+
+def prefill_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, max_length: int, lean: bool = True):
+    """``(decoder, logits [B, V])``: a decoder (``make_decoder``, room for ``max_length`` tokens a row) holding the
+    left-padded prompts' cache, and each row's next-token logits. The K rows of a prompt share its prefill (run once,
+    its cache copied to each), and a prefix every prompt starts with (``prompts.shared_prefix``: a system prompt) is
+    prefilled once for all of them, each prompt's own tokens after it (``decoder.extend``); not for a sliding-window
+    cache (``decoder.growing_cache``)."""
+    batch_size = prompt_ids.shape[0]
+    groups = distinct_rows(prompt_ids, prompt_mask)
+    ids, mask = (prompt_ids, prompt_mask) if groups is None else (prompt_ids[groups[0]], prompt_mask[groups[0]])
+    prefix = shared_prefix(ids, mask) if growing_cache(model) else 0
+    if prefix:
+        prefix_ids, suffix_ids, suffix_mask = prefix_layout(ids, mask, prefix)
+        decoder = make_decoder(model, 1, max_length, lean=lean, rows=batch_size)
+        decoder.prefill(prefix_ids, torch.ones_like(prefix_ids))
+        decoder.expand(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
+        logits = decoder.extend(suffix_ids, suffix_mask.bool())
+    else:
+        decoder = make_decoder(model, ids.shape[0], max_length, lean=lean, rows=batch_size)
+        logits = decoder.prefill(ids, mask)
+    if groups is not None:
+        logits = logits[groups[1]]
+        decoder.expand(groups[1])
+    return decoder, logits
 
 
 class BuiltinSampler:
@@ -231,4 +241,4 @@ class BuiltinSampler:
         """Nothing to free."""
 
 
-__all__ = ["BuiltinSampler", "choose_tokens", "sample_completions"]
+__all__ = ["BuiltinSampler", "choose_tokens", "prefill_prompts", "sample_completions"]
