@@ -33,7 +33,10 @@ hidden->intermediate (gate, up: 2 per layer), intermediate->hidden (1 per layer)
 with rows = B x 64 (update-like) and rows = B (decode-like): each set's FLOPs / its time is a rate, and
 update + reference count at the update-like rate, sampling at the decode-like one, weighted by their
 shares of the counted FLOPs: rate = 1 / (share_update / rate_update + share_sampling / rate_decode).
-``flop_bound_seconds`` = counted FLOPs / rate; ``flop_bound_fraction`` = that / our s/step.
+``flop_bound_seconds`` = counted FLOPs / rate; ``flop_bound_fraction`` = that / our s/step, per round against the
+rate measured right after that round's rlhf-pg run (the median over rounds is printed: the host's matmul rate
+drifts by 10-20 % within minutes here, more than a change moves a step), and printed beside it against the rate
+measured once at the end (``flop_bound_fraction_end_rate``, the figure before 2026-12-07).
 """
 
 from __future__ import annotations
@@ -347,9 +350,11 @@ def combined_rate(flops: dict, rate: dict, key: str = "gflops") -> float:
     return total / seconds
 
 
-def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: int, ours: dict | None = None) -> dict:
+def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: int, ours: dict | None = None,
+            probe=None) -> dict:
     """jobs: setting -> spawn options (``ours``: more options for rlhf-pg only). Interleaved rounds; setting ->
-    contender -> per-round medians, peak RSS."""
+    contender -> per-round medians, peak RSS. ``probe()`` (the matmul rate), when given, runs right after each of
+    rlhf-pg's runs: ``rates`` beside its ``per_round``, the host's rate at that time."""
     figures = {setting: {name: {"per_round": [], "peak_rss_mb": 0.0} for name in contenders} for setting in jobs}
     for round_index in range(rounds):
         for setting, options in jobs.items():
@@ -360,6 +365,8 @@ def _rounds(spawn, jobs: dict, contenders, rounds: int, warmup: int, measured: i
                 entry = figures[setting][name]
                 entry["per_round"].append(per_step)
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"], result["peak_rss_mb"])
+                if probe is not None and name == "ours":
+                    entry.setdefault("rates", []).append(probe())
                 if result.get("estimate_mb"):  # rlhf-pg's own estimate of its peak (rlhf-pg doctor's figure)
                     entry["estimate_mb"] = result["estimate_mb"]
                 note = ""
@@ -404,8 +411,11 @@ def run_model(args, spawn, threads: int) -> dict:
           f"fp32, lr {LR:g}; {warmup} warm-up + {measured} measured steps, {rounds} rounds; rlhf-pg "
           f"train.micro_batch_size {args.ours_micro_batch or 'null'}) ==")
     jobs = {f"beta{beta:g}": {"model_path": path, "beta": beta, "prompt_format": "chat"} for beta in BETAS}
-    figures = _rounds(spawn, jobs, ("ours", "trl", "naive"), rounds, warmup, measured, _ours(args))
-    rate = spawn("matmul-rate", model_path=path, rows_update=BATCH * NEW_TOKENS, rows_decode=BATCH)
+    def probe() -> dict:
+        return spawn("matmul-rate", model_path=path, rows_update=BATCH * NEW_TOKENS, rows_decode=BATCH)
+
+    figures = _rounds(spawn, jobs, ("ours", "trl", "naive"), rounds, warmup, measured, _ours(args), probe)
+    rate = probe()
     print(f"  matmul rate: update-like (rows {BATCH * NEW_TOKENS}) {rate['update']['gflops']:.1f} GFLOPS "
           f"(torch {rate['update']['gflops_torch']:.1f}), decode-like (rows {BATCH}) {rate['decode']['gflops']:.1f} "
           f"GFLOPS (torch {rate['decode']['gflops_torch']:.1f})", flush=True)
@@ -421,14 +431,21 @@ def run_model(args, spawn, threads: int) -> dict:
         gflops, gflops_torch = combined_rate(flops, rate) / 1e9, combined_rate(flops, rate, "gflops_torch") / 1e9
         bound = sum(flops.values()) / (gflops * 1e9)
         ours, trl, naive = entries["ours"], entries["trl"], entries["naive"]
+        # each round's step against the rate measured right after it (the host drifts by more than our changes)
+        paired = [sum(flops.values()) / combined_rate(flops, r) / seconds
+                  for r, seconds in zip(ours.get("rates", []), ours["per_round"])]
         summary = {"counted_gflop": sum(flops.values()) / 1e9, "flops": flops, "matmul_gflops": gflops,
                    "matmul_gflops_torch": gflops_torch, "flop_bound_seconds": bound,
-                   "flop_bound_fraction": bound / ours["s_per_step"],
+                   "flop_bound_fraction_end_rate": bound / ours["s_per_step"],
+                   "flop_bound_fraction_per_round": paired,
+                   "flop_bound_fraction": statistics.median(paired) if paired else bound / ours["s_per_step"],
                    "ratio_vs_trl": ours["tokens_per_s"] / trl["tokens_per_s"],
                    "ratio_vs_naive": ours["tokens_per_s"] / naive["tokens_per_s"],
                    "peak_rss_ratio_vs_trl": ours["peak_rss_mb"] / trl["peak_rss_mb"]}
         print(f"setting={setting} counted_gflop={summary['counted_gflop']:.0f} matmul_gflops={gflops:.1f} "
-              f"matmul_gflops_torch={gflops_torch:.1f} flop_bound_seconds={bound:.2f}")
+              f"matmul_gflops_torch={gflops_torch:.1f} flop_bound_seconds={bound:.2f} (rate at the end: fraction "
+              f"{summary['flop_bound_fraction_end_rate']:.2f}; per round, each against the rate right after it: "
+              + " ".join(f"{value:.2f}" for value in paired) + ")")
         print(f"setting={setting} " + " ".join(f"{key}={summary[key]:.2f}" for key in (
             "ratio_vs_trl", "ratio_vs_naive", "peak_rss_ratio_vs_trl", "flop_bound_fraction")), flush=True)
         results["settings"][setting] = {"beta": options["beta"], "contenders": entries, **summary}
