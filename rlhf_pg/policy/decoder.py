@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .kernels import onednn_linear, sharded, uses_onednn
+from .kernels import _body, onednn_linear, sharded, uses_onednn
 from .packed import PackedLinear, packable
 
 Tensor = torch.Tensor
@@ -55,9 +55,7 @@ def growing_cache(model) -> bool:
     """Whether every layer of the model's key/value cache is a plain growing one: no sliding window, which keeps its own
     count of the slots it has seen and so attends differently when padding moves between them (as in the layout of a
     prefix shared by all prompts, ``prompts.prefix_layout``, or in a prompt pass read by several micro-batches)."""
-    body = getattr(model, "module", model)
-    base = body.get_base_model() if hasattr(body, "get_base_model") else body
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=base.config).layers)
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=_body(model).config).layers)
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
