@@ -153,6 +153,49 @@ def test_memory_estimate_follows_its_formula():
     assert lean == 8 * 16 * (16 * 2 + 14 * 16 + 4 * 8 + 4 * 64) * 4  # no shared prompt: 8 rows of 16 tokens
 
 
+
+def test_the_estimate_counts_lean_mlps_and_a_prompt_pass_kept_or_recomputed():
+    from dataclasses import replace
+
+    def activations(**changes):
+        return memory_estimate(replace(SHAPE, **changes)).parts["activations (update)"][0]
+
+    width, lean_width = 14 * 16 + 4 * 8 + 4 * 64, 14 * 16 + 4 * 8 + 2 * 64
+    assert activations(lean_mlp=True) == (8 * 6 + 2 * 10) * lean_width * 2 * 4
+    # one prompt pass (2 prompts x 10 tokens) for micro-batches of 2 rows (12 tokens): kept, or recomputed
+    assert activations(micro_batch=2, prompt_pass=True) == (2 * 6 + 2 * 10) * width * 2 * 4
+    assert activations(micro_batch=2, prompt_pass=True, prompt_recompute=True) == max(2 * 6, 2 * 10) * width * 2 * 4
+
+
+def test_check_fits_takes_the_recomputed_prompt_pass_when_the_kept_one_would_not_fit():
+    from dataclasses import replace
+
+    from rlhf_pg.run.memory import check_fits
+
+    shape = replace(SHAPE, micro_batch=2, prompt_pass=True)
+    kept, recomputed = memory_estimate(shape).peak, memory_estimate(replace(shape, prompt_recompute=True)).peak
+    assert recomputed < kept
+    assert check_fits(shape, kept, "test").peak == kept
+    assert check_fits(shape, recomputed, "test").peak == recomputed  # the update will recompute: it fits
+    with pytest.raises(UserError, match="would not fit"):
+        check_fits(shape, recomputed - 1, "test")
+
+
+def test_the_prompt_pass_is_kept_where_half_the_free_memory_holds_it(tiny_model_dir, monkeypatch):
+    from rlhf_pg.policy import update as update_module
+    from rlhf_pg.run import memory
+    from rlhf_pg.run.memory import kept_bytes_per_token, model_shape
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    accelerator = new_accelerator(mixed_precision="no")
+    per_token = kept_bytes_per_token(model, 4)
+    shape = model_shape(model)
+    width = 14 * shape["hidden"] + 4 * shape["kv_heads"] * shape["head_dim"] + 4 * shape["intermediate"]
+    assert per_token == width * shape["layers"] * 4  # (a GPT-2: no gated MLP)
+    for free, expected in ((1000 * per_token, 500), (10 * per_token, 64), (None, 64)):
+        monkeypatch.setattr(memory, "available_memory", lambda device, free=free: (free, "a test budget"))
+        assert update_module._kept_prompt_tokens(model, accelerator, 64) == expected
+
 def test_what_fits_names_the_cheapest_keys_that_fit():
     big = StepShape(parameters=135_000_000, trainable=135_000_000, weight_bytes=4, layers=30, hidden=576,
                     intermediate=1536, kv_width=192, vocab=49152, sequences=32, prompts=8, micro_batch=32,

@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig, PeftConfig
 from ..errors import UserError, first_line
+from ..policy.swiglu import use_lean_mlps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +94,7 @@ def load_causal_lm(config: ModelConfig, path: str | None = None):
     except Exception as error:  # noqa: BLE001
         raise UserError(f"model: cannot load {path!r} as a causal LM: {first_line(error)}{_offline_hint(path)}") from None
     use_fused_activations(model)
+    use_lean_mlps(model)  # gated MLPs keep two of their four intermediate tensors for the backward (policy/swiglu.py)
     gqa_attention_on_cpu()  # grouped-query attention on CPU without copying keys and values (no effect elsewhere)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -80,11 +80,9 @@ def policy_update(
         total_loss, ratio_stats = 0.0, []
         prompt_pass = None
         if shared_prompts:  # per pass over the batch: theta changed since the last one
-            # it keeps its activations only while they are no more than a micro-batch's (micro-batching is asked
-            # for to bound them); else it runs again in its backward
             with accelerator.autocast():
-                prompt_pass = PromptPass(model, batch.prompt_ids, batch.prompt_mask, rows,
-                                         max_kept_tokens=micro * batch.completion_ids.shape[1])
+                kept = _kept_prompt_tokens(model, accelerator, micro * batch.completion_ids.shape[1])
+                prompt_pass = PromptPass(model, batch.prompt_ids, batch.prompt_mask, rows, max_kept_tokens=kept)
         for index, chunk in enumerate(chunks):
             part = batch.select(chunk)
             part_adv = advantages[chunk]
@@ -141,6 +139,22 @@ def policy_update(
         if max_approx_kl is not None and approx_kl > max_approx_kl:
             break
     return results
+
+
+def _kept_prompt_tokens(model, accelerator, micro_tokens: int) -> int:
+    """How many prompt tokens the prompt pass may keep the activations of (``PromptPass(max_kept_tokens)``; more and
+    it runs again in its backward). Recomputing lowers the update's activation peak from ``M T + G P`` tokens to
+    ``max(M T, G P)``, and costs a forward of the prompts: the pass is kept while it is no larger than a micro-batch,
+    or while half of the memory free now holds it (``run.memory.available_memory``: the host's MemAvailable, a GPU's
+    free memory): speed where there is room, the lower peak where memory is short. The same gradient either way."""
+    from ..run.memory import available_memory, kept_bytes_per_token
+
+    free, _ = available_memory(accelerator.device)
+    if free is None:
+        return micro_tokens
+    body = getattr(model, "module", model)
+    activation_bytes = 2 if accelerator.mixed_precision in ("bf16", "fp16") else next(body.parameters()).element_size()
+    return max(micro_tokens, free // 2 // kept_bytes_per_token(body, activation_bytes))
 
 
 def _optimizer_step(model, optimizer, accelerator, loss: float, max_grad_norm: float | None) -> UpdateResult:

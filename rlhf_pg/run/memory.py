@@ -42,6 +42,8 @@ class StepShape:
     checkpointing: bool = False
     fused_head: bool = True  # policy.kernels.linear_logprobs: no [M, T, V] logits
     prompt_pass: bool = False  # policy.logprobs.PromptPass: all G prompts run once for the micro-batches
+    prompt_recompute: bool = False  # ... its activations recomputed in its backward, not kept (memory is short)
+    lean_mlp: bool = False  # policy.swiglu: gated MLPs keep 2 of their 4 [tokens, I] tensors
     runtime: int = 0  # the process before the model: interpreter, torch, transformers
 
 
@@ -66,11 +68,12 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
                        or 3 M T V a (a head it cannot chunk: the logits, their log-softmax and its gradient)
         vocab grads    3 V d b                    (when the embeddings train: the head's d/dW, the embedding's
                                                    dense gradient, their sum, beside the gradients)
-        activations    X (14 d + 4 w + 4 I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M T + G P
-                                                   with one prompt pass for all micro-batches (max of the two
-                                                   when G P > M T: then it is recomputed), M S when
+        activations    X (14 d + 4 w + k I) L a   (X = update tokens: M T + (M/K) P with shared prompts, M T + G P
+                                                   with one prompt pass for all micro-batches (the max of the two
+                                                   where memory is short: it is recomputed, ``update``), M S when
                                                    checkpointing, each layer's kept tensors per token; with
-                                                   checkpointing: X d L a + one layer's (14 d + 4 w + 4 I) X a)
+                                                   checkpointing: X d L a + one layer's (14 d + 4 w + k I) X a;
+                                                   k = 2 for gated MLPs ``policy.swiglu`` takes, else 4)
         peak = runtime + weights + gradients + AdamW + max(sampling, logits + vocab grads + activations)
     """
     s, a, b = shape, shape.activation_bytes, shape.weight_bytes
@@ -78,19 +81,19 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
     group = max(1, s.sequences // max(1, s.prompts))
     if s.checkpointing:  # transformers turns the cache off under checkpointing: no shared prompt in the update
         tokens = s.micro_batch * length
-    elif s.prompt_pass and s.micro_batch < s.sequences:  # its activations kept while G P <= M T, else recomputed
+    elif s.prompt_pass and s.micro_batch < s.sequences:  # its activations kept, or recomputed where memory is short
         kept = s.prompts * s.prompt_tokens
-        tokens = s.micro_batch * s.new_tokens + kept if kept <= s.micro_batch * s.new_tokens else \
-            max(s.micro_batch * s.new_tokens, kept)
+        tokens = max(s.micro_batch * s.new_tokens, kept) if s.prompt_recompute else s.micro_batch * s.new_tokens + kept
     else:
         tokens = s.micro_batch * s.new_tokens + -(-s.micro_batch // group) * s.prompt_tokens
-    per_token_layer = 14 * s.hidden + 4 * s.kv_width + 4 * s.intermediate
+    per_token_layer = layer_width(s.hidden, s.kv_width, s.intermediate, s.lean_mlp)
+    k = 2 if s.lean_mlp else 4
     if s.checkpointing:
         activations = tokens * (s.hidden * s.layers + per_token_layer) * a
-        activation_formula = "X d L a + X (14 d + 4 w + 4 I) a (checkpointing)"
+        activation_formula = f"X d L a + X (14 d + 4 w + {k} I) a (checkpointing)"
     else:
         activations = tokens * per_token_layer * s.layers * a
-        activation_formula = "X (14 d + 4 w + 4 I) L a"
+        activation_formula = f"X (14 d + 4 w + {k} I) L a"
     if s.fused_head:
         logits = 2 * min(s.micro_batch * s.new_tokens * s.vocab, HEAD_CHUNK_ELEMENTS) * 4
         logits_formula = "2 min(M T V, 32M) 4 (chunked head)"
@@ -113,6 +116,27 @@ def memory_estimate(shape: StepShape) -> MemoryEstimate:
     static = sum(parts[key][0] for key in ("runtime", "weights", "reference model", "gradients", "AdamW state"))
     update = sum(parts[key][0] for key in ("logits (update)", "vocabulary gradients (update)", "activations (update)"))
     return MemoryEstimate(parts, static + max(parts["sampling (KV cache)"][0], update))
+
+
+def layer_width(hidden: int, kv_width: int, intermediate: int, lean_mlp: bool) -> int:
+    """Elements an update keeps per token and layer for the backward: ``14 d + 4 w + 4 I`` (calibrated against
+    measured peaks), ``2 I`` fewer where ``policy.swiglu`` computes the gated MLP."""
+    return 14 * hidden + 4 * kv_width + (2 if lean_mlp else 4) * intermediate
+
+
+def lean_mlps(model) -> bool:
+    """Whether ``model``'s gated MLPs run ``policy.swiglu.SwiGLU`` in the update (installed, and still plain)."""
+    from ..policy.swiglu import installed
+
+    return installed(model)
+
+
+def kept_bytes_per_token(model, activation_bytes: int) -> int:
+    """Bytes of activations an update keeps per token, all layers (``layer_width`` x layers x bytes)."""
+    shape = model_shape(model)
+    lean = lean_mlps(model) and activation_bytes == next(model.parameters()).element_size()
+    width = layer_width(shape["hidden"], shape["kv_heads"] * shape["head_dim"], shape["intermediate"], lean)
+    return max(1, width * shape["layers"] * activation_bytes)
 
 
 def model_shape(model) -> dict[str, int]:
@@ -146,14 +170,15 @@ def step_shape(recipe, model, prompt_tokens: int, *, processes: int = 1, fused_h
     prompts = max(1, rollout.prompts_per_step // processes)
     sequences = prompts * rollout.completions_per_prompt
     reference = (recipe.algorithm.kl_coef > 0 or recipe.algorithm.log_kl) and recipe.peft is None
+    activation_bytes = 2 if resolve_mixed_precision(train.mixed_precision) in ("bf16", "fp16") else weight_bytes
     return StepShape(
         parameters=sum(p.numel() for p in parameters), trainable=sum(p.numel() for p in parameters if p.requires_grad),
         weight_bytes=weight_bytes, layers=shape["layers"], hidden=shape["hidden"], intermediate=shape["intermediate"],
         kv_width=shape["kv_heads"] * shape["head_dim"], vocab=shape["vocab"],
         sequences=sequences, prompts=prompts, micro_batch=min(train.micro_batch_size or sequences, sequences),
         prompt_tokens=prompt_tokens, new_tokens=rollout.max_new_tokens,
-        activation_bytes=2 if resolve_mixed_precision(train.mixed_precision) in ("bf16", "fp16") else weight_bytes,
-        reference=reference,
+        activation_bytes=activation_bytes, reference=reference,
+        lean_mlp=activation_bytes == weight_bytes and lean_mlps(model),
         checkpointing=bool(train.gradient_checkpointing or recipe.model.gradient_checkpointing),
         fused_head=fused_head, runtime=runtime, prompt_pass=processes == 1)
 
@@ -227,6 +252,10 @@ def check_fits(shape: StepShape, free: int | None, where: str, resident: int = 0
     estimate = memory_estimate(shape)
     if free is None or estimate.peak <= free + resident:
         return estimate
+    if shape.prompt_pass and not shape.prompt_recompute:  # the update recomputes the prompt pass where memory is short
+        recomputed = memory_estimate(replace(shape, prompt_recompute=True))
+        if recomputed.peak <= free + resident:
+            return recomputed
     budget = free + resident
     breakdown = ", ".join(f"{name} {size_text(size)}" for name, (size, _) in estimate.parts.items() if size)
     fixes = what_fits(shape, budget)
@@ -288,4 +317,5 @@ def mallopt(*settings: tuple[int, int]) -> bool:
 
 
 __all__ = ["MemoryEstimate", "StepShape", "available_memory", "check_fits", "check_run_memory", "keep_freed_memory",
-           "mallopt", "memory_estimate", "model_shape", "rss_bytes", "size_text", "step_shape", "what_fits"]
+           "kept_bytes_per_token", "layer_width", "lean_mlps", "mallopt", "memory_estimate", "model_shape", "rss_bytes",
+           "size_text", "step_shape", "what_fits"]
