@@ -110,10 +110,7 @@ def use_lean_mlps(model: torch.nn.Module) -> int:
     return count
 
 
-def installed(model: torch.nn.Module) -> bool:
-    """Whether any gated MLP of ``model`` (a PEFT or DDP wrapper's included) computes with ``SwiGLU`` in an update."""
-    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _lean_mlp_forward and lean_mlp(m)
-               for m in model.modules())
+_lean_mlp_forward.applies = lean_mlp  # (run.memory.lean_mlps asks it, without importing this module)
 
 
-__all__ = ["SwiGLU", "installed", "lean_mlp", "use_lean_mlps"]
+__all__ = ["SwiGLU", "lean_mlp", "use_lean_mlps"]

@@ -125,10 +125,13 @@ def layer_width(hidden: int, kv_width: int, intermediate: int, lean_mlp: bool) -
 
 
 def lean_mlps(model) -> bool:
-    """Whether ``model``'s gated MLPs run ``policy.swiglu.SwiGLU`` in the update (installed, and still plain)."""
-    from ..policy.swiglu import installed
-
-    return installed(model)
+    """Whether ``model``'s gated MLPs run ``policy.swiglu.SwiGLU`` in the update: the forward it installs carries
+    ``applies(module)``, whether it still computes that module (not once LoRA wrapped a projection)."""
+    for module in model.modules():
+        applies = getattr(getattr(module.__dict__.get("forward"), "__func__", None), "applies", None)
+        if applies is not None and applies(module):
+            return True
+    return False
 
 
 def kept_bytes_per_token(model, activation_bytes: int) -> int:
