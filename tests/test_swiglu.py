@@ -174,3 +174,20 @@ def test_swiglu_apply_directly_matches_the_formula():
     want = torch.autograd.grad(expected.square().sum(), [x, wg, wu, wd])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_the_lean_mlp_to_the_same_gradient():
+    from rlhf_pg.models import enable_gradient_checkpointing
+
+    plain = tiny_model("llama-smollm2-shape").train()
+    lean = copy.deepcopy(plain)
+    use_lean_mlps(lean)
+    enable_gradient_checkpointing(lean)
+    ids = torch.randint(3, 40, (3, 12), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for model in (plain, lean):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids).logits.log_softmax(-1)[..., 5].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-5, msg=name)
