@@ -102,6 +102,15 @@ def _add_grad(weight: Tensor, left: Tensor, right: Tensor) -> None:
         weight.grad.addmm_(left, right)
 
 
+def weight_grad(parameter: Tensor | None, g: Tensor, x: Tensor, onednn: bool) -> Tensor | None:
+    """``g^T x`` ``[out, in]`` for the weight ``parameter`` of a linear layer: added into its ``.grad`` in place where
+    ``direct_weight_grads`` allows it (MKL: transposed operands without copies; then None for autograd), else returned."""
+    if _direct_grad(parameter, g, x):
+        _add_grad(parameter, g.t(), x)
+        return None
+    return matmul_nt(g.t(), x.t(), onednn)
+
+
 def matmul_nt(x: Tensor, weight: Tensor, onednn: bool) -> Tensor:
     """``x @ weight.T`` for 2-D ``x`` ``[N, in]`` and ``weight`` ``[out, in]``, through oneDNN when asked and eligible."""
     if onednn and _eligible(x, weight):
@@ -126,10 +135,8 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = matmul_nt(g, weight.t(), True).view(*grad.shape[:-1], weight.shape[1])  # g W
-        if ctx.needs_input_grad[1] and _direct_grad(ctx.parameter, g, flat):
-            _add_grad(ctx.parameter, g.t(), flat)  # g^T x, added into .grad (MKL: transposed operands without copies)
-        elif ctx.needs_input_grad[1]:
-            grad_w = matmul_nt(g.t(), flat.t(), True)  # g^T x  [out, in]
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(ctx.parameter, g, flat, True)  # g^T x  [out, in] (or added into .grad: None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b

@@ -26,7 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .kernels import _add_grad, _direct_grad, _linear_forward, matmul_nt, sharded
+from .kernels import matmul_nt, sharded, uses_onednn, weight_grad
 
 Tensor = torch.Tensor
 
@@ -52,7 +52,7 @@ class SwiGLU(torch.autograd.Function):
         s = F.silu(g)
         grads = [None, None, None, None, None]
         if ctx.needs_input_grad[3]:
-            grads[3] = _weight_grad(p_down, dy, s * u, onednn)
+            grads[3] = weight_grad(p_down, dy, s * u, onednn)
         dh = matmul_nt(dy, w_down.t(), onednn)  # [N, intermediate]
         du = s.mul_(dh)  # dh silu(g)
         dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # dh u silu'(g)
@@ -60,19 +60,10 @@ class SwiGLU(torch.autograd.Function):
             dx = matmul_nt(dg, w_gate.t(), onednn)
             grads[0] = dx.add_(matmul_nt(du, w_up.t(), onednn)).view(*grad.shape[:-1], w_gate.shape[1])
         if ctx.needs_input_grad[1]:
-            grads[1] = _weight_grad(p_gate, dg, flat, onednn)
+            grads[1] = weight_grad(p_gate, dg, flat, onednn)
         if ctx.needs_input_grad[2]:
-            grads[2] = _weight_grad(p_up, du, flat, onednn)
+            grads[2] = weight_grad(p_up, du, flat, onednn)
         return tuple(grads)
-
-
-def _weight_grad(parameter: Tensor | None, g: Tensor, x: Tensor, onednn: bool) -> Tensor | None:
-    """``g^T x`` ``[out, in]``: added into ``parameter.grad`` in place where ``direct_weight_grads`` allows it (then
-    None for autograd), else returned."""
-    if _direct_grad(parameter, g, x):
-        _add_grad(parameter, g.t(), x)
-        return None
-    return matmul_nt(g.t(), x.t(), onednn)
 
 
 def _lean_mlp_forward(self, x: Tensor) -> Tensor:
@@ -80,8 +71,7 @@ def _lean_mlp_forward(self, x: Tensor) -> Tensor:
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         if ((x.requires_grad or any(w.requires_grad for w in weights)) and not torch.is_autocast_enabled(x.device.type)
                 and all(w.dtype == x.dtype for w in weights) and not any(sharded(w) for w in weights)):
-            onednn = getattr(self.gate_proj.__dict__.get("forward"), "__func__", None) is _linear_forward
-            return SwiGLU.apply(x, *weights, onednn)
+            return SwiGLU.apply(x, *weights, uses_onednn(self.gate_proj))
     return type(self).forward(self, x)
 
 
