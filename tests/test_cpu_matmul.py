@@ -17,7 +17,7 @@ import torch
 from rlhf_pg.policy import cpu_matmul, kernels
 from rlhf_pg.policy.builtin import sample_completions
 from rlhf_pg.policy.cpu_matmul import MARGIN, MAX_INTERVAL, MatmulChoice
-from rlhf_pg.policy.packed import PackedLinear
+from rlhf_pg.policy.packed import PackedLinear, packed_linears
 from rlhf_pg.policy.decoder import make_decoder
 from rlhf_pg.policy.logprobs import completion_logprobs
 from rlhf_pg.policy.sampler import SamplingParams
@@ -44,8 +44,10 @@ class Clock:
         return seconds * (10.0 if kernel == self.neighbour else 1.0)
 
 
-def rates(faster: str, speedup: float = 2.0) -> dict[str, float]:
-    return {faster: 200e9 * speedup, OTHER[faster]: 200e9}
+def rates(faster: str, speedup: float = 2.0, packed: float | None = None) -> dict[str, float]:
+    """FLOP/s per kernel; ``packed`` (oneDNN with a packed weight, decoding's contender): oneDNN's unless given."""
+    kernels = {faster: 200e9 * speedup, OTHER[faster]: 200e9}
+    return {**kernels, "packed": kernels["onednn"] if packed is None else packed}
 
 
 @pytest.fixture
@@ -111,6 +113,42 @@ def test_a_quiet_probe_picks_the_faster_kernel_from_either_prior(faster, every_s
         choice = MatmulChoice("auto", [model])
         assert choice.kernel == faster and routed(model) == {faster == "onednn"}
         assert choice.speedup() == pytest.approx(2.0 if faster == "onednn" else 0.5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed_speedup, sampling", [(2.0, "onednn"), (MARGIN * 0.95, "torch"), (0.5, "torch")])
+def test_sampling_takes_packed_onednn_where_it_beats_torch_at_decode_rows_while_training_stays_on_torch(
+        packed_speedup, sampling, every_shape_on_onednn, monkeypatch):
+    # MKL 2x oneDNN at every shape, but oneDNN with its weights packed once `packed_speedup` x MKL at a decode step
+    # (as measured on an AVX2 host at SmolLM2-135M's shapes: 1.37-1.5x): sampling packs, the update stays on torch
+    monkeypatch.setattr(cpu_matmul, "time_matmul", Clock(rates("torch", packed=400e9 * packed_speedup)))
+    model = tiny_model("llama")
+    choice = MatmulChoice("auto", [model])
+    assert choice.kernel == "torch" and routed(model) == {False}
+    assert choice.sampling_speedup() == pytest.approx(packed_speedup) and choice.sampling == sampling
+    assert choice.metrics()["perf/cpu_matmul_sampling"] == cpu_matmul.KERNELS[sampling]
+    assert f"sampling on {'packed oneDNN' if sampling == 'onednn' else 'torch'}" in choice.evidence()
+
+    calls = onednn_calls(monkeypatch)
+    prompt_ids, prompt_mask = torch.tensor([[1, 5, 6, 7], [0, 2, 3, 4]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.inference_mode(), packed_linears(model, 4) as count:
+        assert count == (len(linears) if sampling == "onednn" else 0)
+        assert all(isinstance(m.forward, PackedLinear) == (sampling == "onednn") for m in linears)
+        assert isinstance(make_decoder(model, 2, 12).qkv[0][0], PackedLinear) == (sampling == "onednn")
+    assert all("forward" not in m.__dict__ for m in linears)  # back on torch's kernel after sampling
+    tokens, mask, sampled, _ = sample_completions(model.eval(), prompt_ids, prompt_mask, SamplingParams(5), 2, 0,
+                                                  torch.Generator().manual_seed(0))
+    assert (calls[0] > 0) == (sampling == "onednn") and routed(model) == {False}
+    # the recorded log-probs are the policy's, computed by torch's kernel in a plain forward
+    with torch.no_grad():
+        plain = completion_logprobs(model, prompt_ids, prompt_mask.float(), tokens, mask, 1.0)
+    before = calls[0]
+    assert torch.allclose(sampled, plain * mask, atol=1e-5)
+    assert calls[0] == before  # the update's forward never takes oneDNN
+
+    pinned = MatmulChoice("torch", [model])  # a pinned torch samples on torch too
+    assert pinned.sampling == "torch" and not any(m.__dict__.get("sample_onednn") for m in linears)
 
 
 @needs_onednn
