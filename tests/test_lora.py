@@ -86,9 +86,12 @@ def test_lora_run_resumes_from_an_adapter_checkpoint(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_reference_log_probs_in_micro_batches_share_one_prompt_pass(tiny_model_dir, tmp_path, lora):
+def test_reference_log_probs_in_micro_batches_share_one_prompt_pass(tiny_model_dir, tmp_path, lora, monkeypatch):
     """trainer.reference_logprobs in chunks of 3 rows (uneven; groups of 4 split across chunks), its prompts run once
     (policy.logprobs.PromptPass), equals the frozen policy's log-probs from one plain full-batch forward."""
+    import rlhf_pg.trainer as trainer
+
+    monkeypatch.setattr(trainer, "reference_chunk_rows", lambda recipe, model, rows: 3)
     recipe = lora_recipe(tiny_model_dir, micro_batch_size=3)
     if not lora:
         recipe = recipe_from_dict({**recipe.to_dict(), "peft": None})
@@ -107,3 +110,18 @@ def test_reference_log_probs_in_micro_batches_share_one_prompt_pass(tiny_model_d
         plain = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                     batch.completion_mask, share_prompts=False)
     torch.testing.assert_close(reference_logprobs(run, batch), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_reference_pass_takes_a_micro_batch_per_layer_of_rows_at_once(tiny_model_dir):
+    """A forward without autograd holds one layer's intermediates, an update's micro-batch all L layers': the
+    reference pass runs micro_batch_size x L rows at once (x 2 under checkpointing), at most the batch."""
+    from types import SimpleNamespace
+
+    from rlhf_pg.trainer import reference_chunk_rows
+
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30))
+    assert reference_chunk_rows(lora_recipe(tiny_model_dir, micro_batch_size=4), model, 32) == 32
+    assert reference_chunk_rows(lora_recipe(tiny_model_dir, micro_batch_size=4), model, 512) == 120
+    assert reference_chunk_rows(lora_recipe(tiny_model_dir, micro_batch_size=4, gradient_checkpointing=True),
+                                model, 512) == 8
+    assert reference_chunk_rows(lora_recipe(tiny_model_dir), model, 512) == 512
