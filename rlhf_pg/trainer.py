@@ -84,7 +84,7 @@ def reference_chunk_rows(recipe, model, rows: int) -> int:
     micro-batch size). A forward without autograd holds one layer's intermediates at a time, where an update's
     micro-batch keeps every layer's for its backward, so L times the rows fit in the memory planned for the update
     (``run.memory``; twice the rows under gradient checkpointing, whose update keeps one layer and the layers'
-    inputs). Fewer, larger matmuls: on an AVX2 host MKL's rate at 4 rows' 252 tokens was ~0.7x its rate at 2,048."""
+    inputs). Fewer, larger matmuls: SmolLM2-135M's reference pass 5.77 -> 5.37 s on an AVX2 host (benchmarks/README.md)."""
     micro = recipe.train.micro_batch_size
     if not micro:
         return rows
