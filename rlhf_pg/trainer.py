@@ -38,6 +38,7 @@ from .run.metrics import completions_table
 from .sampling import sample_step, task_feedback
 from .sft import SftWarmup
 from .run.loop import run_job
+from .run.memory import model_shape
 from .run.optim import step_scheduler
 from .run.rundir import RunDir
 
@@ -88,7 +89,7 @@ def reference_chunk_rows(recipe, model, rows: int) -> int:
     micro = recipe.train.micro_batch_size
     if not micro:
         return rows
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or 1
+    layers = model_shape(model)["layers"] or 1
     return max(1, min(rows, micro * (2 if recipe.train.gradient_checkpointing else layers)))
 
 
